@@ -26,13 +26,34 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from aligned_probing import _sources
+from aligned_probing._hub import HubUnavailableError
+from aligned_probing._model_cache import CacheEntry, CorruptCacheWarning, clear_cache, list_cache
+from aligned_probing._registry import DEFAULT_MODEL, list_registry, registry_names
+from aligned_probing.quantization import QUANTIZATIONS, check_quantization, quantize_weights
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+__all__ = [
+    "DEFAULT_MODEL",
+    "QUANTIZATIONS",
+    "CacheEntry",
+    "CorruptCacheWarning",
+    "HubUnavailableError",
+    "LoadedModel",
+    "bridge_model",
+    "clear_cache",
+    "list_cache",
+    "list_registry",
+    "load_local_hf",
+    "load_model",
+    "registry_names",
+    "resid_hook_name",
+    "tokenizer_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+# Kept for modules that imported them from here.
+_DTYPES = _sources.DTYPES
+_dir_revision = _sources.dir_revision
 
 
 def resid_hook_name(layer: int) -> str:
@@ -212,64 +233,80 @@ def load_local_hf(
     spec: str | None = None,
 ) -> LoadedModel:
     """Load a local Hugging Face directory (config, weights, tokenizer) into a `LoadedModel`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_DTYPES[dtype], attn_implementation="eager"
-    ).to(device)
+    hf_model, tokenizer, source = _sources.load_local(path, dtype=dtype, device=device)
     return bridge_model(
         hf_model,
         tokenizer,
-        name=name or path.name,
+        name=name or source.name,
         spec=spec or str(path),
-        revision=_dir_revision(path),
+        revision=source.revision,
         dtype=dtype,
         device=device,
         path=path,
     )
 
 
-def _dir_revision(path: Path) -> str:
-    """Content hash of a local model directory's config and weight file sizes/names (cheap)."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin"}):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return "local-" + h.hexdigest()[:12]
-
-
 def load_model(
-    spec: str | Path = "smollm2-135m-instruct",
+    spec: str | Path = DEFAULT_MODEL,
     *,
     dtype: str = "float32",
     device: str = "cpu",
     quantization: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
-    """Load a model from a registry name, hub name, local directory, GGUF file or LoRA adapter.
+    """Load a model from a registry name, local directory, GGUF file, LoRA adapter or hub name.
+
+    Registry models and GGUF files are dequantised to float32 once and cached as safetensors
+    (see `aligned_probing._model_cache`; `$ALIGNED_PROBING_CACHE` moves the cache), so a second
+    load takes seconds. A PEFT adapter directory is merged onto its base model, which is itself
+    resolved as a spec. A hub name is read from the local Hugging Face cache when it is there;
+    otherwise an unreachable hub fails at once instead of retrying.
 
     Args:
-        spec: Registry name (`smollm2-135m-instruct`, `gemma-3-270m`), hub name, local
-            Hugging Face directory, `.gguf` file or a PEFT adapter directory.
-        dtype: "float32", "float16" or "bfloat16".
+        spec: Registry name (`smollm2-135m-instruct`, `gemma-3-270m`), local Hugging Face
+            directory, `.gguf` file, PEFT adapter directory or hub name.
+        dtype: "float32", "float16" or "bfloat16" (the parameter and activation dtype).
         device: Torch device string.
-        quantization: None, "int8" or "4bit" (weight-only, CPU-capable).
+        quantization: None, "int8" or "4bit": weight-only quantization of the linear layers with
+            optimum-quanto (CPU-capable); activations stay in `dtype`.
+        trust_remote_code: Run model code shipped with a hub or local model (off by default:
+            it executes arbitrary Python).
+        revision: Hub revision (branch, tag or commit) for hub names; ignored otherwise.
 
     Returns:
-        The loaded model.
+        The loaded model, in eval mode.
+
+    Raises:
+        ValueError: Unknown spec (the message lists the registry names), bad `dtype` or
+            `quantization`, or a corrupt GGUF file.
+        FileNotFoundError: A path-like spec does not exist.
+        ImportError: An embedded model's wheel is not installed (the message names it).
+        HubUnavailableError: A hub name is not cached locally and the hub cannot be reached.
 
     Example:
         >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
         >>> model.n_layers, model.d_model  # doctest: +SKIP
         (30, 576)
     """
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").exists():
-        return load_local_hf(path, dtype=dtype, device=device, spec=str(spec))
-    raise ValueError(f"Cannot load model spec {spec!r} yet (only local Hugging Face directories).")
+    _sources.check_dtype(dtype)
+    check_quantization(quantization)
+    hf_model, tokenizer, source = _sources.load_hf(
+        spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, revision=revision
+    )
+    if quantization is not None:
+        quantize_weights(hf_model, quantization)
+    loaded = bridge_model(
+        hf_model,
+        tokenizer,
+        name=source.name,
+        spec=str(spec),
+        revision=source.revision,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        path=source.path,
+    )
+    loaded.extra["source"] = source.kind
+    return loaded

@@ -40,7 +40,7 @@ class RenderedPrompt:
         input_ids: Token ids of the whole rendered prompt (template and special tokens included).
         prompt_start: Index of the first token of the prompt's own text.
         prompt_end: One past the last token of the prompt's own text.
-        text: The rendered string.
+        text: The rendered string (before any left truncation; `input_ids` are authoritative).
         template: Template number 0-4.
         chat: Whether a chat template was applied.
         truncated: Number of prompt tokens dropped from the left to fit `max_tokens`.
@@ -65,23 +65,28 @@ def _check_template(template: int) -> None:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}.")
 
 
-def _chat_prefix_suffix(tokenizer: Any, system: str | None, body_format: str) -> tuple[str, str]:
-    """Prefix and suffix around the prompt text in the chat-templated string.
+def _chat_messages(system: str | None, body: str, fold: bool) -> list[dict[str, str]]:
+    """Chat messages for a body: a system turn, or the system line folded into the user turn."""
+    if system is None:
+        return [{"role": "user", "content": body}]
+    if fold:
+        return [{"role": "user", "content": f"{system}\n\n{body}"}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": body}]
+
+
+def _chat_prefix_suffix(tokenizer: Any, system: str | None, body_format: str) -> tuple[str, str, bool]:
+    """Prefix and suffix around the prompt text in the chat-templated string, and whether folded.
 
     Folds the system line into the user turn when the template has no system role (it raises or
     silently drops the system message).
     """
     body = body_format.format(prompt=_SENTINEL)
-    candidates: list[list[dict[str, str]]] = []
-    if system:
-        candidates.append([{"role": "system", "content": system}, {"role": "user", "content": body}])
-        candidates.append([{"role": "user", "content": f"{system}\n\n{body}"}])
-    else:
-        candidates.append([{"role": "user", "content": body}])
     last_error: Exception | None = None
-    for messages in candidates:
+    for fold in ((False, True) if system else (False,)):
         try:
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            rendered = tokenizer.apply_chat_template(
+                _chat_messages(system, body, fold), tokenize=False, add_generation_prompt=True
+            )
         except Exception as err:  # jinja raise_exception for unsupported roles
             last_error = err
             continue
@@ -90,8 +95,28 @@ def _chat_prefix_suffix(tokenizer: Any, system: str | None, body_format: str) ->
         if system and system not in rendered:
             continue  # the template dropped the system message: fold it instead
         prefix, suffix = rendered.split(_SENTINEL)
-        return prefix, suffix
+        return prefix, suffix, fold
     raise ValueError(f"Could not render the chat template for this tokenizer: {last_error!r}")
+
+
+def _check_chat_render(
+    tokenizer: Any, prefix: str, prompt: str, suffix: str, system: str | None, body_format: str, fold: bool
+) -> str:
+    """Check prefix + prompt + suffix against a real chat render; return the prompt as rendered.
+
+    Templates may transform message content (Gemma's trims it), which the sentinel render cannot
+    see. A trimmed prompt is accepted (its span then covers the trimmed text); anything else is
+    an error rather than a silently wrong span.
+    """
+    messages = _chat_messages(system, body_format.format(prompt=prompt), fold)
+    real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for candidate in (prompt, prompt.strip()):
+        if real == prefix + candidate + suffix:
+            return candidate
+    raise ValueError(
+        f"The chat template renders the prompt {prompt!r} differently from its sentinel render; "
+        "pass use_chat_template=False or use a template that inserts message content verbatim."
+    )
 
 
 def render_prompt(
@@ -131,9 +156,10 @@ def render_prompt(
     body_format = BODY_FORMATS[template]
     system = SYSTEM_LINES.get(template)
     if use_chat_template:
-        prefix, suffix = _chat_prefix_suffix(tokenizer, system, body_format)
+        chat_prefix, chat_suffix, fold = _chat_prefix_suffix(tokenizer, system, body_format)
+        prompt = _check_chat_render(tokenizer, chat_prefix, prompt, chat_suffix, system, body_format, fold)
         before, after = body_format.split("{prompt}")
-        prefix, suffix = prefix + before, after + suffix
+        prefix, suffix = chat_prefix + before, after + chat_suffix
         add_special = False  # the chat template writes its own BOS and turn tokens
     else:
         before, after = body_format.split("{prompt}")

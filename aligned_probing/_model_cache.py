@@ -1,0 +1,208 @@
+"""A content-checked, process-safe cache of converted model directories (safetensors + JSON).
+
+Converting a GGUF file to Hugging Face weights takes tens of seconds; loading the saved
+safetensors takes a few. Each entry is a directory `{root}/models/{key}` with a
+`cache_manifest.json` that records every file's size and sha256, so a truncated or corrupted
+entry is detected on the next load (sha256 runs at ~1 GB/s, under a second for the embedded
+models) and rebuilt with a `CorruptCacheWarning`.
+
+Two processes that load at once must neither both convert nor see a half-written entry: a
+`filelock` serialises builders of one key, an entry is built in a temporary sibling directory and
+published with one atomic `os.replace`, and readers only trust directories whose manifest checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "ALIGNED_PROBING_CACHE"
+MANIFEST = "cache_manifest.json"
+# Bump when the layout of an entry changes: old entries are then simply not found.
+FORMAT_VERSION = 1
+
+
+class CorruptCacheWarning(UserWarning):
+    """A cache entry failed its integrity check and is being rebuilt."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One converted model in the cache.
+
+    Attributes:
+        key: Directory name of the entry.
+        path: Its directory.
+        size_bytes: Total size of its files.
+        source: What it was converted from (from the manifest; "" when unreadable).
+        valid: Whether the manifest is readable and every listed file has its recorded size
+            (the cheap check; `load` also verifies the sha256).
+    """
+
+    key: str
+    path: Path
+    size_bytes: int
+    source: str
+    valid: bool
+
+
+def cache_root() -> Path:
+    """The cache directory: `$ALIGNED_PROBING_CACHE` if set, else the platform user cache dir."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("aligned-probing"))
+
+
+def models_dir() -> Path:
+    """Where converted model entries live (`{cache_root}/models`)."""
+    return cache_root() / "models"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, source: str) -> None:
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    manifest = {"format": FORMAT_VERSION, "source": source, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return None
+    if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+        return None
+    return manifest
+
+
+def verify_entry(directory: Path, *, full: bool = True) -> str | None:
+    """Check a cache entry; return None when it is intact, else the reason it is not.
+
+    Args:
+        directory: The entry's directory.
+        full: Also compare every file's sha256 (catches bit flips, not only truncation).
+    """
+    if not directory.is_dir():
+        return "missing"
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        return f"unreadable or missing {MANIFEST}"
+    for name, facts in manifest["files"].items():
+        f = directory / name
+        if not f.is_file():
+            return f"file {name} is missing"
+        size = f.stat().st_size
+        if size != facts["size"]:
+            return f"file {name} has {size} bytes, expected {facts['size']} (truncated?)"
+        if full and _sha256(f) != facts["sha256"]:
+            return f"file {name} does not match its recorded sha256 (corrupted)"
+    return None
+
+
+def _check_key(key: str) -> None:
+    if not key or "/" in key or "\\" in key or key.startswith("."):
+        raise ValueError(f"cache key must be a plain directory name, got {key!r}.")
+
+
+def get_or_build(key: str, build: Callable[[Path], None], *, source: str = "") -> Path:
+    """Return the directory of cache entry `key`, building it with `build(tmp_dir)` if needed.
+
+    A missing entry is built; a corrupt one is rebuilt with a `CorruptCacheWarning`. `build`
+    writes into an empty temporary directory that is published atomically when it returns; if
+    it raises, nothing is published and the error propagates.
+
+    Args:
+        key: Entry name (a plain directory name).
+        build: Writes the entry's files into the directory it is given.
+        source: A description of what the entry was converted from, recorded in the manifest.
+
+    Returns:
+        The entry's directory.
+    """
+    from filelock import FileLock
+
+    _check_key(key)
+    root = models_dir()
+    final = root / key
+    if verify_entry(final) is None:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{key}.lock")):
+        # Another process may have built it while we waited for the lock.
+        problem = verify_entry(final)
+        if problem is None:
+            return final
+        if final.exists():
+            warnings.warn(
+                f"Model cache entry {final} is invalid ({problem}); rebuilding it.",
+                CorruptCacheWarning,
+                stacklevel=3,
+            )
+            shutil.rmtree(final)
+        tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            _write_manifest(tmp, source)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def list_cache() -> list[CacheEntry]:
+    """All entries in the model cache, with their size and a cheap (size-only) validity check."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    entries = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        manifest = _read_manifest(d) or {}
+        entries.append(
+            CacheEntry(
+                key=d.name,
+                path=d,
+                size_bytes=sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+                source=str(manifest.get("source", "")),
+                valid=verify_entry(d, full=False) is None,
+            )
+        )
+    return entries
+
+
+def clear_cache(key: str | None = None) -> list[str]:
+    """Delete one cache entry (or all when `key` is None); return the keys removed."""
+    if key is not None:
+        _check_key(key)
+    removed = []
+    for entry in list_cache():
+        if key is None or entry.key == key:
+            shutil.rmtree(entry.path)
+            removed.append(entry.key)
+    return removed

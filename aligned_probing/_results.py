@@ -1,0 +1,108 @@
+"""Read a run directory back into tidy tables (what the report and the notebooks start from)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aligned_probing._runner import read_stage, stage_dir, stage_hashes
+
+# Output file of each stage kind (inside its stage directory).
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompts.parquet",),
+    "score": ("scores.parquet",),
+    "probe": ("probing.parquet",),
+    "behaviour": ("behaviour.parquet",),
+    "interplay": ("interplay.parquet",),
+    "causal": ("layer_skipping.parquet", "patching.parquet", "steering.parquet"),
+}
+
+
+@dataclass
+class RunResults:
+    """The tables of one run, concatenated over models and templates (None when a stage has not run).
+
+    Attributes:
+        run_dir: The run directory.
+        config: The run's config as a dict (`RunConfig.model_dump`).
+        config_text: The TOML text the run was started from ("" when unknown).
+        prompts: Prompt table with `prompt_{attribute}` scores.
+        scores: Continuation scores: `model`, `template`, `prompt_id`, `continuation_idx`, attributes.
+        probing: Probing results (docs/architecture.md).
+        behaviour: Behaviour metrics.
+        interplay: Interplay correlations.
+        layer_skipping: Layer-skipping effects.
+        patching: Patching effects.
+        steering: Steering effects.
+        timings: One row per stage: `key`, `name`, `status`, `seconds` (compute time when it ran).
+    """
+
+    run_dir: Path
+    config: dict[str, Any]
+    config_text: str = ""
+    prompts: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None
+    probing: pd.DataFrame | None = None
+    behaviour: pd.DataFrame | None = None
+    interplay: pd.DataFrame | None = None
+    layer_skipping: pd.DataFrame | None = None
+    patching: pd.DataFrame | None = None
+    steering: pd.DataFrame | None = None
+    timings: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+    frames = [f for f in frames if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def load_results(run_dir: str | Path) -> RunResults:
+    """Load every completed stage output of a run directory.
+
+    The stages are found from the run's `config.json` and their content hashes, so a stage whose
+    settings changed since it ran is not mixed in.
+
+    Args:
+        run_dir: A directory written by `aligned_probing.pipeline.run`.
+
+    Returns:
+        The tables; a stage that has not completed contributes None.
+    """
+    from aligned_probing.pipeline import CONFIG_TOML, build_plan, load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    plan = build_plan(config)
+    hashes = stage_hashes(plan)
+    tables: dict[str, list[pd.DataFrame]] = {}
+    timing_rows = []
+    for stage in plan:
+        out = stage_dir(run_dir, stage.key, hashes[stage.key])
+        record = read_stage(out)
+        timing_rows.append({"key": stage.key, "name": stage.name,
+                            "status": "complete" if record else "missing",
+                            "seconds": record.get("seconds") if record else None})
+        if record is None:
+            continue
+        for filename in OUTPUTS.get(stage.name, ()):
+            if (out / filename).is_file():
+                tables.setdefault(filename.removesuffix(".parquet"), []).append(pd.read_parquet(out / filename))
+    toml_path = run_dir / CONFIG_TOML
+    return RunResults(
+        run_dir=run_dir,
+        config=json.loads((run_dir / "config.json").read_text()),
+        config_text=toml_path.read_text() if toml_path.is_file() else "",
+        prompts=_concat(tables.get("prompts", [])),
+        scores=_concat(tables.get("scores", [])),
+        probing=_concat(tables.get("probing", [])),
+        behaviour=_concat(tables.get("behaviour", [])),
+        interplay=_concat(tables.get("interplay", [])),
+        layer_skipping=_concat(tables.get("layer_skipping", [])),
+        patching=_concat(tables.get("patching", [])),
+        steering=_concat(tables.get("steering", [])),
+        timings=pd.DataFrame(timing_rows),
+    )

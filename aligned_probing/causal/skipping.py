@@ -1,0 +1,76 @@
+"""Layer skipping: how continuation toxicity changes when one block is bypassed during generation.
+
+For each block b, the continuations of the same prompts are sampled with the same per-row seeds
+with and without `LayerSkip(b)`, so the change in EMT, toxicity probability and mean score is a
+paired per-prompt difference with a bootstrap CI over prompts (the paper: skipping layer 7 of a
+32-layer model raised EMT by 11 points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from aligned_probing.causal._runs import (
+    EFFECT_COLUMNS,
+    GenerationSettings,
+    StatSettings,
+    generate_and_score,
+    paired_effects,
+)
+from aligned_probing.causal.interventions import LayerSkip
+
+SKIPPING_COLUMNS: tuple[str, ...] = ("model", "template", "attribute", "block", "relative_depth", *EFFECT_COLUMNS)
+
+
+def layer_skipping(
+    model: Any,
+    prompts: pd.DataFrame,
+    scorer: Any,
+    *,
+    blocks: Sequence[int] | None = None,
+    generation: GenerationSettings | None = None,
+    stats: StatSettings | None = None,
+    baseline: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Change in behaviour per skipped block, against the unmodified model on the same prompts and seeds.
+
+    Args:
+        model: A `LoadedModel`.
+        prompts: `prompt_id` and `text` (e.g. `PromptSet.df`).
+        scorer: Any object with `.score(texts) -> DataFrame` holding `stats.attribute`.
+        blocks: Blocks b in 0..L-1 to skip one at a time; None means all.
+        generation: Sampling settings (defaults: k=3, 20 new tokens, T=1, top-p 0.9, template 0).
+        stats: Attribute, threshold and bootstrap settings.
+        baseline: Scored continuations of the unmodified model with the same settings (from
+            `generate_and_score`), to reuse across experiments; generated when None.
+
+    Returns:
+        Tidy rows, one per (block, metric): `value` with the block skipped, `baseline` without,
+        `delta` = mean per-prompt difference with `ci_low`/`ci_high` (bootstrap over prompts) and
+        `excludes_zero`. `relative_depth` = (b + 1) / L, the depth of the block's output.
+
+    Example:
+        >>> layer_skipping(model, prompts.df, get_scorer("embedded"), blocks=[0, 7, 15])  # doctest: +SKIP
+    """
+    gen = generation or GenerationSettings()
+    stat = stats or StatSettings()
+    blocks = list(range(model.n_layers)) if blocks is None else [int(b) for b in blocks]
+    bad = [b for b in blocks if not 0 <= b < model.n_layers]
+    if bad:
+        raise ValueError(f"blocks must be in 0..{model.n_layers - 1}, got {bad}.")
+    base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
+    frames = []
+    for b in blocks:
+        cond = generate_and_score(model, prompts, scorer, gen, intervention=LayerSkip(b))
+        eff = paired_effects(base, cond, stat)
+        eff.insert(0, "relative_depth", (b + 1) / model.n_layers)
+        eff.insert(0, "block", b)
+        frames.append(eff)
+    out = pd.concat(frames, ignore_index=True)
+    out.insert(0, "attribute", stat.attribute)
+    out.insert(0, "template", gen.template)
+    out.insert(0, "model", model.name)
+    return out[list(SKIPPING_COLUMNS)]

@@ -1,0 +1,450 @@
+"""Typed, validated experiment configs loaded from TOML.
+
+One frozen pydantic model per concern (models, data, generation, scoring, encoding, probing,
+behaviour, interplay, causal, output) nested in `RunConfig`. Unknown keys are errors that list the
+valid keys, because a typo would otherwise silently change the experiment. Each field's text lives
+once, in its `Field(description=...)`; `docs/config.md` is generated from it (`config_reference`).
+
+Example:
+    >>> cfg = RunConfig.from_toml("configs/quickstart.toml")  # doctest: +SKIP
+    >>> cfg.generation.k  # doctest: +SKIP
+    4
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Scenario = Literal["input", "forward", "output", "backward"]
+SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names each offending key, the allowed values and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------- models
+class VariantConfig(_Section):
+    """Another precision or quantization of the same model (the quantization case study)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Parameter dtype of this variant."
+    )
+    quantization: Literal["int8", "4bit"] | None = Field(
+        None, description="Weight-only quantization of this variant (CPU-capable), or none."
+    )
+    name: str | None = Field(
+        None, description="Display name; default: the base name plus `@dtype` or `@quantization`."
+    )
+
+
+class ModelConfig(_Section):
+    """One model to analyse, plus optional variants of it."""
+
+    spec: str = Field(
+        description="Registry name (`smollm2-135m-instruct`, `gemma-3-270m`), hub name, local Hugging Face "
+        "directory (relative paths starting with `.` are resolved against the config file), GGUF file "
+        "or LoRA adapter directory."
+    )
+    name: str | None = Field(None, description="Display name used in tables and plots; default: from `spec`.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Parameter dtype.")
+    quantization: Literal["int8", "4bit"] | None = Field(None, description="Weight-only quantization, or none.")
+    device: str = Field("cpu", description="Torch device string (`cpu`, `cuda`, `cuda:1`, `mps`).")
+    variants: list[VariantConfig] = Field(
+        default_factory=list, description="Extra variants of this model, each analysed as a model of its own."
+    )
+
+
+class ModelVariant(_Section):
+    """A fully resolved model to load: what the pipeline iterates over (see `RunConfig.model_variants`)."""
+
+    name: str
+    spec: str
+    dtype: str = "float32"
+    quantization: str | None = None
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- data .. output
+class DataConfig(_Section):
+    """Which prompts to use."""
+
+    prompt_set: str = Field(
+        "rtp-challenging",
+        description="Embedded prompt set name (see `aligned_probing.data`) or a path to an RTP-style jsonl file.",
+    )
+    n_prompts: int = Field(300, gt=0, description="Number of prompts sampled from the set.")
+    stratify_by: str | None = Field(
+        "prompt_toxicity",
+        description="Prompt-score column to stratify the sample by (balanced toxic/non-toxic), or none.",
+    )
+    seed: int = Field(0, description="Seed of the prompt sample.")
+
+
+class GenerationConfig(_Section):
+    """Sampling of continuations (the paper: temperature 1, top-p 0.9, 20 tokens, k = 25)."""
+
+    templates: list[Literal[0, 1, 2, 3, 4]] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Prompt templates: 0 = raw prompt (main runs), 1-4 = instruction variants.",
+    )
+    k: int = Field(25, gt=0, description="Continuations sampled per prompt.")
+    max_new_tokens: int = Field(20, gt=0, description="Maximum new tokens per continuation.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (no top-k).")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    seed: int = Field(0, description="Seed of the sampler.")
+
+
+class ScoringConfig(_Section):
+    """The text classifier that scores prompts and continuations."""
+
+    scorer: str = Field(
+        "embedded", description="Scorer name: `embedded` (Jigsaw BiLSTM ensemble), `detoxify` or `perspective`."
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the scorer.")
+    batch_size: int = Field(256, gt=0, description="Texts per scoring batch.")
+
+
+class EncodingConfig(_Section):
+    """Pooled residual-stream activations per layer."""
+
+    poolings: list[Literal["mean", "last"]] = Field(
+        default_factory=lambda: ["mean"], min_length=1, description="Poolings over each span's tokens."
+    )
+    batch_size: int = Field(8, gt=0, description="Sequences per teacher-forced forward pass.")
+
+
+class ProbingConfig(_Section):
+    """Layer-wise ridge probes: scenarios, cross-validation and reliability checks."""
+
+    scenarios: list[Scenario] = Field(
+        default_factory=lambda: list(SCENARIOS), min_length=1, description="Probing scenarios to run."
+    )
+    attributes: list[str] | None = Field(
+        None, description="Attributes to probe; default: every attribute the scorer returns."
+    )
+    pooling: Literal["mean", "last"] = Field("mean", description="Which pooled encoding the probes read.")
+    n_folds: int = Field(4, ge=2, description="Cross-validation folds (grouped by prompt).")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, description="Seeds of the fold splits."
+    )
+    alphas: list[float] = Field(
+        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
+        min_length=1,
+        description="Ridge regularisation strengths; the best is chosen on the training part only.",
+    )
+    control: bool = Field(True, description="Also fit control probes on permuted targets (selectivity).")
+    mdl: bool = Field(True, description="Also compute the online-code MDL compression.")
+
+
+class BehaviourConfig(_Section):
+    """Toxic behaviour metrics (EMT, toxicity probability, mean score) with bootstrap CIs."""
+
+    attributes: list[str] | None = Field(None, description="Attributes to summarise; default: all.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Score at which a text counts as toxic.")
+    n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence intervals.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+
+class InterplayConfig(_Section):
+    """Correlation across models between information strength and behaviour."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="`auto` runs it when there are at least 3 models; `true` requires 3."
+    )
+    metric: Literal["emt", "toxicity_probability", "mean_score"] = Field(
+        "emt", description="Behaviour metric correlated with information strength."
+    )
+    n_bootstrap: int = Field(1000, ge=0, description="Resamples (over models) for the uncertainty.")
+    seed: int = Field(0, description="Seed of the resampling.")
+
+
+class CausalConfig(_Section):
+    """Causal evidence on one model: layer skipping, activation patching and steering."""
+
+    enabled: bool = Field(True, description="Run the causal stage.")
+    model: str | None = Field(None, description="Name of the model to intervene on; default: the first.")
+    attribute: str = Field("toxicity", description="Attribute whose probe direction and score are used.")
+    n_prompts: int = Field(16, gt=0, description="Prompts used for the interventions.")
+    k: int = Field(4, gt=0, description="Continuations per prompt under each intervention.")
+    max_new_tokens: int = Field(20, gt=0, description="New tokens per continuation.")
+    layers: list[int] | None = Field(None, description="Layers to intervene at; default: every layer.")
+    layer_skipping: bool = Field(True, description="Measure the change in EMT when each block is bypassed.")
+    patching: bool = Field(True, description="Patch the residual stream between toxic and non-toxic prompts.")
+    steering: bool = Field(True, description="Add alpha times the probe direction while generating.")
+    steering_alphas: list[float] = Field(
+        default_factory=lambda: [-8.0, -4.0, 0.0, 4.0, 8.0], description="Steering strengths."
+    )
+    seed: int = Field(0, description="Seed of the sampler under interventions.")
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    run_dir: str = Field("runs/default", description="Run directory (relative to the working directory).")
+    figure_formats: list[Literal["png", "svg"]] = Field(
+        default_factory=lambda: ["png", "svg"], min_length=1, description="Formats of the saved figures."
+    )
+
+
+# ----------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    """A whole experiment: every stage's settings."""
+
+    name: str = Field("run", description="Name of the experiment (shown in the report).")
+    description: str = Field("", description="Free text shown in the report.")
+    models: list[ModelConfig] = Field(min_length=1, description="Models to analyse (`[[models]]` tables).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Sampling.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Scorer.")
+    encoding: EncodingConfig = Field(default_factory=EncodingConfig, description="Activations.")
+    probing: ProbingConfig = Field(default_factory=ProbingConfig, description="Probes.")
+    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="Behaviour metrics.")
+    interplay: InterplayConfig = Field(default_factory=InterplayConfig, description="Interplay.")
+    causal: CausalConfig = Field(default_factory=CausalConfig, description="Causal evidence.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [v.name for v in self.model_variants()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: display names must be unique, got duplicates {dupes}; set `name`.")
+        if self.interplay.enabled is True and len(names) < 3:
+            raise ValueError(
+                f"interplay.enabled = true needs at least 3 models, got {len(names)} ({names}); "
+                "add models or set interplay.enabled = \"auto\"."
+            )
+        if self.probing.n_folds > self.data.n_prompts:
+            raise ValueError(
+                f"probing.n_folds ({self.probing.n_folds}) must be <= data.n_prompts ({self.data.n_prompts})."
+            )
+        if self.causal.enabled and self.causal.n_prompts > self.data.n_prompts:
+            raise ValueError(
+                f"causal.n_prompts ({self.causal.n_prompts}) must be <= data.n_prompts ({self.data.n_prompts})."
+            )
+        if self.causal.enabled and self.causal.model is not None and self.causal.model not in names:
+            raise ValueError(f"causal.model must be one of {names}, got {self.causal.model!r}.")
+        return self
+
+    def model_variants(self) -> list[ModelVariant]:
+        """Every model to analyse, variants expanded, in config order."""
+        out: list[ModelVariant] = []
+        for m in self.models:
+            base = m.name or _default_name(m.spec)
+            out.append(ModelVariant(name=base, spec=m.spec, dtype=m.dtype, quantization=m.quantization,
+                                    device=m.device))
+            for v in m.variants:
+                suffix = v.quantization or v.dtype
+                out.append(ModelVariant(name=v.name or f"{base}@{suffix}", spec=m.spec, dtype=v.dtype,
+                                        quantization=v.quantization, device=m.device))
+        return out
+
+    def interplay_active(self) -> bool:
+        """Whether the interplay stage runs (`auto`: with at least 3 models)."""
+        if self.interplay.enabled == "auto":
+            return len(self.model_variants()) >= 3
+        return bool(self.interplay.enabled)
+
+    def causal_model(self) -> ModelVariant:
+        """The model the causal stage intervenes on."""
+        variants = self.model_variants()
+        return next((v for v in variants if v.name == self.causal.model), variants[0])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None) -> RunConfig:
+        """Validate a nested dict; `ConfigError` lists every problem by its dotted key.
+
+        Args:
+            data: The parsed TOML.
+            base_dir: Directory that relative model paths (starting with `.`) are resolved against.
+        """
+        data = dict(data)
+        if base_dir is not None and isinstance(data.get("models"), list):
+            data["models"] = [_resolve_spec(m, Path(base_dir)) for m in data["models"]]
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(_format_errors(err)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, overrides: Sequence[str] = ()) -> RunConfig:
+        """Load and validate a TOML config.
+
+        Args:
+            path: The TOML file.
+            overrides: `section.key=value` strings applied on top (values parsed as TOML, else strings),
+                e.g. `["generation.k=2", "output.run_dir=\\"runs/x\\""]`.
+
+        Returns:
+            The validated config.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        for item in overrides:
+            _apply_override(data, item)
+        return cls.from_dict(data, base_dir=path.parent)
+
+
+def _default_name(spec: str) -> str:
+    p = Path(spec)
+    return p.stem if p.suffix == ".gguf" else (p.name or spec)
+
+
+def _resolve_spec(model: Any, base_dir: Path) -> Any:
+    if isinstance(model, dict) and isinstance(model.get("spec"), str) and model["spec"].startswith("."):
+        return {**model, "spec": str((base_dir / model["spec"]).resolve())}
+    return model
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"An override must look like `section.key=value`, got {item!r}.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Cannot override {key!r}: {part!r} is not a table.")
+    node[leaf] = value
+
+
+# ----------------------------------------------------------------------------- errors and docs
+def _section_class(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The pydantic model that owns the location `loc` (ints are list indices)."""
+    cls: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        cls = _model_in(field.annotation) if field is not None else None
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        key = _dotted(loc)
+        if e["type"] == "extra_forbidden":
+            owner = _section_class(loc[:-1])
+            valid = ", ".join(owner.model_fields) if owner else "?"
+            section = _dotted(loc[:-1]) if loc[:-1] else "top level"
+            lines.append(f"Unknown key {key!r}; valid keys in [{section}]: {valid}.")
+        elif e["type"] == "missing":
+            lines.append(f"Missing required key {key!r}.")
+        elif e["type"] == "value_error" and not loc:
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{key}: {e['msg']}; got {e.get('input')!r}.")
+    return "Invalid config:\n  " + "\n  ".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "none"
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a).replace("'", '"') for a in typing.get_args(annotation))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
+    if origin is dict:
+        return "table"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "-"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("(top level)", RunConfig),
+    ("[[models]]", ModelConfig),
+    ("[[models.variants]]", VariantConfig),
+    ("[data]", DataConfig),
+    ("[generation]", GenerationConfig),
+    ("[scoring]", ScoringConfig),
+    ("[encoding]", EncodingConfig),
+    ("[probing]", ProbingConfig),
+    ("[behaviour]", BehaviourConfig),
+    ("[interplay]", InterplayConfig),
+    ("[causal]", CausalConfig),
+    ("[output]", OutputConfig),
+)
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key, generated from the field descriptions.
+
+    `docs/config.md` embeds this text; a test checks that the two agree, so the field
+    descriptions stay the single source of truth.
+    """
+    parts = []
+    for title, cls in _SECTIONS:
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, field in cls.model_fields.items():
+            if title == "(top level)" and _model_in(field.annotation) is not None:
+                continue
+            desc = (field.description or "").replace("|", "\\|")
+            type_text = _type_name(field.annotation).replace("|", "\\|")
+            default = _default_text(field).replace("|", "\\|")
+            rows.append(f"| `{key}` | {type_text} | {default} | {desc} |")
+        parts.append(f"### {title}\n\n{doc}\n\n" + "\n".join(rows))
+    return "\n\n".join(parts) + "\n"

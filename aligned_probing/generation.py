@@ -1,0 +1,389 @@
+"""Seeded, batched sampling of k continuations per prompt, resumable on disk.
+
+Generation runs through the Hugging Face model's own `generate` (KV cache, left padding, EOS
+stopping), so TransformerLens hooks registered on the bridge (`model.bridge.hooks(...)`: layer
+skipping, patching, steering) fire during generation.
+
+Why a custom sampler: Hugging Face's sampler draws the whole batch from one global RNG, so a
+continuation would depend on which other prompts share its batch and on the batch size. We give
+every (prompt_id, continuation_idx) its own `torch.Generator`, seeded from (seed, prompt_id,
+continuation_idx), and sample inside a `LogitsProcessor` (transformers' temperature and top-p
+warpers, then one multinomial draw per row); the processor returns scores that force the drawn
+token, and `generate` runs greedy selection on them. Continuation j of a prompt is therefore the
+same whatever the batch size, the order of prompts, or k (raising k later only adds rows).
+
+The one residual dependence: left padding changes the length of attention reductions, which
+moves logits by ~1e-6 in float32. That can flip a draw only when the uniform variate lands
+within ~1e-6 of a cumulative-probability boundary, or a token sits exactly at the top-p cut-off;
+see docs/data_and_generation.md for the measured rate. With the same batch size (and the same
+prompts), results are bit-identical: the batch plan, and so the padding, is the same.
+
+Resume: with `output_dir`, every batch is written as its own Parquet part file (atomically: a
+temporary file renamed into place), and a rerun skips the (prompt_id, continuation_idx) pairs
+already on disk. Because the batch plan is a deterministic function of the prompts, k and
+batch_size, a resumed run regenerates exactly the batches that were missing, with the same
+padding, so it reproduces the uninterrupted run row for row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from aligned_probing.data import PromptSet
+from aligned_probing.models import LoadedModel
+from aligned_probing.templates import RenderedPrompt, TemplateTruncationWarning, render_prompt
+
+CONTINUATION_COLUMNS: tuple[str, ...] = (
+    "model",
+    "prompt_id",
+    "continuation_idx",
+    "template",
+    "prompt_text",
+    "text",
+    "token_ids",
+    "n_tokens",
+    "stopped_at_eos",
+    "seed",
+)
+MANIFEST = "manifest.json"
+_PART_GLOB = "part-*.parquet"
+
+
+def row_seed(seed: int, prompt_id: str, continuation_idx: int) -> int:
+    """Seed of one continuation's generator: 63 bits of sha256(seed, prompt_id, index)."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}\x00{continuation_idx}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _PerRowSampler(LogitsProcessor):
+    """Samples each row with its own generator and returns scores that force that draw.
+
+    Runs last in the processor list, after any processors the model's generation config adds;
+    `generate` is in greedy mode, so the argmax of the returned scores is the drawn token.
+    """
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float) -> None:
+        self.generators = generators
+        self.temperature = temperature
+        warpers: list[LogitsProcessor] = []
+        if temperature > 0 and temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p, min_tokens_to_keep=1))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # scores: (batch, vocab), float32
+        if self.temperature == 0:
+            choice = scores.argmax(dim=-1)
+        else:
+            probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+            choice = torch.cat(
+                [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
+            )
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, choice.view(-1, 1), 0.0)
+        return forced
+
+
+def _prompt_frame(prompts: PromptSet | pd.DataFrame) -> pd.DataFrame:
+    """`prompt_id` and `text` of the prompts, validated (empty rejected, duplicates dropped)."""
+    if isinstance(prompts, PromptSet):
+        df = prompts.df
+    elif isinstance(prompts, pd.DataFrame):
+        df = prompts
+    else:
+        raise TypeError(f"prompts must be a PromptSet or a DataFrame, got {type(prompts).__name__}.")
+    missing = [c for c in ("prompt_id", "text") if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"prompts is missing columns {missing} (has {list(df.columns)}); build it with "
+            "PromptSet.from_frame(df, source=...) to add prompt ids."
+        )
+    df = df[["prompt_id", "text"]].reset_index(drop=True)
+    empty = df["text"].isna() | (df["text"].astype(str).str.strip() == "")
+    if empty.any():
+        raise ValueError(
+            f"{int(empty.sum())} of {len(df)} prompts are empty (e.g. prompt_id "
+            f"{df.loc[empty, 'prompt_id'].iloc[0]!r}); drop them, e.g. with PromptSet.from_frame(df)."
+        )
+    dup = df["prompt_id"].duplicated()
+    if dup.any():
+        warnings.warn(
+            f"Removed {int(dup.sum())} duplicate prompt(s) (same prompt_id); each is generated once.",
+            UserWarning,
+            stacklevel=3,
+        )
+        df = df[~dup].reset_index(drop=True)
+    if len(df) == 0:
+        raise ValueError("prompts is empty: nothing to generate.")
+    return df
+
+
+def _render_all(
+    model: LoadedModel, texts: Sequence[str], template: int, use_chat_template: bool | None, max_tokens: int
+) -> list[RenderedPrompt]:
+    """Render every prompt; left truncation is reported once, with a count."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TemplateTruncationWarning)
+        rendered = [
+            render_prompt(model.tokenizer, t, template, use_chat_template=use_chat_template, max_tokens=max_tokens)
+            for t in texts
+        ]
+    for w in caught:
+        if not issubclass(w.category, TemplateTruncationWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    truncated = [r.truncated for r in rendered if r.truncated]
+    if truncated:
+        warnings.warn(
+            f"{len(truncated)} prompt(s) were left-truncated (up to {max(truncated)} tokens dropped) to fit "
+            f"context_length - max_new_tokens = {max_tokens} tokens.",
+            TemplateTruncationWarning,
+            stacklevel=3,
+        )
+    return rendered
+
+
+def _manifest(model: LoadedModel, **settings: Any) -> dict[str, Any]:
+    """Everything a continuation depends on, except k and batch size (see the module docstring)."""
+    return {
+        "model": model.name,
+        "revision": model.revision,
+        "tokenizer_hash": model.tokenizer_hash,
+        "dtype": model.dtype,
+        "quantization": model.quantization,
+        **settings,
+    }
+
+
+def _open_output(output_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
+    """Create or check the output directory; return the rows already written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".*.tmp"):  # a run killed mid-write leaves only a temporary file
+        stale.unlink()
+    path = output_dir / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: on disk {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{output_dir} holds continuations generated with other settings ({detail}). "
+                "Use another output_dir or the same settings."
+            )
+    else:
+        _atomic_write_bytes(path, json.dumps(manifest, indent=2).encode())
+    return read_continuations(output_dir)
+
+
+def read_continuations(output_dir: str | Path) -> pd.DataFrame:
+    """Read every part file written by `generate_continuations` (empty table when none).
+
+    `token_ids` come back as Python lists of ints (Parquet returns numpy arrays).
+    """
+    parts = sorted(Path(output_dir).glob(_PART_GLOB))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in CONTINUATION_COLUMNS})
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df["token_ids"] = df["token_ids"].map(lambda ids: [int(i) for i in ids])
+    if df.duplicated(["prompt_id", "continuation_idx"]).any():
+        raise ValueError(f"{output_dir} holds duplicate (prompt_id, continuation_idx) rows; delete the directory.")
+    return df[list(CONTINUATION_COLUMNS)]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_part(output_dir: Path, batch_no: int, rows: pd.DataFrame) -> Path:
+    """Write one batch atomically; the name carries a digest of its keys so plans never collide."""
+    keys = "\n".join(f"{p}\x00{i}" for p, i in zip(rows["prompt_id"], rows["continuation_idx"], strict=True))
+    path = output_dir / f"part-{batch_no:06d}-{hashlib.sha256(keys.encode()).hexdigest()[:8]}.parquet"
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _generate_batch(
+    model: LoadedModel,
+    items: list[tuple[int, int]],
+    rendered: list[RenderedPrompt],
+    prompt_ids: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[tuple[list[int], bool]]:
+    """Generate one batch of (prompt index, continuation index) items; return (token ids, EOS?)."""
+    device = torch.device(model.device)
+    pad = model.pad_token_id
+    eos = set(model.eos_token_ids)
+    seqs = [rendered[p].input_ids for p, _ in items]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (batch, width), left-padded
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attention_mask[row, width - len(s) :] = 1
+    generators = []
+    for p, c in items:
+        g = torch.Generator(device=device)
+        g.manual_seed(row_seed(seed, prompt_ids[p], c))
+        generators.append(g)
+    config = GenerationConfig(
+        do_sample=False,  # selection is greedy on the scores our sampler forces
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos),
+        pad_token_id=pad,
+        use_cache=True,
+        repetition_penalty=1.0,
+    )
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sampling keys of the model's own config are unused
+        out = model.hf_model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_PerRowSampler(generators, temperature, top_p)]),
+        )
+    new = out[:, width:].tolist()  # (batch, <= max_new_tokens); EOS then pad after a row stops
+    results = []
+    for ids in new:
+        stop = next((i for i, t in enumerate(ids) if t in eos), None)
+        results.append((ids if stop is None else ids[:stop], stop is not None))
+    return results
+
+
+def generate_continuations(
+    model: LoadedModel,
+    prompts: PromptSet | pd.DataFrame,
+    *,
+    k: int,
+    seed: int,
+    max_new_tokens: int = 20,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    template: int = 0,
+    batch_size: int = 16,
+    use_chat_template: bool | None = None,
+    output_dir: str | Path | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Sample `k` continuations per prompt with a KV cache, left padding and EOS stopping.
+
+    Args:
+        model: The loaded model (generation runs on `model.hf_model.generate`, so bridge hooks fire).
+        prompts: A `PromptSet` or a table with `prompt_id` and `text`. Empty prompts raise;
+            duplicate prompt ids are generated once (with a warning).
+        k: Continuations per prompt (>= 1).
+        seed: Base seed; each continuation's generator is seeded from (seed, prompt_id, index).
+        max_new_tokens: Maximum generated tokens per continuation.
+        temperature: Softmax temperature (> 0), or 0 for greedy decoding.
+        top_p: Nucleus sampling mass in (0, 1]; 1 disables it. No top-k.
+        template: Prompt template 0-4 (see `aligned_probing.templates`).
+        batch_size: Sequences per `generate` call.
+        use_chat_template: Passed to `render_prompt` (None: chat template for templates 1-4 when
+            the tokenizer has one).
+        output_dir: Write Parquet part files here and resume from them (rows already present are
+            not generated again). A directory holding other settings is an error.
+        show_progress: Show a tqdm progress bar over batches.
+
+    Returns:
+        One row per (prompt_id, continuation_idx), in prompt order then index, with the columns
+        of `CONTINUATION_COLUMNS` (docs/architecture.md). `token_ids` are exactly the generated
+        ids, EOS and padding excluded.
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+        >>> conts = generate_continuations(model, embedded_prompts().sample(50, stratify_by=None),
+        ...                                k=5, seed=0, output_dir="runs/smollm2/continuations")  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    _check_settings(k=k, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    batch_size=batch_size, context_length=model.context_length)
+    frame = _prompt_frame(prompts)
+    prompt_ids, texts = frame["prompt_id"].astype(str).tolist(), frame["text"].astype(str).tolist()
+    rendered = _render_all(model, texts, template, use_chat_template, model.context_length - max_new_tokens)
+    chat = bool(rendered[0].chat)
+    # Longest prompts first and a prompt's continuations together, so batches need little padding.
+    order = sorted(range(len(texts)), key=lambda p: (-len(rendered[p].input_ids), p))
+    items = [(p, c) for p in order for c in range(k)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+    out_dir = Path(output_dir) if output_dir is not None else None
+    done = pd.DataFrame({c: pd.Series(dtype=object) for c in CONTINUATION_COLUMNS})
+    if out_dir is not None:
+        manifest = _manifest(model, template=template, chat=chat, seed=seed, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p)
+        done = _open_output(out_dir, manifest)
+    done_keys = set(zip(done["prompt_id"], done["continuation_idx"].astype(int), strict=True))
+
+    new_frames = []
+    for batch_no, batch in enumerate(tqdm(batches, disable=not show_progress, desc="generate", unit="batch")):
+        todo = [(p, c) for p, c in batch if (prompt_ids[p], c) not in done_keys]
+        if not todo:
+            continue
+        results = _generate_batch(model, todo, rendered, prompt_ids, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed)
+        rows = pd.DataFrame(
+            {
+                "model": model.name,
+                "prompt_id": [prompt_ids[p] for p, _ in todo],
+                "continuation_idx": [c for _, c in todo],
+                "template": template,
+                "prompt_text": [texts[p] for p, _ in todo],
+                "text": [model.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in results],
+                "token_ids": [ids for ids, _ in results],
+                "n_tokens": [len(ids) for ids, _ in results],
+                "stopped_at_eos": [stopped for _, stopped in results],
+                "seed": seed,
+            }
+        )
+        if out_dir is not None:
+            _write_part(out_dir, batch_no, rows)
+        new_frames.append(rows)
+
+    frames = [f for f in (done, *new_frames) if len(f)]
+    table = pd.concat(frames, ignore_index=True) if frames else done
+    rank = {pid: i for i, pid in enumerate(prompt_ids)}
+    table = table[table["prompt_id"].isin(rank) & (table["continuation_idx"].astype(int) < k)]
+    table = table.assign(_rank=table["prompt_id"].map(rank)).sort_values(["_rank", "continuation_idx"])
+    table = table.drop(columns="_rank").reset_index(drop=True)
+    return table.astype({"continuation_idx": "int64", "template": "int64", "n_tokens": "int64",
+                         "stopped_at_eos": bool, "seed": "int64"})[list(CONTINUATION_COLUMNS)]
+
+
+def _check_settings(
+    *, k: int, seed: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, context_length: int
+) -> None:
+    """Validate generation settings, naming the parameter, the allowed range and the value."""
+    for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}.")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be > 0, or 0 for greedy decoding; got {temperature!r}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {top_p!r}.")
+    if max_new_tokens >= context_length:
+        raise ValueError(
+            f"max_new_tokens must be < the model's context length {context_length}, got {max_new_tokens}."
+        )

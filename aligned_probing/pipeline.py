@@ -1,0 +1,230 @@
+"""Run an experiment end to end: prompts -> generation -> scoring -> encoding -> probing -> behaviour
+-> interplay -> causal -> report, each stage cached by a content hash of its settings and inputs.
+
+`build_plan(config)` turns a `RunConfig` into stages (one per model and template where it
+applies); `run(config)` executes them with `aligned_probing._runner.execute`: re-running does no
+work, changing one setting recomputes only the stages downstream of it, and a killed run resumes
+(generation and encoding pick up their partial output) to the same tables as an uninterrupted run.
+
+Example:
+    >>> from aligned_probing.config import RunConfig
+    >>> cfg = RunConfig.from_toml("configs/quickstart.toml")  # doctest: +SKIP
+    >>> result = run(cfg)  # doctest: +SKIP
+    >>> result.report  # doctest: +SKIP
+    PosixPath('runs/quickstart/report.html')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aligned_probing import _stages
+from aligned_probing._runner import Stage, StageRecord, execute, select
+from aligned_probing.config import ModelVariant, RunConfig
+
+logger = logging.getLogger("aligned_probing.pipeline")
+
+STAGE_NAMES: tuple[str, ...] = (
+    "prompts", "generate", "score", "encode", "probe", "behaviour", "interplay", "causal", "report",
+)
+CONFIG_FILE = "config.json"
+CONFIG_TOML = "config.toml"
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class RunResult:
+    """What `run` did.
+
+    Attributes:
+        run_dir: The run directory.
+        records: One record per stage in plan order (`ran`, `cached`, or `would run` in a dry run).
+        report: Path of the HTML report, when the report stage was part of the run.
+    """
+
+    run_dir: Path
+    records: list[StageRecord]
+    report: Path | None
+
+    @property
+    def executed(self) -> list[str]:
+        """Keys of the stages that did work in this run."""
+        return [r.key for r in self.records if r.status == "ran"]
+
+
+def unit_key(name: str, model: str | None = None, template: int | None = None) -> str:
+    """Plan key of a stage: `name`, `name/model` or `name/model/t{template}`."""
+    parts = [name] + ([model] if model is not None else []) + ([f"t{template}"] if template is not None else [])
+    return "/".join(parts)
+
+
+def _model_settings(v: ModelVariant) -> dict[str, Any]:
+    settings = v.model_dump(mode="json")
+    settings.pop("device")  # where a model runs does not change what it computes (to tolerance)
+    path = Path(v.spec)
+    if path.is_dir():
+        from aligned_probing.models import _dir_revision
+
+        settings["revision"] = _dir_revision(path)  # a rebuilt local model invalidates its stages
+    return settings
+
+
+def build_plan(config: RunConfig) -> list[Stage]:
+    """The stages of `config`, in dependency order.
+
+    Args:
+        config: The validated experiment config.
+
+    Returns:
+        The plan: `prompts`, then per model and template `generate`, `score`, `encode`, `probe`,
+        `behaviour`, then `interplay` (with >= 3 models), `causal` (when enabled) and `report`.
+    """
+    c = config
+    scoring = c.scoring.model_dump(mode="json")
+    prompts = Stage("prompts", "prompts", {"data": c.data.model_dump(mode="json"), "scoring": scoring},
+                    (), _stages.prompts_stage)
+    plan = [prompts]
+    probe_keys, behaviour_keys = [], []
+    gen = c.generation.model_dump(mode="json", exclude={"templates"})
+    for v in c.model_variants():
+        model = _model_settings(v)
+        for t in c.generation.templates:
+            g = Stage("generate", unit_key("generate", v.name, t), {"model": model, "template": t, "generation": gen},
+                      (prompts.key,), _stages.generate_stage, resumable=True)
+            s = Stage("score", unit_key("score", v.name, t), {"scoring": scoring}, (g.key,), _stages.score_stage)
+            e = Stage("encode", unit_key("encode", v.name, t),
+                      {"model": model, "template": t, "encoding": c.encoding.model_dump(mode="json")},
+                      (prompts.key, g.key), _stages.encode_stage, resumable=True)
+            p = Stage("probe", unit_key("probe", v.name, t), {"probing": c.probing.model_dump(mode="json")},
+                      (prompts.key, s.key, e.key), _stages.probe_stage)
+            b = Stage("behaviour", unit_key("behaviour", v.name, t),
+                      {"behaviour": c.behaviour.model_dump(mode="json")}, (prompts.key, s.key),
+                      _stages.behaviour_stage)
+            plan += [g, s, e, p, b]
+            probe_keys.append(p.key)
+            behaviour_keys.append(b.key)
+    downstream = probe_keys + behaviour_keys
+    if c.interplay_active():
+        i = Stage("interplay", "interplay", {"interplay": c.interplay.model_dump(mode="json"),
+                                             "n_models": len(c.model_variants())},
+                  tuple(downstream), _stages.interplay_stage)
+        plan.append(i)
+        downstream.append(i.key)
+    if c.causal.enabled:
+        v = c.causal_model()
+        t = c.generation.templates[0]
+        cs = Stage("causal", unit_key("causal", v.name),
+                   {"model": _model_settings(v), "template": t, "causal": c.causal.model_dump(mode="json"),
+                    "generation": gen, "scoring": scoring, "threshold": c.behaviour.threshold,
+                    "n_bootstrap": c.behaviour.n_bootstrap, "pooling": c.probing.pooling, "alphas": c.probing.alphas},
+                   (prompts.key, unit_key("encode", v.name, t), unit_key("probe", v.name, t)),
+                   _stages.causal_stage)
+        plan.append(cs)
+        downstream.append(cs.key)
+    plan.append(Stage("report", "report", {"formats": list(c.output.figure_formats), "version": 1},
+                      tuple(downstream), _stages.report_stage))
+    return plan
+
+
+class ModelLoader:
+    """Loads the run's models by display name, keeping only the most recently used one in memory.
+
+    Stages of one model run consecutively, so one slot avoids reloading while bounding memory.
+    """
+
+    def __init__(self, variants: Sequence[ModelVariant]) -> None:
+        self._variants = {v.name: v for v in variants}
+        self._name: str | None = None
+        self._model: Any = None
+
+    def __call__(self, name: str) -> Any:
+        """The loaded model called `name` (a `LoadedModel` whose `.name` is the display name)."""
+        if name not in self._variants:
+            raise ValueError(f"model must be one of {sorted(self._variants)}, got {name!r}.")
+        if name != self._name:
+            from aligned_probing.models import load_model
+
+            self._model = None  # release the previous model before loading the next
+            v = self._variants[name]
+            logger.info("loading model %s (%s, %s, quantization=%s)", name, v.spec, v.dtype, v.quantization)
+            loaded = load_model(v.spec, dtype=v.dtype, device=v.device, quantization=v.quantization)
+            self._model, self._name = dataclasses.replace(loaded, name=name), name
+        return self._model
+
+
+def _attach_log(run_dir: Path) -> logging.Handler:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("aligned_probing")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def run_dir_of(config: RunConfig) -> Path:
+    """The run directory named by `config.output.run_dir`."""
+    return Path(config.output.run_dir)
+
+
+def run(
+    config: RunConfig,
+    *,
+    stages: Sequence[str] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    config_text: str | None = None,
+) -> RunResult:
+    """Run the stages of `config` that are not cached yet.
+
+    Args:
+        config: The experiment config.
+        stages: Stage names (`generate`, `probe`, ...) to run, with everything they depend on;
+            None runs the whole plan.
+        dry_run: Only list which stages are cached and which would run.
+        progress: Show progress bars (tqdm; notebook-friendly).
+        config_text: The TOML text of the config, stored in the run directory for the report.
+
+    Returns:
+        The records of every stage and the report path.
+    """
+    run_dir = run_dir_of(config)
+    plan = select(build_plan(config), stages)
+    if dry_run:
+        return RunResult(run_dir, execute(plan, run_dir, load_model=ModelLoader(config.model_variants()),
+                                          dry_run=True), None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    if config_text is not None:
+        (run_dir / CONFIG_TOML).write_text(config_text)
+    handler = _attach_log(run_dir)
+    try:
+        logger.info("run %s: %d stages in %s", config.name, len(plan), run_dir)
+        records = execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), progress=progress)
+    finally:
+        logging.getLogger("aligned_probing").removeHandler(handler)
+        handler.close()
+    report = None
+    rec = next((r for r in records if r.name == "report"), None)
+    if rec is not None:  # publish the report and figures at the top of the run directory
+        report = run_dir / REPORT_FILE
+        shutil.copyfile(rec.dir / REPORT_FILE, report)
+        shutil.copytree(rec.dir / "figures", run_dir / "figures", dirs_exist_ok=True)
+    return RunResult(run_dir, records, report)
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The config a run directory was last run with."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {str(run_dir)!r} a run directory?")
+    return RunConfig.from_dict(json.loads(path.read_text()))

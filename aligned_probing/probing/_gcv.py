@@ -1,0 +1,86 @@
+"""Closed-form ridge with efficient leave-one-out (LOO) alpha selection from one eigendecomposition.
+
+Why hand-written rather than `sklearn.linear_model.RidgeCV(gcv_mode="svd")`: sklearn takes an SVD of the
+`n x p` design matrix, which on the probing sweep's shapes (1500 x 576, two cores) measured about 1.4 s
+per fit against about 0.3 s for an eigendecomposition of the smaller of the two Gram matrices
+(`X^T X`, `p x p`, when n >= p; `X X^T`, `n x n`, otherwise). The sweep runs thousands of fits, so this
+is the difference between minutes and an hour. The solution and the LOO errors are the same
+(`tests/test_probing_ridge.py` checks both against `Ridge` and `RidgeCV`).
+
+Notation: `Xs` is the standardised, centred design (`n x p`), `Yc` the centred targets (`n x k`),
+`Xs = U diag(s) V^T` its thin SVD (obtained from the Gram eigendecomposition). For a penalty alpha,
+    coef(alpha)   = V diag(s / (s^2 + alpha)) U^T Yc
+    fitted(alpha) = U diag(s^2 / (s^2 + alpha)) U^T Yc                  (+ mean of y)
+    H_ii(alpha)   = 1/n + sum_j U_ij^2 s_j^2 / (s_j^2 + alpha)          (1/n: the unpenalised intercept)
+    LOO residual  = (y_i - fitted_i) / (1 - H_ii)
+and the LOO mean squared error is the mean over i of the squared LOO residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class _RidgeGCVResult:
+    coef: np.ndarray  # (k, p): coefficients in the standardised space, one row per target
+    alpha: np.ndarray  # (k,): the selected penalty per target
+    loo_mse: np.ndarray  # (k,): LOO mean squared error at the selected penalty
+    y_mean: np.ndarray  # (k,)
+
+
+def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`U (n x r), s (r,), V (p x r)` of `Xs`, from the smaller Gram matrix; near-null directions dropped.
+
+    Dropping singular values below `max(n, p) * eps * s_max` changes nothing that a positive penalty can
+    see: their contribution to coef and fitted values is O(s / alpha) and is rounding noise anyway.
+    """
+    n, p = Xs.shape
+    if n >= p:
+        evals, V = np.linalg.eigh(Xs.T @ Xs)  # (p,), (p, p)
+    else:
+        evals, U = np.linalg.eigh(Xs @ Xs.T)  # (n,), (n, n)
+    evals = np.clip(evals, 0.0, None)
+    s = np.sqrt(evals)
+    keep = s > (max(n, p) * np.finfo(np.float64).eps * (s.max() if s.size else 0.0))
+    s = s[keep]
+    if n >= p:
+        V = V[:, keep]
+        U = (Xs @ V) / s  # (n, r)
+    else:
+        U = U[:, keep]
+        V = (Xs.T @ U) / s  # (p, r)
+    return U, s, V
+
+
+def ridge_gcv(Xs: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> _RidgeGCVResult:
+    """Fit ridge for every target and every alpha at once; pick alpha per target by exact LOO error.
+
+    Args:
+        Xs: Standardised design `[n, p]` (float64). It is centred here again (a no-op after
+            standardisation on the same rows).
+        Y: Targets `[n, k]` (float64).
+        alphas: Penalties `[a]`, all > 0.
+
+    Returns:
+        Coefficients `[k, p]` in the space of `Xs`, the selected alpha per target, its LOO MSE and the
+        target means (the intercept in the centred space).
+    """
+    n = Xs.shape[0]
+    y_mean = Y.mean(axis=0)
+    Yc = Y - y_mean
+    U, s, V = _thin_svd(Xs - Xs.mean(axis=0))
+    UtY = U.T @ Yc  # (r, k)
+    s2 = s**2
+    shrink = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, a)
+    # fitted values for all alphas and targets in one product: (n, r) @ (r, a*k)
+    fitted = (U @ (shrink[:, :, None] * UtY[:, None, :]).reshape(len(s), -1)).reshape(n, len(alphas), -1)
+    h = 1.0 / n + (U**2) @ shrink  # (n, a): diagonal of the hat matrix
+    loo = (Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]  # (n, a, k)
+    mse = np.mean(loo**2, axis=0)  # (a, k)
+    best = np.argmin(mse, axis=0)  # first (smallest) alpha on ties, as RidgeCV
+    alpha = alphas[best]
+    coef = (V @ ((s[:, None] / (s2[:, None] + alpha[None, :])) * UtY)).T  # (k, p)
+    return _RidgeGCVResult(coef=coef, alpha=alpha, loo_mse=mse[best, np.arange(mse.shape[1])], y_mean=y_mean)

@@ -1,0 +1,408 @@
+"""The activation store: pooled residual vectors on disk, one zarr array per (position, pooling).
+
+One store directory holds the encodings of one (model, template):
+
+    store/
+      manifest.json      what was encoded: model, revision, tokenizer hash, template, dtype, ...
+      index.parquet      row i = sample i of every array: prompt_id, continuation_idx (-1 = input only)
+      zarr.json          the zarr group; arrays `input/mean`, `output/mean`, `input/last`, ...
+      input/mean/...     float32 (or float16) [n_layers + 1, n_samples, d_model]
+
+Arrays are chunked `(1, chunk_rows, d_model)`, so `store.layer(l)` reads only layer l's chunks.
+
+Crash safety: `append` writes the vectors first and the index last, by an atomic rename. The
+index is the commit record: on open, arrays longer than the index (a kill between the two
+writes) are truncated back to it, so rows and vectors always stay aligned and a resumed run
+simply skips the (prompt_id, continuation_idx) pairs already in the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from filelock import FileLock
+
+FORMAT_VERSION = 1
+POSITIONS: tuple[str, ...] = ("input", "output")
+DTYPES: tuple[str, ...] = ("float32", "float16")
+INDEX_COLUMNS: tuple[str, ...] = ("prompt_id", "continuation_idx")
+_MANIFEST = "manifest.json"
+_INDEX = "index.parquet"
+_LOCK = ".lock"
+_VERSIONED_LIBS = ("aligned-probing", "torch", "transformers", "transformer-lens", "zarr", "numpy")
+
+
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for lib in _VERSIONED_LIBS:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return versions
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file and `os.replace`, so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _empty_index() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"prompt_id": pd.Series([], dtype=str), "continuation_idx": pd.Series([], dtype="int64")}
+    )
+
+
+def _check_choice(name: str, values: Iterable[str], allowed: Iterable[str]) -> tuple[str, ...]:
+    values = tuple(values)
+    allowed = tuple(allowed)
+    if not values:
+        raise ValueError(f"{name} must name at least one of {allowed}, got an empty sequence.")
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"{name} must be drawn from {allowed}, got {value!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat entries, got {values}.")
+    return values
+
+
+class ActivationStore:
+    """Pooled activations of one (model, template), appendable and resumable.
+
+    Open an existing store with `ActivationStore.open`, make a new one with
+    `ActivationStore.create`, or use `ActivationStore.open_or_create` (what the encoder does).
+
+    Example:
+        >>> store = ActivationStore.open("runs/smollm2/t0", expect={"template": 0})  # doctest: +SKIP
+        >>> X = store.layer(5, position="input", pooling="mean")  # [n_samples, d_model] float32
+        >>> store.index.head()  # prompt_id, continuation_idx of each row of X
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], group: zarr.Group, index: pd.DataFrame):
+        # Private: use open / create / open_or_create.
+        self.path = path
+        self._manifest = manifest
+        self._group = group
+        self._index = index
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        model: str,
+        template: int,
+        n_layers: int,
+        d_model: int,
+        positions: Iterable[str] = ("input",),
+        poolings: Iterable[str] = ("mean",),
+        dtype: str = "float32",
+        layer_names: list[str] | None = None,
+        chunk_rows: int = 256,
+        extra: Mapping[str, Any] | None = None,
+    ) -> ActivationStore:
+        """Create an empty store at `path` (which must not hold a store yet).
+
+        Args:
+            path: Store directory.
+            model: Model name recorded in the manifest and checked on open.
+            template: Prompt template 0-4.
+            n_layers: Number of blocks L; arrays hold residual layers 0..L.
+            d_model: Residual width.
+            positions: Subset of ("input", "output").
+            poolings: Pooling names, e.g. ("mean",) or ("mean", "last").
+            dtype: On-disk dtype, "float32" (default) or "float16" (half the disk; `layer`
+                still returns float32).
+            layer_names: Hook name of each residual layer (length n_layers + 1).
+            chunk_rows: Rows per chunk; a chunk is `(1, chunk_rows, d_model)`.
+            extra: More JSON-ready manifest fields (spec, revision, tokenizer_hash, ...).
+
+        Returns:
+            The empty store.
+        """
+        path = Path(path)
+        if (path / _MANIFEST).exists():
+            raise FileExistsError(
+                f"{path} already holds an activation store; use ActivationStore.open or open_or_create."
+            )
+        positions = _check_choice("positions", positions, POSITIONS)
+        poolings = tuple(poolings)
+        if not poolings or len(set(poolings)) != len(poolings):
+            raise ValueError(f"poolings must be non-empty with unique names, got {poolings}.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
+        for name, value in (("n_layers", n_layers), ("d_model", d_model), ("chunk_rows", chunk_rows)):
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if layer_names is not None and len(layer_names) != n_layers + 1:
+            raise ValueError(
+                f"layer_names must have n_layers + 1 = {n_layers + 1} entries, got {len(layer_names)}."
+            )
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model": model,
+            "template": int(template),
+            "n_layers": int(n_layers),
+            "d_model": int(d_model),
+            "positions": list(positions),
+            "poolings": list(poolings),
+            "dtype": dtype,
+            "layer_names": list(layer_names) if layer_names is not None else None,
+            "chunk_rows": int(chunk_rows),
+            **dict(extra or {}),
+            "library_versions": _library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        with FileLock(path / _LOCK):
+            group = zarr.open_group(path, mode="a")
+            for position in positions:
+                for pooling in poolings:
+                    group.create_array(
+                        f"{position}/{pooling}",
+                        shape=(n_layers + 1, 0, d_model),
+                        chunks=(1, chunk_rows, d_model),
+                        dtype=dtype,
+                        # Residual activations are near-incompressible floats: skipping the codec
+                        # saves CPU on every append and read for a few percent of disk.
+                        compressors=None,
+                        fill_value=np.nan,
+                        dimension_names=("layer", "sample", "d_model"),
+                        overwrite=True,  # leftovers of a create that died before its manifest
+                    )
+            _atomic_write(path / _INDEX, lambda p: _empty_index().to_parquet(p, index=False))
+            # The manifest goes last: its presence marks a complete, openable store.
+            _atomic_write(path / _MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        return cls(path, manifest, group, _empty_index())
+
+    @classmethod
+    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> ActivationStore:
+        """Open an existing store, check it against `expect`, and roll back uncommitted rows.
+
+        Args:
+            path: Store directory.
+            expect: Manifest fields that must match, e.g. {"model": ..., "revision": ...,
+                "tokenizer_hash": ..., "template": 0}. A store written for another model or
+                template is an error, not a silent mix.
+
+        Returns:
+            The store, with every array exactly as long as the committed index.
+
+        Raises:
+            FileNotFoundError: No store at `path`.
+            ValueError: A field of `expect` differs from the manifest.
+        """
+        path = Path(path)
+        if not (path / _MANIFEST).exists():
+            raise FileNotFoundError(
+                f"No activation store at {path} (no {_MANIFEST}); create one with "
+                "ActivationStore.create or encode(..., store=path)."
+            )
+        manifest = json.loads((path / _MANIFEST).read_text())
+        _check_expected(manifest, expect or {}, path)
+        with FileLock(path / _LOCK):
+            group = zarr.open_group(path, mode="r+")
+            index = pd.read_parquet(path / _INDEX)
+            store = cls(path, manifest, group, index)
+            store._rollback_uncommitted()
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, **create_kwargs: Any
+    ) -> ActivationStore:
+        """Open the store at `path` if there is one (checking `expect`), else create it.
+
+        Args:
+            path: Store directory.
+            expect: Manifest fields an existing store must match.
+            **create_kwargs: Arguments of `create`, used when there is no store yet.
+        """
+        if (Path(path) / _MANIFEST).exists():
+            return cls.open(path, expect=expect)
+        return cls.create(path, **create_kwargs)
+
+    def _rollback_uncommitted(self) -> None:
+        n = len(self._index)
+        for key, array in self._arrays():
+            length = array.shape[1]
+            if length > n:
+                # A kill between the vector write and the index commit: drop the orphan rows.
+                array.resize((array.shape[0], n, array.shape[2]))
+            elif length < n:
+                raise ValueError(
+                    f"Store {self.path} is corrupt: array {key} has {length} rows but the index "
+                    f"commits {n}. Delete the store and re-encode."
+                )
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _arrays(self) -> list[tuple[str, zarr.Array]]:
+        return [(f"{p}/{q}", self._group[f"{p}/{q}"]) for p in self.positions for q in self.poolings]
+
+    def array(self, position: str = "input", pooling: str = "mean") -> zarr.Array:
+        """The zarr array `[n_layers + 1, n_samples, d_model]` of (position, pooling), lazily read."""
+        if position not in self.positions:
+            raise ValueError(f"position must be one of {self.positions} in this store, got {position!r}.")
+        if pooling not in self.poolings:
+            raise ValueError(f"pooling must be one of {self.poolings} in this store, got {pooling!r}.")
+        return self._group[f"{position}/{pooling}"]
+
+    def layer(self, layer: int, position: str = "input", pooling: str = "mean") -> np.ndarray:
+        """Vectors of residual layer `layer` for every sample: float32 `[n_samples, d_model]`.
+
+        Only that layer's chunks are read from disk. Row i belongs to `store.index.iloc[i]`.
+        """
+        if not isinstance(layer, int | np.integer) or not 0 <= layer <= self.n_layers:
+            raise ValueError(f"layer must be an int in [0, {self.n_layers}], got {layer!r}.")
+        array = self.array(position, pooling)
+        return np.asarray(array[int(layer), : len(self)], dtype=np.float32)
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """A copy of the committed index: `prompt_id`, `continuation_idx`, one row per sample."""
+        return self._index.copy()
+
+    def committed(self) -> set[tuple[str, int]]:
+        """The (prompt_id, continuation_idx) pairs already stored (what a resumed run skips)."""
+        return set(zip(self._index["prompt_id"], self._index["continuation_idx"].astype(int), strict=True))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A copy of the manifest."""
+        return json.loads(json.dumps(self._manifest))
+
+    @property
+    def n_layers(self) -> int:
+        """Number of blocks L; layers 0..L are stored."""
+        return int(self._manifest["n_layers"])
+
+    @property
+    def d_model(self) -> int:
+        """Residual width."""
+        return int(self._manifest["d_model"])
+
+    @property
+    def model_name(self) -> str:
+        """Name of the model that was encoded."""
+        return str(self._manifest["model"])
+
+    @property
+    def template(self) -> int:
+        """Prompt template 0-4."""
+        return int(self._manifest["template"])
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        """Stored positions, a subset of ("input", "output")."""
+        return tuple(self._manifest["positions"])
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        """Stored poolings, e.g. ("mean",)."""
+        return tuple(self._manifest["poolings"])
+
+    @property
+    def dtype(self) -> str:
+        """On-disk dtype."""
+        return str(self._manifest["dtype"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({str(self.path)!r}, model={self.model_name!r}, template={self.template}, "
+            f"n_samples={len(self)}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"positions={self.positions}, poolings={self.poolings})"
+        )
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def append(self, index: pd.DataFrame, vectors: Mapping[tuple[str, str], np.ndarray]) -> None:
+        """Append rows: write every array's vectors, then commit the index.
+
+        Args:
+            index: `prompt_id`, `continuation_idx` of the m new rows; pairs must be new.
+            vectors: For every stored (position, pooling), an array `[n_layers + 1, m, d_model]`.
+
+        Raises:
+            ValueError: Missing columns or arrays, wrong shapes, or rows already stored.
+        """
+        new = self._check_new_index(index)
+        m = len(new)
+        expected = {(p, q) for p in self.positions for q in self.poolings}
+        if set(vectors) != expected:
+            raise ValueError(
+                f"vectors must have exactly the keys {sorted(expected)}, got {sorted(vectors)}."
+            )
+        shape = (self.n_layers + 1, m, self.d_model)
+        for key, values in vectors.items():
+            if tuple(np.shape(values)) != shape:
+                raise ValueError(f"vectors[{key}] must have shape {shape}, got {tuple(np.shape(values))}.")
+        if m == 0:
+            return
+        with FileLock(self.path / _LOCK):
+            n = len(self._index)
+            for (position, pooling), values in vectors.items():
+                array = self._group[f"{position}/{pooling}"]
+                array.resize((shape[0], n + m, shape[2]))
+                array[:, n : n + m, :] = np.asarray(values, dtype=self.dtype)
+            committed = pd.concat([self._index, new], ignore_index=True)
+            # The index is the commit record: written last, atomically.
+            _atomic_write(self.path / _INDEX, lambda p: committed.to_parquet(p, index=False))
+            self._index = committed
+
+    def _check_new_index(self, index: pd.DataFrame) -> pd.DataFrame:
+        if not isinstance(index, pd.DataFrame):
+            raise TypeError(f"index must be a pandas DataFrame, got {type(index).__name__}.")
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise ValueError(f"index is missing columns {missing}; it needs {list(INDEX_COLUMNS)}.")
+        new = pd.DataFrame(
+            {
+                "prompt_id": index["prompt_id"].astype(str).to_numpy(),
+                "continuation_idx": index["continuation_idx"].astype("int64").to_numpy(),
+            }
+        )
+        keys = list(zip(new["prompt_id"], new["continuation_idx"], strict=True))
+        if len(set(keys)) != len(keys):
+            raise ValueError("index repeats (prompt_id, continuation_idx) pairs; each row must be unique.")
+        already = self.committed().intersection(keys)
+        if already:
+            raise ValueError(
+                f"{len(already)} rows are already stored, e.g. {sorted(already)[:3]}; "
+                "skip store.committed() pairs when resuming."
+            )
+        return new
+
+
+def _check_expected(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: Path) -> None:
+    for field, expected in expect.items():
+        if field not in manifest:
+            raise ValueError(
+                f"Store {path} has no manifest field {field!r} to check (expected {expected!r}); "
+                f"its fields are {sorted(manifest)}."
+            )
+        stored = manifest[field]
+        # JSON turns tuples into lists; compare like with like.
+        if isinstance(expected, tuple):
+            expected = list(expected)
+        if stored != expected:
+            raise ValueError(
+                f"Store {path} was written for {field}={stored!r}, but {field}={expected!r} was expected. "
+                "Use another store directory for this model/template, or delete the old store."
+            )

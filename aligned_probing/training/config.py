@@ -1,0 +1,147 @@
+"""Typed TOML config for `aligned-probing finetune CONFIG` (one small model per concern, unknown keys are errors).
+
+Pydantic models with `extra="forbid"`: a typo in a TOML key would otherwise silently change the
+experiment; the error lists the valid keys of that section.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ARMS = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
+Arm = Literal["probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Which model to fine-tune."""
+
+    spec: str = "smollm2-135m-instruct"  # anything `load_model` accepts
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class DataSection(_Section):
+    """Prompts: `n_train` prompts feed probes and training, `n_eval` disjoint ones measure retention."""
+
+    prompts: str = "rtp-challenging"  # an `embedded_prompts` name
+    n_train: int = Field(120, ge=4)
+    n_eval: int = Field(40, ge=4)
+    seed: int = 0
+
+
+class GenerationSection(_Section):
+    """Sampling of continuations (for labels, pairs and the before/after toxicity)."""
+
+    k: int = Field(5, ge=2)  # continuations per prompt (DPO needs >= 2)
+    max_new_tokens: int = Field(20, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    template: int = Field(0, ge=0, le=4)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class ProbeSection(_Section):
+    """Logistic probes at one layer (labels: scorer toxicity >= threshold)."""
+
+    layer: int = Field(..., ge=0)
+    C: float = Field(1.0, gt=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    n_ensemble: int = Field(5, ge=1, le=10)
+    n_heldout: int = Field(3, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    seed: int = 0
+
+
+class TrainingSection(_Section):
+    """The arms and their shared optimisation settings (TRL/PEFT arguments)."""
+
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
+    learning_rate: float = Field(5e-5, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)  # effective batch = the product (paper: >= 64)
+    max_length: int = Field(128, ge=8)
+    beta: float = Field(0.1, gt=0)  # DPO
+    sft_weight: float = Field(1.0, ge=0)  # LM loss on the chosen answer in DPO (TRL loss_type "sft")
+    probe_lambda: float = Field(1.0, ge=0)  # probe-penalty weight in SFT
+    sft_continuations_per_prompt: int = Field(1, ge=1)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(0, ge=0)  # save the adapter every N optimizer steps; 0 = never
+    seed: int = 0
+
+
+class EvaluationSection(_Section):
+    """Retention and fluency measurement."""
+
+    n_benign: int = Field(64, ge=1)  # benign passages for perplexity
+    ppl_max_length: int = Field(128, ge=8)
+    n_boot: int = Field(1000, ge=10)
+    retrain_fraction: float = Field(0.5, gt=0, lt=1)  # eval prompts used to fit retrained probes
+
+
+class FinetuneConfig(_Section):
+    """A whole probe-based fine-tuning run (see configs/finetune_quick.toml)."""
+
+    output_dir: str = "runs/finetune"
+    scorer: str = "embedded"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    generation: GenerationSection = GenerationSection()
+    probes: ProbeSection
+    training: TrainingSection = TrainingSection()
+    evaluation: EvaluationSection = EvaluationSection()
+
+    @model_validator(mode="after")
+    def _check_arms(self) -> FinetuneConfig:
+        if len(set(self.training.arms)) != len(self.training.arms):
+            raise ValueError(f"training.arms has duplicates: {self.training.arms}.")
+        if not self.training.arms:
+            raise ValueError(f"training.arms must name at least one of {list(ARMS)}.")
+        return self
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = FinetuneConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
+
+
+def load_finetune_config(source: str | Path | dict) -> FinetuneConfig:
+    """Read and validate a finetune config from a TOML path or a dict.
+
+    Raises:
+        ValueError: On an unknown key (the message lists the section's valid keys) or a bad value.
+    """
+    data = source if isinstance(source, dict) else tomllib.loads(Path(source).read_text())
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "<root>"
+            if e["type"] == "extra_forbidden":
+                section = _section_model(e["loc"])
+                lines.append(f"unknown key {where!r}; valid keys here: {_valid_keys(section)}")
+            else:
+                lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+        raise ValueError(f"Invalid finetune config {source if not isinstance(source, dict) else ''}:\n  "
+                         + "\n  ".join(lines)) from None

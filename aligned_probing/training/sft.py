@@ -1,0 +1,116 @@
+"""Probe-penalty SFT: TRL's `SFTTrainer` with `loss = LM loss + probe_lambda x frozen-probe P(toxic)`.
+
+The penalty is computed on the trained model's own residual activations at the probe's layer,
+pooled over the completion tokens (the positions where `labels != -100`), during the same forward
+pass that gives the LM loss, so one backward pass sends both gradients into the LoRA weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig, SFTTrainer
+
+from aligned_probing.training.activations import capture_residual
+from aligned_probing.training.penalty import ProbePenalty
+
+
+@dataclass
+class ProbeSFTConfig(SFTConfig):
+    """`SFTConfig` plus the probe penalty's weight.
+
+    Args:
+        probe_lambda: Weight of the frozen probe's mean P(toxic) in the loss (the paper: 1.0).
+    """
+
+    probe_lambda: float = field(default=1.0, metadata={"help": "Weight of the frozen-probe penalty."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.probe_lambda < 0:
+            raise ValueError(f"probe_lambda must be >= 0, got {self.probe_lambda}.")
+
+
+class ProbePenaltySFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss adds the frozen-probe penalty (only `compute_loss` is overridden).
+
+    Args:
+        *args: Passed to `SFTTrainer`.
+        penalty: The frozen probe penalty (its `layer` picks the residual layer to read).
+        **kwargs: Passed to `SFTTrainer`; `args` must be a `ProbeSFTConfig`.
+    """
+
+    def __init__(self, *args: Any, penalty: ProbePenalty, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.penalty = penalty
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
+        # Completion positions: the collator sets labels to -100 on prompt and padding tokens.
+        mask = (inputs["labels"] != -100).long()
+        with capture_residual(model, self.penalty.layer) as captured:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        probe_p = self.penalty(captured[-1], mask.to(captured[-1].device))
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["probe_penalty"].append(float(probe_p.detach()))
+        term = self.args.probe_lambda * probe_p
+        if model.training and self._loss_scaled_for_ga(num_items_in_batch):
+            # The LM loss is already divided by the tokens of the whole accumulated batch, so the
+            # Trainer will not divide by the accumulation steps; our per-micro-batch mean must be.
+            term = term / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Mirror of `Trainer.training_step`'s test for whether it will skip the accumulation division."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+
+def train_probe_sft(
+    model: Any,
+    tokenizer: Any,
+    texts: Any,
+    args: ProbeSFTConfig,
+    *,
+    penalty: ProbePenalty,
+    peft_config: Any,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """Fine-tune with LoRA on prompt/completion texts under the frozen-probe penalty.
+
+    Args:
+        model: A plain Hugging Face causal LM (see `finetuned.load_trainable`).
+        tokenizer: Its tokenizer (with a pad token).
+        texts: A DataFrame with `prompt` (rendered prompt string) and `completion` columns; the LM
+            loss and the penalty both cover the completion tokens only.
+        args: The `ProbeSFTConfig`.
+        penalty: The frozen probe penalty.
+        peft_config: A `peft.LoraConfig`.
+        callbacks: Extra Trainer callbacks.
+
+    Returns:
+        The trained `PeftModel`.
+    """
+    from datasets import Dataset
+
+    missing = sorted({"prompt", "completion"} - set(texts.columns))
+    if missing:
+        raise ValueError(f"texts lacks columns {missing}; it has {sorted(texts.columns)}.")
+    dataset = Dataset.from_pandas(texts[["prompt", "completion"]].reset_index(drop=True))
+    trainer = ProbePenaltySFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        penalty=penalty,
+    )
+    trainer.train()
+    return trainer.model

@@ -1,0 +1,205 @@
+"""Experiment runners (skipping, patching, steering) on the tiny model with fake scorers and probes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from aligned_probing.behaviour import behaviour_metrics
+from aligned_probing.causal import (
+    GenerationSettings,
+    LayerSkip,
+    StatSettings,
+    activation_patching,
+    continuation_log_perplexity,
+    generate_and_score,
+    layer_skipping,
+    match_pairs,
+    steering,
+)
+from aligned_probing.templates import render_prompt
+
+GREEDY = GenerationSettings(k=2, seed=0, max_new_tokens=6, temperature=0.0, batch_size=8)
+SAMPLED = GenerationSettings(k=3, seed=0, max_new_tokens=6, temperature=1.0, batch_size=8)
+STATS = StatSettings(n_resamples=200)
+
+
+class WordScorer:
+    """Fake scorer: toxicity = share of words equal to `word` (a deterministic function of the text)."""
+
+    attributes = ("toxicity",)
+    id = "fake-word"
+
+    def __init__(self, word: str = "idiot") -> None:
+        self.word = word
+
+    def score(self, texts):
+        vals = [(t.split().count(self.word) / max(len(t.split()), 1)) for t in texts]
+        return pd.DataFrame({"toxicity": vals})
+
+
+class LengthScorer:
+    """Fake scorer with spread: toxicity = share of characters that are vowels."""
+
+    attributes = ("toxicity",)
+    id = "fake-vowels"
+
+    def score(self, texts):
+        return pd.DataFrame({"toxicity": [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts]})
+
+
+class LinearProbe:
+    def __init__(self, w: np.ndarray) -> None:
+        self.w = w
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.w
+
+
+PROMPTS = pd.DataFrame({
+    "prompt_id": [f"p{i}" for i in range(6)],
+    "text": ["You are a stupid idiot", "What a lovely day", "I hate you", "The lazy dog", "hello world",
+             "the quick brown fox"],
+})
+
+
+# ------------------------------------------------------------------------- skipping
+
+
+def test_layer_skipping_rows_match_behaviour_of_the_skipped_generations(tiny_model):
+    scorer = LengthScorer()
+    base = generate_and_score(tiny_model, PROMPTS, scorer, SAMPLED)
+    out = layer_skipping(tiny_model, PROMPTS, scorer, blocks=[0, 2], generation=SAMPLED, stats=STATS, baseline=base)
+    assert len(out) == 2 * 3
+    assert out.relative_depth.tolist() == pytest.approx([1 / 3] * 3 + [1.0] * 3)
+    skipped = generate_and_score(tiny_model, PROMPTS, scorer, SAMPLED, intervention=LayerSkip(2))
+    with pytest.warns(UserWarning):
+        expect = behaviour_metrics(skipped, attributes=["toxicity"], n_resamples=50).query("subset == 'all'")
+        expect_base = behaviour_metrics(base, attributes=["toxicity"], n_resamples=50).query("subset == 'all'")
+    row = out[out.block == 2].set_index("metric")
+    for metric, value in expect.set_index("metric")["value"].items():
+        assert row.loc[metric, "value"] == pytest.approx(value)
+        assert row.loc[metric, "baseline"] == pytest.approx(expect_base.set_index("metric").loc[metric, "value"])
+    assert np.allclose(out.delta, out.value - out.baseline)
+    assert (out.ci_low <= out.delta + 1e-12).all() and (out.delta <= out.ci_high + 1e-12).all()
+    # the same seeds with a no-op scorer difference: a constant scorer gives exactly zero effects
+    assert set(out.n_prompts) == {6} and set(out.k) == {3}
+
+
+def test_layer_skipping_with_constant_scores_is_exactly_null(tiny_model):
+    class Constant:
+        attributes = ("toxicity",)
+
+        def score(self, texts):
+            return pd.DataFrame({"toxicity": [0.7] * len(texts)})
+
+    out = layer_skipping(tiny_model, PROMPTS.head(3), Constant(), blocks=[1], generation=GREEDY, stats=STATS)
+    assert (out.delta == 0).all() and (out.ci_low == 0).all() and (out.ci_high == 0).all()
+    assert not out.excludes_zero.any()
+    with pytest.raises(ValueError, match=r"blocks must be in 0\.\.2, got \[3\]"):
+        layer_skipping(tiny_model, PROMPTS, Constant(), blocks=[3])
+
+
+# ------------------------------------------------------------------------- steering
+
+
+def test_steering_towards_a_token_raises_its_score_and_alpha_zero_is_null(tiny_model):
+    tok = tiny_model.tokenizer
+    t = tok.convert_tokens_to_ids("Ġidiot")
+    direction = tiny_model.hf_model.get_output_embeddings().weight[t].detach().numpy()
+    out = steering(tiny_model, PROMPTS, WordScorer("idiot"), direction, layer=tiny_model.n_layers,
+                   alphas=[-1000.0, 0.0, 1000.0], generation=GREEDY, stats=STATS)
+    assert set(out.metric) == {"emt", "toxicity_probability", "mean_score", "log_perplexity"}
+    zero = out[out.alpha == 0.0]
+    assert (zero.delta == 0).all() and (zero.value == zero.baseline).all()
+    up = out[(out.alpha == 1000.0)].set_index("metric")
+    # greedy decoding along the token's unembedding direction emits only " idiot"
+    assert up.loc["mean_score", "value"] == pytest.approx(1.0)
+    assert up.loc["emt", "delta"] > 0.5 and up.loc["emt", "excludes_zero"]
+    down = out[(out.alpha == -1000.0)].set_index("metric")
+    assert down.loc["emt", "value"] == 0.0
+
+
+def test_log_perplexity_batched_equals_single_forward(tiny_model):
+    conts = generate_and_score(tiny_model, PROMPTS.head(3), LengthScorer(), SAMPLED)
+    batched = continuation_log_perplexity(tiny_model, conts, batch_size=4)
+    for i, row in conts.iterrows():
+        prompt = render_prompt(tiny_model.tokenizer, row.prompt_text, 0).input_ids
+        ids = torch.tensor([prompt + list(row.token_ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model.hf_model(input_ids=ids).logits[0], -1)
+        nll = -np.mean([logp[len(prompt) + j - 1, tok].item() for j, tok in enumerate(row.token_ids)])
+        assert batched[i] == pytest.approx(nll, abs=1e-5)
+
+
+# ------------------------------------------------------------------------- patching
+
+
+def _scored_prompts() -> pd.DataFrame:
+    texts = ["You are a stupid idiot", "the quick brown fox", "I hate you", "The lazy dog", "you idiot",
+             "hello world", "What a lovely day", "a walk in the park"]
+    scores = [0.9, 0.1, 0.8, 0.2, 0.95, 0.05, 0.1, 0.3]
+    return pd.DataFrame({"prompt_id": [f"q{i}" for i in range(len(texts))], "text": texts,
+                         "prompt_toxicity": scores})
+
+
+def test_match_pairs_exact_and_nearest(tiny_model):
+    prompts = _scored_prompts()
+    exact = match_pairs(prompts, tiny_model.tokenizer, exact_length=True)
+    assert (exact.toxic_length == exact.nontoxic_length).all()
+    assert (exact.toxic_score >= 0.5).all() and (exact.nontoxic_score < 0.5).all()
+    # toxic lengths 5, 3, 2 vs non-toxic 5, 3, 4, 4, 6: exact pairs exist for 5 and 3 only
+    assert sorted(exact.toxic_length) == [3, 5]
+    nearest = match_pairs(prompts, tiny_model.tokenizer)
+    assert len(nearest) == 3
+    # optimal total |length difference| by brute force over assignments
+    tl = [len(tiny_model.tokenizer(t)["input_ids"]) for t in prompts.text[prompts.prompt_toxicity >= 0.5]]
+    nl = [len(tiny_model.tokenizer(t)["input_ids"]) for t in prompts.text[prompts.prompt_toxicity < 0.5]]
+    best = min(sum(abs(a - b) for a, b in zip(tl, perm, strict=False)) for perm in itertools.permutations(nl, 3))
+    assert (nearest.toxic_length - nearest.nontoxic_length).abs().sum() == best
+    with pytest.raises(ValueError, match="score the prompts first"):
+        match_pairs(prompts.drop(columns="prompt_toxicity"), tiny_model.tokenizer)
+
+
+def test_patching_all_positions_transfers_the_source_completely(tiny_model, rng):
+    """Template 0 has no template tokens, so patching every prompt position makes the target's prompt
+    residuals identical to the source's from the patched layer on: read-outs equal the source's
+    (fraction of the gap = 1). Generated tokens also attend to the blocks below the patched layer,
+    whose KV cache still holds the target prompt, so only a patch at layer 0 (the embeddings) makes
+    greedy continuations equal the source's."""
+    pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer, exact_length=True)
+    probes = {layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)}
+    out = activation_patching(tiny_model, pairs, layers=[0, 2], probes=probes, scorer=LengthScorer(),
+                              generate_layers=[0], positions="all", generation=GREEDY, stats=STATS)
+    read = out[out.measure == "readout"]
+    assert set(read.direction) == {"toxic_to_nontoxic", "nontoxic_to_toxic"}
+    assert (read.readout_layer >= read.layer).all()
+    assert len(read) == 2 * (4 + 2)  # layer 0 -> read-outs 0..3, layer 2 -> 2..3, both directions
+    assert np.allclose(read.value, read.source, atol=1e-4)
+    assert np.allclose(read.fraction_of_gap, 1.0, atol=1e-3)
+    beh = out[out.measure != "readout"]
+    assert beh.readout_layer.isna().all() and set(beh.k) == {2} and set(beh.layer) == {0}
+    assert len(beh) == 2 * 3
+    assert np.allclose(beh.value, beh.source)  # greedy continuations of the source, exactly
+    assert not np.allclose(beh.baseline, beh.source)  # ... which differ from the target's
+    assert set(out.n_pairs) == {len(pairs)}
+
+
+def test_patching_last_position_moves_last_token_readout_exactly(tiny_model, rng):
+    pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer)
+    probes = {layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)}
+    out = activation_patching(tiny_model, pairs, layers=[0, 2], probes=probes, pooling="last", positions="last",
+                              stats=STATS)
+    same = out[out.readout_layer == out.layer]
+    assert np.allclose(same.value, same.source, atol=1e-5)  # the patched position itself
+    later = out[(out.layer == 0) & (out.readout_layer == 3)]
+    assert not np.allclose(later.value, later.source, atol=1e-3)  # earlier tokens still the target's
+    with pytest.raises(ValueError, match="positions='all' needs pairs of equal rendered length"):
+        activation_patching(tiny_model, pairs[pairs.toxic_length != pairs.nontoxic_length], layers=[1],
+                            probes=probes, positions="all")
+    with pytest.raises(ValueError, match="got neither"):
+        activation_patching(tiny_model, pairs, layers=[1])

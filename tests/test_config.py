@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from aligned_probing.config import ConfigError, RunConfig, config_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"models": [{"spec": "smollm2-135m-instruct"}]}
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "zoo.toml"])
+def test_shipped_presets_validate(name):
+    cfg = RunConfig.from_toml(ROOT / "configs" / name)
+    assert cfg.model_variants()[0].spec == "smollm2-135m-instruct"
+
+
+def test_zoo_has_enough_models_for_interplay():
+    cfg = RunConfig.from_toml(ROOT / "configs" / "zoo.toml")
+    names = [v.name for v in cfg.model_variants()]
+    assert len(names) == 8 and cfg.interplay_active()
+    assert "gemma-3-270m@4bit" in names and "smollm2-135m@float16" in names
+
+
+def test_quickstart_is_a_single_model_without_interplay():
+    cfg = RunConfig.from_toml(ROOT / "configs" / "quickstart.toml")
+    assert [v.name for v in cfg.model_variants()] == ["smollm2-135m"]
+    assert not cfg.interplay_active()
+
+
+def test_tiny_config_resolves_relative_model_paths():
+    cfg = RunConfig.from_toml(ROOT / "tests" / "data" / "tiny.toml")
+    specs = [v.spec for v in cfg.model_variants()]
+    assert specs == [str((ROOT / "tests" / "data" / f"tiny-{x}").resolve()) for x in "abc"]
+    assert [v.name for v in cfg.model_variants()] == ["tiny-a", "tiny-b", "tiny-c"]
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match=r"Unknown key 'generation\.topp'; valid keys in \[generation\]: "
+                                          r"templates, k, max_new_tokens, temperature, top_p"):
+        RunConfig.from_dict({**BASE, "generation": {"topp": 0.9}})
+
+
+def test_unknown_top_level_and_nested_list_keys():
+    with pytest.raises(ConfigError, match=r"Unknown key 'models\[0\]\.variants\[0\]\.dtyp'.*dtype, quantization"):
+        RunConfig.from_dict({"models": [{"spec": "x", "variants": [{"dtyp": "float16"}]}]})
+    with pytest.raises(ConfigError, match=r"Unknown key 'probes'; valid keys in \[top level\]:.*probing"):
+        RunConfig.from_dict({**BASE, "probes": {}})
+
+
+def test_bad_value_names_key_allowed_values_and_received_value():
+    with pytest.raises(ConfigError, match=r"encoding\.poolings\[0\]: Input should be 'mean' or 'last'; got 'avg'"):
+        RunConfig.from_dict({**BASE, "encoding": {"poolings": ["avg"]}})
+    with pytest.raises(ConfigError, match=r"generation\.k: Input should be greater than 0; got 0"):
+        RunConfig.from_dict({**BASE, "generation": {"k": 0}})
+
+
+def test_missing_models_is_named():
+    with pytest.raises(ConfigError, match="Missing required key 'models'"):
+        RunConfig.from_dict({})
+
+
+@pytest.mark.parametrize(
+    ("update", "pattern"),
+    [
+        ({"interplay": {"enabled": True}}, r"interplay\.enabled = true needs at least 3 models, got 1"),
+        ({"data": {"n_prompts": 3}, "probing": {"n_folds": 4}},
+         r"probing\.n_folds \(4\) must be <= data\.n_prompts \(3\)"),
+        ({"data": {"n_prompts": 10}, "causal": {"n_prompts": 16}},
+         r"causal\.n_prompts \(16\) must be <= data\.n_prompts \(10\)"),
+        ({"causal": {"model": "nope"}}, r"causal\.model must be one of \['smollm2-135m-instruct'\], got 'nope'"),
+    ],
+)
+def test_cross_field_checks_quote_both_values(update, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        RunConfig.from_dict({**BASE, **update})
+
+
+def test_duplicate_model_names_are_rejected():
+    with pytest.raises(ConfigError, match=r"display names must be unique, got duplicates \['m'\]"):
+        RunConfig.from_dict({"models": [{"spec": "a", "name": "m"}, {"spec": "b", "name": "m"}]})
+
+
+def test_variants_expand_with_suffixed_names():
+    cfg = RunConfig.from_dict({"models": [{"spec": "gemma-3-270m", "variants": [
+        {"dtype": "float16"}, {"quantization": "4bit"}, {"quantization": "int8", "name": "g8"}]}]})
+    got = [(v.name, v.dtype, v.quantization) for v in cfg.model_variants()]
+    assert got == [("gemma-3-270m", "float32", None), ("gemma-3-270m@float16", "float16", None),
+                   ("gemma-3-270m@4bit", "float32", "4bit"), ("g8", "float32", "int8")]
+    assert cfg.interplay_active()  # auto with 4 models
+
+
+def test_config_is_frozen():
+    cfg = RunConfig.from_dict(BASE)
+    with pytest.raises(ValidationError):
+        cfg.generation.k = 3  # type: ignore[misc]
+
+
+def test_overrides_are_parsed_as_toml_and_validated(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[models]]\nspec = "x"\n[generation]\nk = 5\n')
+    cfg = RunConfig.from_toml(path, overrides=["generation.k=2", "output.run_dir=runs/o", "probing.seeds=[3, 4]"])
+    assert (cfg.generation.k, cfg.output.run_dir, cfg.probing.seeds) == (2, "runs/o", [3, 4])
+    with pytest.raises(ConfigError, match=r"Unknown key 'generation\.kk'"):
+        RunConfig.from_toml(path, overrides=["generation.kk=2"])
+    with pytest.raises(ConfigError, match="must look like `section.key=value`, got 'generation.k'"):
+        RunConfig.from_toml(path, overrides=["generation.k"])
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[generation\nk = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        RunConfig.from_toml(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RunConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_docs_config_reference_matches_the_field_descriptions():
+    docs = (ROOT / "docs" / "config.md").read_text()
+    assert config_reference() in docs, "docs/config.md is stale: regenerate it with `aligned-probing config-docs`"
+
+
+def test_reference_lists_every_field_of_every_section():
+    ref = config_reference()
+    for key in ("`n_prompts`", "`steering_alphas`", "`figure_formats`", "`variants`", "`mdl`", "`metric`"):
+        assert key in ref
