@@ -102,7 +102,7 @@ REGISTRY: dict[str, RegistryEntry] = {
             architecture="Gemma3ForCausalLM",
             n_layers=18,
             d_model=640,
-            chat=True,
+            chat=False,
         ),
     )
 }

@@ -131,7 +131,8 @@ def encode(
     if not isinstance(flush_rows, int) or flush_rows < 1:
         raise ValueError(f"flush_rows must be a positive int, got {flush_rows!r}.")
     keys = [(p, q) for p in positions for q in aggregators]
-    writer = _BufferedWriter(store, keys, capacity=flush_rows + batch_size)
+    device = next(model.hf_model.parameters()).device
+    writer = _BufferedWriter(store, keys, capacity=flush_rows + batch_size, device=device)
     batches = list(_batched(rows, batch_size))
     if progress:
         from tqdm.auto import tqdm
@@ -300,12 +301,19 @@ def _batched(rows: list[_Row], size: int) -> Iterator[list[_Row]]:
 
 
 class _BufferedWriter:
-    """Preallocated float32 buffers [L + 1, capacity, d_model] per (position, pooling), flushed to the store."""
+    """Preallocated float32 buffers [L + 1, capacity, d_model] per (position, pooling), flushed to the store.
 
-    def __init__(self, store: ActivationStore, keys: list[tuple[str, str]], capacity: int) -> None:
+    The buffers live on the model's device, so hooks never synchronise with the host; a flush
+    copies them to the CPU once per `flush_rows` rows.
+    """
+
+    def __init__(
+        self, store: ActivationStore, keys: list[tuple[str, str]], capacity: int, device: torch.device
+    ) -> None:
         self.store = store
         shape = (store.n_layers + 1, capacity, store.d_model)
-        self.buffers = {key: torch.empty(shape, dtype=torch.float32) for key in keys}
+        self.buffers = {key: torch.empty(shape, dtype=torch.float32, device=device) for key in keys}
+        self.device = device
         self.index: list[tuple[str, int]] = []
 
     @property
@@ -323,7 +331,7 @@ class _BufferedWriter:
         if n == 0:
             return
         index = pd.DataFrame(self.index, columns=["prompt_id", "continuation_idx"])
-        self.store.append(index, {key: buf[:, :n].numpy() for key, buf in self.buffers.items()})
+        self.store.append(index, {key: buf[:, :n].cpu().numpy() for key, buf in self.buffers.items()})
         self.index = []
 
 
@@ -338,9 +346,10 @@ def _encode_batch(
 ) -> None:
     """One forward pass over `batch`, pooling every layer into the writer's buffers."""
     ids, attention_mask, spans = _pad_batch(batch, model.pad_token_id, padding_side)
+    ids, attention_mask = ids.to(writer.device), attention_mask.to(writer.device)
     # Positions count real tokens only, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    masks = {position: spans[position] for position in positions}
+    masks = {position: spans[position].to(writer.device) for position in positions}
     linear_keys = [(p, q) for p in positions for q, agg in aggregators.items() if isinstance(agg, LinearAggregator)]
     # [batch, n_linear, pos]: every linear pooling of every span, applied by one bmm per layer.
     weights = (

@@ -158,8 +158,7 @@ def render_prompt(
     if use_chat_template:
         chat_prefix, chat_suffix, fold = _chat_prefix_suffix(tokenizer, system, body_format)
         prompt = _check_chat_render(tokenizer, chat_prefix, prompt, chat_suffix, system, body_format, fold)
-        before, after = body_format.split("{prompt}")
-        prefix, suffix = chat_prefix + before, after + chat_suffix
+        prefix, suffix = chat_prefix, chat_suffix  # the body's "Text: ..." is already inside them
         add_special = False  # the chat template writes its own BOS and turn tokens
     else:
         before, after = body_format.split("{prompt}")

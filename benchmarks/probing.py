@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 
 import numpy as np
 import pandas as pd
@@ -42,9 +43,12 @@ class MemoryStore:
         return self.arrays[(position, pooling)][layer]
 
 
-def synthetic(n_layers: int = 30, n: int = 2000, d: int = 576, seed: int = 0) -> tuple[MemoryStore, pd.DataFrame]:
+def synthetic(
+    n_layers: int = 30, n: int = 2000, d: int = 576, seed: int = 0
+) -> tuple[MemoryStore, pd.DataFrame]:
     """Planted signal: 6 correlated attribute latents, linearly encoded with a layer profile peaking near
-    layer 5, in anisotropic residual-like noise (a few high-variance dimensions). One continuation per prompt."""
+    layer 5, in anisotropic residual-like noise (a few high-variance dimensions); one continuation per prompt.
+    """
     rng = np.random.default_rng(seed)
     mix = np.eye(6) * 0.6 + 0.4  # correlated attributes, as in Perspective scores
     zp = rng.normal(size=(n, 6)) @ mix / 1.5  # prompt latents
@@ -68,7 +72,9 @@ def synthetic(n_layers: int = 30, n: int = 2000, d: int = 576, seed: int = 0) ->
     return MemoryStore(arrays, index), targets
 
 
-def reference_probe(X_tr, y_tr, X_te, seed: int, epochs: int = 20, patience: int = 3) -> tuple[np.ndarray, int]:
+def reference_probe(
+    X_tr, y_tr, X_te, seed: int, epochs: int = 20, patience: int = 3
+) -> tuple[np.ndarray, int]:
     """The paper's probe: Dropout(0.2) + Linear, Huber loss, Adam(lr 1e-3), batch 16, early stopping on a
     10% dev split of the training part (patience 3, best weights restored). Labels min-max scaled on the
     training part only (the reference scaled on all data, leaking the test labels)."""
@@ -88,7 +94,7 @@ def reference_probe(X_tr, y_tr, X_te, seed: int, epochs: int = 20, patience: int
         model.train()
         order = tr[torch.randperm(len(tr), generator=gen).numpy()]
         for start in range(0, len(order), 16):
-            b = order[start:start + 16]
+            b = order[start : start + 16]
             opt.zero_grad()
             loss_fn(model(Xt[b]).squeeze(-1), yt[b]).backward()
             opt.step()
@@ -112,7 +118,13 @@ def compare_reference(store, targets, layer: int, attribute: str, n_folds: int =
     X = store.layer(layer, "input").astype(np.float64)
     y = targets[f"prompt_{attribute}"].to_numpy()
     folds = prompt_folds(len(y), n_folds, seed)  # one row per prompt here
-    out = {"ours_s": 0.0, "reference_s": 0.0, "ours_pearson": [], "reference_pearson": [], "reference_epochs": []}
+    out = {
+        "ours_s": 0.0,
+        "reference_s": 0.0,
+        "ours_pearson": [],
+        "reference_pearson": [],
+        "reference_epochs": [],
+    }
     for fold in range(n_folds):
         tr, te = folds != fold, folds == fold
         with Timer() as t:
@@ -128,7 +140,9 @@ def compare_reference(store, targets, layer: int, attribute: str, n_folds: int =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", help="ActivationStore directory (real activations)")
     parser.add_argument("--targets", help="Parquet targets table for --store")
     parser.add_argument("--layers", type=int, default=None, help="probe only the first N layers (quick runs)")
@@ -179,12 +193,17 @@ def main() -> None:
         "comparison_layer": peak_layer,
         "ours_test_pearson": float(np.mean(ref["ours_pearson"])),
         "reference_test_pearson": float(np.mean(ref["reference_pearson"])),
-        "pearson_diff_ours_minus_reference": float(np.mean(ref["ours_pearson"]) - np.mean(ref["reference_pearson"])),
+        "pearson_diff_ours_minus_reference": float(
+            np.mean(ref["ours_pearson"]) - np.mean(ref["reference_pearson"])
+        ),
     }
     detail = {
         "reference": {k: v for k, v in ref.items()},
         "threads": args.threads,
-        "peak_layers_input": peaks.query("scenario == 'input'")[["attribute", "layer", "mean"]].to_dict("records"),
+        "load_average_at_end": os.getloadavg(),  # the 2 cores are shared: high load inflates all timings
+        "peak_layers_input": peaks.query("scenario == 'input'")[["attribute", "layer", "mean"]].to_dict(
+            "records"
+        ),
         "mean_pearson_by_scenario": df.groupby("scenario").pearson.mean().to_dict(),
         "mean_control_pearson": float(df.control_pearson.mean()),
     }

@@ -389,6 +389,8 @@ def test_directory_and_file_that_are_not_models(tmp_path):
 def test_offline_hub_name_fails_at_once_with_a_local_path_hint(env, tmp_path, monkeypatch):
     import time
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (import time is not measured)
+
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local hub cache
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aligned_probing.probing.mdl import MDL_FRACTIONS, block_boundaries, gaussian_codelength, online_codelength
+from aligned_probing.probing.mdl import (
+    MDL_FRACTIONS,
+    block_boundaries,
+    gaussian_codelength,
+    online_codelength,
+)
 
 
 def test_fractions_and_boundaries():
@@ -44,8 +49,10 @@ def test_noise_does_not_compress(rng):
     # and a stronger signal compresses more than a weaker one (monotone in information)
     z = X @ rng.normal(size=p)
     z /= z.std()
-    weak, strong = (online_codelength(X, np.clip(0.5 + 0.1 * z + s * rng.normal(size=n), 0, 1)).compression[0]
-                    for s in (0.1, 0.03))
+    weak, strong = (
+        online_codelength(X, np.clip(0.5 + 0.1 * z + s * rng.normal(size=n), 0, 1)).compression[0]
+        for s in (0.1, 0.03)
+    )
     assert 1.0 < weak < strong
 
 

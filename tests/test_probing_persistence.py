@@ -14,14 +14,24 @@ from aligned_probing.probing import ProbeFingerprint, RidgeProbe, load_probe
 
 @pytest.fixture
 def fingerprint():
-    return ProbeFingerprint(model_name="smollm2-135m-instruct", revision="abc123",
-                            hook_name="blocks.3.hook_resid_post", layer=4, pooling="mean", d_model=8)
+    return ProbeFingerprint(
+        model_name="smollm2-135m-instruct",
+        revision="abc123",
+        hook_name="blocks.3.hook_resid_post",
+        layer=4,
+        pooling="mean",
+        d_model=8,
+    )
 
 
 @pytest.mark.parametrize("two_d", [True, False])
 def test_round_trip(rng, tmp_path, fingerprint, two_d):
     X = rng.normal(size=(40, 8))
-    y = pd.DataFrame(rng.normal(size=(40, 2)), columns=["toxicity", "insult"]) if two_d else rng.normal(size=40)
+    y = (
+        pd.DataFrame(rng.normal(size=(40, 2)), columns=["toxicity", "insult"])
+        if two_d
+        else rng.normal(size=40)
+    )
     probe = RidgeProbe(alphas=(0.1, 1.0, 10.0)).fit(X, y)
     probe.save(tmp_path / "p", fingerprint)
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["probe.json", "probe.safetensors"]
@@ -40,8 +50,11 @@ def test_round_trip(rng, tmp_path, fingerprint, two_d):
 def test_fingerprint_mismatch_is_an_error(rng, tmp_path, fingerprint):
     RidgeProbe().fit(rng.normal(size=(20, 8)), rng.normal(size=20)).save(tmp_path, fingerprint)
     other = dataclasses.replace(fingerprint, layer=5, model_name="gemma-3-270m")
-    with pytest.raises(ValueError, match="model_name: saved 'smollm2-135m-instruct', expected 'gemma-3-270m'; "
-                                         "layer: saved 4, expected 5"):
+    with pytest.raises(
+        ValueError,
+        match="model_name: saved 'smollm2-135m-instruct', expected 'gemma-3-270m'; "
+        "layer: saved 4, expected 5",
+    ):
         load_probe(tmp_path, expect=other)
 
 
@@ -49,7 +62,9 @@ def test_save_errors(rng, tmp_path, fingerprint):
     with pytest.raises(ValueError, match="must be fitted"):
         RidgeProbe().save(tmp_path, fingerprint)
     probe = RidgeProbe().fit(rng.normal(size=(20, 5)), rng.normal(size=20))
-    with pytest.raises(ValueError, match=r"fingerprint.d_model \(8\) must equal the probe's n_features_in_ \(5\)"):
+    with pytest.raises(
+        ValueError, match=r"fingerprint.d_model \(8\) must equal the probe's n_features_in_ \(5\)"
+    ):
         probe.save(tmp_path, fingerprint)
     with pytest.raises(TypeError, match="fingerprint must be a ProbeFingerprint"):
         probe.save(tmp_path, {"layer": 1})

@@ -1,4 +1,4 @@
-"""RidgeProbe: closed-form agreement with scikit-learn, LOO selection, planted directions, the estimator contract."""
+"""RidgeProbe: agreement with scikit-learn, LOO selection, planted directions, the estimator contract."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def test_matches_sklearn_ridge_at_fixed_alpha(rng, shape, alpha):
     ref = Ridge(alpha=alpha).fit(scaler.transform(X), Y)
     np.testing.assert_allclose(probe.coef_, ref.coef_ / scaler.scale_, rtol=1e-6, atol=1e-8)
     X_new = rng.normal(size=(40, shape[1])) * 3
-    np.testing.assert_allclose(probe.predict(X_new), ref.predict(scaler.transform(X_new)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        probe.predict(X_new), ref.predict(scaler.transform(X_new)), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("shape", [(150, 40), (30, 80)])
@@ -57,8 +59,10 @@ def test_loo_error_equals_explicit_leave_one_out(rng):
     Xs = StandardScaler().fit_transform(X)
     alpha = 3.0
     fit = ridge_gcv(Xs, Y, np.array([alpha]))
-    resid = [Y[i] - Ridge(alpha=alpha).fit(np.delete(Xs, i, 0), np.delete(Y, i, 0)).predict(Xs[i:i + 1])[0]
-             for i in range(len(Y))]
+    resid = [
+        Y[i] - Ridge(alpha=alpha).fit(np.delete(Xs, i, 0), np.delete(Y, i, 0)).predict(Xs[i : i + 1])[0]
+        for i in range(len(Y))
+    ]
     np.testing.assert_allclose(fit.loo_mse, np.mean(np.square(resid), axis=0), rtol=1e-9)
 
 

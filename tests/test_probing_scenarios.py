@@ -18,25 +18,30 @@ def index():
 @pytest.fixture
 def targets(index):
     # listed in a different order than the store on purpose
-    return pd.DataFrame({
-        "prompt_id":        ["c", "c", "b", "b", "a", "a"],
-        "continuation_idx": [1, 0, 1, 0, 1, 0],
-        "prompt_toxicity":  [0.3, 0.3, 0.2, 0.2, 0.1, 0.1],
-        "toxicity":         [0.9, 0.5, 0.4, 0.6, 0.7, 0.8],
-        "text":             list("uvwxyz"),
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": ["c", "c", "b", "b", "a", "a"],
+            "continuation_idx": [1, 0, 1, 0, 1, 0],
+            "prompt_toxicity": [0.3, 0.3, 0.2, 0.2, 0.1, 0.1],
+            "toxicity": [0.9, 0.5, 0.4, 0.6, 0.7, 0.8],
+            "text": list("uvwxyz"),
+        }
+    )
 
 
 def test_designs_by_hand(index, targets):
     inp, out = build_designs(index, targets, attributes=["toxicity"])
     assert inp.position == "input" and inp.columns == [("input", "toxicity"), ("backward", "toxicity")]
     np.testing.assert_array_equal(inp.rows, [0, 2, 4])  # first store row of a, b, c
-    np.testing.assert_allclose(inp.targets, [[0.1, 0.8], [0.2, 0.6], [0.3, 0.9]])  # prompt score, max continuation
+    np.testing.assert_allclose(
+        inp.targets, [[0.1, 0.8], [0.2, 0.6], [0.3, 0.9]]
+    )  # prompt score, max continuation
     assert out.columns == [("forward", "toxicity"), ("output", "toxicity")]
     np.testing.assert_array_equal(out.rows, [0, 2, 4])  # continuation 0
     np.testing.assert_allclose(out.targets, [[0.1, 0.8], [0.2, 0.6], [0.3, 0.5]])
-    (all_out,) = build_designs(index, targets, scenarios=["output"], attributes=["toxicity"],
-                               output_continuations="all")
+    (all_out,) = build_designs(
+        index, targets, scenarios=["output"], attributes=["toxicity"], output_continuations="all"
+    )
     np.testing.assert_array_equal(all_out.rows, [0, 1, 2, 3, 4, 5])
     np.testing.assert_allclose(all_out.targets[:, 0], [0.8, 0.7, 0.6, 0.4, 0.5, 0.9])
     np.testing.assert_array_equal(all_out.prompt_ids, ["a", "a", "b", "b", "c", "c"])

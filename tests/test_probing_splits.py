@@ -15,7 +15,9 @@ def test_prompt_folds_balanced_seeded():
     assert not np.array_equal(folds, prompt_folds(103, 4, seed=1))
 
 
-@pytest.mark.parametrize(("n", "k", "match"), [(7, 4, "need at least 8 prompts"), (10, 1, "n_folds must be an int >= 2")])
+@pytest.mark.parametrize(
+    ("n", "k", "match"), [(7, 4, "need at least 8 prompts"), (10, 1, "n_folds must be an int >= 2")]
+)
 def test_prompt_folds_errors(n, k, match):
     with pytest.raises(ValueError, match=match):
         prompt_folds(n, k, seed=0)

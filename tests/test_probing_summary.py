@@ -19,10 +19,24 @@ def results(rng):
             for fold in range(4):
                 for seed in range(5):
                     r = true + 0.02 * rng.normal()
-                    rows.append({"model": "m", "template": 0, "scenario": scenario, "attribute": "toxicity",
-                                 "layer": layer, "n_layers": 4, "relative_depth": layer / 4, "fold": fold,
-                                 "seed": seed, "pearson": r, "r2": r**2, "rmse": 1 - r,
-                                 "control_pearson": 0.0, "selectivity": r})
+                    rows.append(
+                        {
+                            "model": "m",
+                            "template": 0,
+                            "scenario": scenario,
+                            "attribute": "toxicity",
+                            "layer": layer,
+                            "n_layers": 4,
+                            "relative_depth": layer / 4,
+                            "fold": fold,
+                            "seed": seed,
+                            "pearson": r,
+                            "r2": r**2,
+                            "rmse": 1 - r,
+                            "control_pearson": 0.0,
+                            "selectivity": r,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 

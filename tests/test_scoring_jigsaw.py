@@ -115,8 +115,9 @@ def test_score_maps_jigsaw_labels_to_canonical_names(scorer, reference):
 def test_batching_and_order_do_not_change_scores(scorer, reference):
     texts = reference["texts"]
     whole = scorer.predict_raw(texts)
-    one_by_one = np.vstack([scorer.predict_raw([t]) for t in texts])
-    np.testing.assert_allclose(one_by_one, whole, atol=1e-6)
+    sample = [0, 6, 10, 20, 31, 32]  # empty, short, threat, odd whitespace, both long texts
+    one_by_one = np.vstack([scorer.predict_raw([texts[i]]) for i in sample])
+    np.testing.assert_allclose(one_by_one, whole[sample], atol=1e-6)
     perm = np.random.default_rng(0).permutation(len(texts))
     np.testing.assert_allclose(scorer.predict_raw([texts[i] for i in perm]), whole[perm], atol=1e-6)
 

@@ -54,7 +54,7 @@ def block_boundaries(n: int, fractions: Sequence[float] = MDL_FRACTIONS, min_fir
 
 
 def gaussian_codelength(y: np.ndarray, mu: np.ndarray, sigma2: np.ndarray, precision: float) -> np.ndarray:
-    """Bits to send `y` `[m, k]` given predictions `mu` `[m, k]` and variances `sigma2` `[k]`, summed over rows.
+    """Bits to send `y` `[m, k]` given predictions `mu` `[m, k]` and variances `sigma2` `[k]` ; sum over rows.
 
     `L = sum_i 0.5 log2(2 pi sigma^2) + (y_i - mu_i)^2 / (2 sigma^2 ln 2) - log2(eps)`; range (-inf, inf) in
     general, > 0 for `sigma >= eps`.
@@ -95,13 +95,17 @@ def online_codelength(
     Y = Y.reshape(len(Y), -1)
     lo, hi = target_range
     if not precision > 0 or not hi - lo > precision:
-        raise ValueError(f"precision must be > 0 and below the target range width; got precision={precision!r}, "
-                         f"target_range={target_range!r}.")
+        raise ValueError(
+            f"precision must be > 0 and below the target range width; got precision={precision!r}, "
+            f"target_range={target_range!r}."
+        )
     if len(X) != len(Y):
         raise ValueError(f"X and Y must have the same number of rows, got {len(X)} and {len(Y)}.")
     if not np.all(np.isfinite(Y)) or Y.min() < lo or Y.max() > hi:
-        raise ValueError(f"Y must be finite and inside target_range={target_range!r}, got values in "
-                         f"[{np.nanmin(Y)}, {np.nanmax(Y)}].")
+        raise ValueError(
+            f"Y must be finite and inside target_range={target_range!r}, got values in "
+            f"[{np.nanmin(Y)}, {np.nanmax(Y)}]."
+        )
     ends = block_boundaries(len(Y), fractions)
     if len(ends) < 2:
         raise ValueError(f"Too few samples for an online code: n={len(Y)} gives block ends {ends.tolist()}.")
@@ -111,5 +115,6 @@ def online_codelength(
         probe = RidgeProbe(alphas=alphas).fit(X[:start], Y[:start])
         online += gaussian_codelength(Y[start:stop], probe.predict(X[start:stop]), probe.loo_mse_, precision)
     uniform = np.full(Y.shape[1], len(Y) * uniform_bits)
-    return OnlineCode(online_codelength=online, uniform_codelength=uniform, compression=uniform / online,
-                      boundaries=ends)
+    return OnlineCode(
+        online_codelength=online, uniform_codelength=uniform, compression=uniform / online, boundaries=ends
+    )

@@ -126,6 +126,10 @@ def load_probe(path: str | Path, *, expect: ProbeFingerprint | None = None) -> R
         probe.alpha_, probe.loo_mse_ = float(t["alpha"][0]), float(t["loo_mse"][0])
     else:
         probe.coef_, probe.intercept_, probe.alpha_, probe.loo_mse_ = (
-            t["coef"], t["intercept"], t["alpha"], t["loo_mse"])
+            t["coef"],
+            t["intercept"],
+            t["alpha"],
+            t["loo_mse"],
+        )
     probe.fingerprint_ = saved
     return probe

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from aligned_probing.probing._gcv import ridge_gcv
+
+if TYPE_CHECKING:  # persistence imports this module; import it lazily at run time
+    from aligned_probing.probing.persistence import ProbeFingerprint
 
 #: Default penalty grid for standardised features: 1e-2 .. 1e6 in half-decade steps (17 values).
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(10.0**e) for e in np.arange(-2.0, 6.01, 0.5))
@@ -86,8 +89,9 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
         """
         names = _target_names(y)
         alphas = _check_alphas(self.alphas)
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64,
-                             ensure_min_samples=2)
+        X, y = validate_data(
+            self, X, y, multi_output=True, y_numeric=True, dtype=np.float64, ensure_min_samples=2
+        )
         y2 = y.reshape(len(y), -1)
         scaler = StandardScaler().fit(X)
         fit = ridge_gcv(scaler.transform(X), y2, alphas)
@@ -135,17 +139,19 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
         coef = np.atleast_2d(self.coef_)[index]
         norm = float(np.linalg.norm(coef))
         if norm == 0.0:
-            raise ValueError(f"The probe for {self.target_names_[index]!r} has an all-zero coefficient vector.")
+            raise ValueError(
+                f"The probe for {self.target_names_[index]!r} has an all-zero coefficient vector."
+            )
         return coef / norm
 
-    def save(self, path: str | Path, fingerprint: Any) -> Path:
+    def save(self, path: str | Path, fingerprint: ProbeFingerprint) -> Path:
         """Write weights (safetensors) and config plus fingerprint (JSON); see `save_probe`."""
         from aligned_probing.probing.persistence import save_probe
 
         return save_probe(self, path, fingerprint)
 
     @classmethod
-    def load(cls, path: str | Path, *, expect: Any = None) -> RidgeProbe:
+    def load(cls, path: str | Path, *, expect: ProbeFingerprint | None = None) -> RidgeProbe:
         """Read a probe written by `save`; `expect` (a `ProbeFingerprint`) must match; see `load_probe`."""
         from aligned_probing.probing.persistence import load_probe
 

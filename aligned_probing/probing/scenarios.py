@@ -24,7 +24,12 @@ import pandas as pd
 
 SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
 #: Activation position each scenario reads.
-SCENARIO_POSITION: dict[str, str] = {"input": "input", "backward": "input", "forward": "output", "output": "output"}
+SCENARIO_POSITION: dict[str, str] = {
+    "input": "input",
+    "backward": "input",
+    "forward": "output",
+    "output": "output",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,11 @@ def check_scenarios(scenarios: Sequence[str]) -> tuple[str, ...]:
 
 def infer_attributes(targets: pd.DataFrame) -> list[str]:
     """Attributes that have both a prompt column `prompt_{a}` and a continuation column `{a}`."""
-    return [c[len("prompt_"):] for c in targets.columns
-            if c.startswith("prompt_") and c != "prompt_id" and c[len("prompt_"):] in targets.columns]
+    return [
+        c[len("prompt_") :]
+        for c in targets.columns
+        if c.startswith("prompt_") and c != "prompt_id" and c[len("prompt_") :] in targets.columns
+    ]
 
 
 def check_targets(
@@ -89,8 +97,11 @@ def check_targets(
                 "dropna=True to drop those rows."
             )
         keep = targets[needed].notna().all(axis=1)
-        warnings.warn(f"dropna=True: dropped {int((~keep).sum())} of {len(targets)} target rows with NaN "
-                      f"({text}).", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"dropna=True: dropped {int((~keep).sum())} of {len(targets)} target rows with NaN ({text}).",
+            UserWarning,
+            stacklevel=3,
+        )
         targets = targets[keep]
     return targets
 
@@ -104,8 +115,9 @@ def _prompt_table(targets: pd.DataFrame, scenarios: Sequence[str], attributes: S
         spread = grouped[cols].nunique()
         bad = spread.columns[(spread > 1).any()].tolist()
         if bad:
-            raise ValueError(f"targets columns {bad} must repeat one value per prompt_id, but some prompts "
-                             "have several.")
+            raise ValueError(
+                f"targets columns {bad} must repeat one value per prompt_id, but some prompts have several."
+            )
         out.update(grouped[cols].first().to_dict("series"))
     if "backward" in scenarios:
         out.update({f"max_{a}": s for a, s in grouped[list(attributes)].max().to_dict("series").items()})
@@ -137,8 +149,10 @@ def build_designs(
         ValueError: Store samples without targets, or no rows left for a position.
     """
     scenarios = check_scenarios(scenarios)
-    if not (output_continuations == "all" or (isinstance(output_continuations, int | np.integer)
-                                              and output_continuations >= 0)):
+    if not (
+        output_continuations == "all"
+        or (isinstance(output_continuations, int | np.integer) and output_continuations >= 0)
+    ):
         raise ValueError(f"output_continuations must be an int >= 0 or 'all', got {output_continuations!r}.")
     prompts = _prompt_table(targets, scenarios, attributes)
     designs = []
@@ -155,12 +169,17 @@ def build_designs(
         designs.append(_design("input", first, cols, mats))
     if {"forward", "output"} & set(scenarios):
         rows = index.reset_index(drop=True)
-        rows = rows[rows["continuation_idx"] >= 0] if output_continuations == "all" else \
-            rows[rows["continuation_idx"] == output_continuations]
-        keep = ["prompt_id", "continuation_idx"] + [c for a in attributes for c in (f"prompt_{a}", a)
-                                                    if c in targets.columns]
-        merged = rows.reset_index().merge(targets[keep], on=["prompt_id", "continuation_idx"], how="inner",
-                                          validate="one_to_one")
+        rows = (
+            rows[rows["continuation_idx"] >= 0]
+            if output_continuations == "all"
+            else rows[rows["continuation_idx"] == output_continuations]
+        )
+        keep = ["prompt_id", "continuation_idx"] + [
+            c for a in attributes for c in (f"prompt_{a}", a) if c in targets.columns
+        ]
+        merged = rows.reset_index().merge(
+            targets[keep], on=["prompt_id", "continuation_idx"], how="inner", validate="one_to_one"
+        )
         cols, mats = [], []
         for scenario in ("forward", "output"):
             if scenario in scenarios:
@@ -185,12 +204,18 @@ def check_coverage(
     """
     need = index
     if not ({"input", "backward"} & set(scenarios)):
-        need = index[index["continuation_idx"] >= 0] if output_continuations == "all" else \
-            index[index["continuation_idx"] == output_continuations]
+        need = (
+            index[index["continuation_idx"] >= 0]
+            if output_continuations == "all"
+            else index[index["continuation_idx"] == output_continuations]
+        )
     missing = ~need["prompt_id"].isin(set(targets["prompt_id"]))
     if {"forward", "output"} & set(scenarios):
-        used = index[index["continuation_idx"] >= 0] if output_continuations == "all" else \
-            index[index["continuation_idx"] == output_continuations]
+        used = (
+            index[index["continuation_idx"] >= 0]
+            if output_continuations == "all"
+            else index[index["continuation_idx"] == output_continuations]
+        )
         pairs = pd.MultiIndex.from_frame(targets[["prompt_id", "continuation_idx"]])
         lacking = ~pd.MultiIndex.from_frame(used[["prompt_id", "continuation_idx"]]).isin(pairs)
         if lacking.any():
@@ -207,10 +232,18 @@ def check_coverage(
         )
 
 
-def _design(position: str, rows: pd.DataFrame, cols: list[tuple[str, str]], mats: list[np.ndarray]) -> ProbingDesign:
+def _design(
+    position: str, rows: pd.DataFrame, cols: list[tuple[str, str]], mats: list[np.ndarray]
+) -> ProbingDesign:
     if len(rows) == 0:
-        raise ValueError(f"No store rows with targets for the {position!r} position: check that the store "
-                         "index and the targets share prompt_id/continuation_idx values.")
-    return ProbingDesign(position=position, rows=rows.index.to_numpy(np.int64),
-                         prompt_ids=rows["prompt_id"].to_numpy(), columns=cols,
-                         targets=np.column_stack(mats))
+        raise ValueError(
+            f"No store rows with targets for the {position!r} position: check that the store "
+            "index and the targets share prompt_id/continuation_idx values."
+        )
+    return ProbingDesign(
+        position=position,
+        rows=rows.index.to_numpy(np.int64),
+        prompt_ids=rows["prompt_id"].to_numpy(),
+        columns=cols,
+        targets=np.column_stack(mats),
+    )

@@ -28,7 +28,9 @@ def prompt_folds(n_prompts: int, n_folds: int, seed: int) -> np.ndarray:
             f"so that Pearson r is defined), got {n_prompts}. Lower n_folds or add prompts."
         )
     folds = np.empty(n_prompts, dtype=np.int64)
-    for fold, (_, test) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(n_prompts))):
+    for fold, (_, test) in enumerate(
+        KFold(n_folds, shuffle=True, random_state=seed).split(np.arange(n_prompts))
+    ):
         folds[test] = fold
     return folds
 

@@ -1,4 +1,4 @@
-"""Summaries of probing results: mean and 95% CI over folds x seeds per layer, and the peak layer per curve."""
+"""Probing summaries: mean and 95% CI over folds x seeds per layer, and the peak layer of each curve."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "online_codelength"})
 _CURVE = ["model", "template", "scenario", "attribute"]
 
 
-def summarize(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, confidence: float = 0.95) -> pd.DataFrame:
-    """Mean and t-based confidence interval over folds x seeds per (model, template, scenario, attribute, layer).
+def summarize(
+    df: pd.DataFrame, *, metrics: Sequence[str] | None = None, confidence: float = 0.95
+) -> pd.DataFrame:
+    """Mean and t-based CI over folds x seeds per (model, template, scenario, attribute, layer).
 
     CI = mean +/- t_{(1 + confidence) / 2, n - 1} * sd / sqrt(n), with sd the sample standard deviation
     (ddof = 1) over the n = folds x seeds values (NaN values are left out). The K-fold x seed replicates
@@ -41,7 +43,11 @@ def summarize(df: pd.DataFrame, *, metrics: Sequence[str] | None = None, confide
         raise ValueError(f"df is missing columns {missing}; pass run_probing's output.")
     keys = [*_CURVE, "layer"] + [c for c in ("n_layers", "relative_depth") if c in df.columns]
     long = df.melt(id_vars=keys, value_vars=metrics, var_name="metric").dropna(subset=["value"])
-    out = long.groupby([*keys, "metric"], sort=True)["value"].agg(mean="mean", sd="std", n="count").reset_index()
+    out = (
+        long.groupby([*keys, "metric"], sort=True)["value"]
+        .agg(mean="mean", sd="std", n="count")
+        .reset_index()
+    )
     half = stats.t.ppf((1 + confidence) / 2, np.maximum(out["n"] - 1, 1)) * out["sd"] / np.sqrt(out["n"])
     half = half.where(out["n"] > 1)  # one value: no interval
     out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half

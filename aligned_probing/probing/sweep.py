@@ -30,8 +30,23 @@ from aligned_probing.probing.splits import group_permutation, prompt_folds
 
 #: Columns of `run_probing`'s result, in order (MDL columns are appended when `mdl=True`).
 RESULT_COLUMNS: tuple[str, ...] = (
-    "model", "template", "scenario", "attribute", "layer", "n_layers", "relative_depth", "fold", "seed",
-    "pearson", "r2", "rmse", "alpha", "n_train", "n_test", "control_pearson", "selectivity",
+    "model",
+    "template",
+    "scenario",
+    "attribute",
+    "layer",
+    "n_layers",
+    "relative_depth",
+    "fold",
+    "seed",
+    "pearson",
+    "r2",
+    "rmse",
+    "alpha",
+    "n_train",
+    "n_test",
+    "control_pearson",
+    "selectivity",
 )
 MDL_COLUMNS: tuple[str, ...] = ("online_codelength", "uniform_codelength", "compression")
 
@@ -46,7 +61,9 @@ class ProbingStore(Protocol):
     positions: tuple[str, ...]
     poolings: tuple[str, ...]
 
-    def layer(self, layer: int, position: str = "input", pooling: str = "mean") -> np.ndarray: ...
+    def layer(self, layer: int, position: str = "input", pooling: str = "mean") -> np.ndarray:
+        """Activations `[n_samples, d_model]` of one residual layer."""
+        ...
 
 
 def run_probing(
@@ -104,30 +121,49 @@ def run_probing(
         >>> df.groupby(["scenario", "layer"]).pearson.mean()
     """
     scenarios = check_scenarios(scenarios)
-    attributes = list(infer_attributes(targets) if attributes is None else
-                      ([attributes] if isinstance(attributes, str) else attributes))
+    attributes = list(
+        infer_attributes(targets)
+        if attributes is None
+        else ([attributes] if isinstance(attributes, str) else attributes)
+    )
     if not attributes:
-        raise ValueError("attributes is empty and none could be inferred: targets needs prompt_{a} and {a} "
-                         f"columns, it has {list(targets.columns)}.")
+        raise ValueError(
+            "attributes is empty and none could be inferred: targets needs prompt_{a} and {a} "
+            f"columns, it has {list(targets.columns)}."
+        )
+    if (
+        isinstance(seeds, int | np.integer)
+        or not len(seeds)
+        or not all(isinstance(s, int | np.integer) for s in seeds)
+    ):
+        raise ValueError(f"seeds must be a non-empty sequence of ints, e.g. (0, 1, 2), got {seeds!r}.")
     seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError(f"seeds must be a non-empty sequence of ints, got {seeds!r}.")
     if pooling not in store.poolings:
         raise ValueError(f"pooling must be one of {tuple(store.poolings)} in this store, got {pooling!r}.")
     index = store.index.reset_index(drop=True)
     clean = check_targets(targets, scenarios, attributes, dropna=dropna)
     check_coverage(index, targets, scenarios=scenarios, output_continuations=output_continuations)
-    designs = build_designs(index, clean, scenarios=scenarios, attributes=attributes,
-                            output_continuations=output_continuations)
+    designs = build_designs(
+        index, clean, scenarios=scenarios, attributes=attributes, output_continuations=output_continuations
+    )
     for d in designs:
         if d.position not in store.positions:
-            raise ValueError(f"Scenarios {sorted({s for s, _ in d.columns})} need the "
-                             f"{d.position!r} position, but the store has positions {tuple(store.positions)}.")
+            raise ValueError(
+                f"Scenarios {sorted({s for s, _ in d.columns})} need the "
+                f"{d.position!r} position, but the store has positions {tuple(store.positions)}."
+            )
     all_prompts = np.unique(np.concatenate([d.prompt_ids for d in designs]))
     folds = {seed: prompt_folds(len(all_prompts), n_folds, seed) for seed in seeds}
     codes = [np.searchsorted(all_prompts, d.prompt_ids) for d in designs]
-    controls = [{seed: group_permutation(c, np.random.default_rng([seed, 0])) for seed in seeds} for c in codes]
-    layers = list(range(store.n_layers + 1)) if layers is None else [int(x) for x in layers]
+    controls = [
+        {seed: group_permutation(c, np.random.default_rng([seed, 0])) for seed in seeds} for c in codes
+    ]
+    layers = list(range(store.n_layers + 1)) if layers is None else list(layers)
+    if not layers or not all(isinstance(x, int | np.integer) and 0 <= x <= store.n_layers for x in layers):
+        raise ValueError(
+            f"layers must be a non-empty sequence of ints in [0, {store.n_layers}], got {layers!r}."
+        )
+    layers = [int(x) for x in layers]
     if mdl and any(np.nanmin(d.targets) < 0 or np.nanmax(d.targets) > 1 for d in designs):
         raise ValueError("mdl=True needs targets in [0, 1] (scores); got values outside that range.")
 
@@ -137,8 +173,10 @@ def run_probing(
         for d, code, ctrl in zip(designs, codes, controls, strict=True):
             X = np.asarray(store.layer(layer, position=d.position, pooling=pooling))
             if X.ndim != 2 or X.shape[0] != len(index):
-                raise ValueError(f"store.layer({layer}, {d.position!r}) has shape {X.shape}, but the store "
-                                 f"index has {len(index)} rows: mismatched lengths.")
+                raise ValueError(
+                    f"store.layer({layer}, {d.position!r}) has shape {X.shape}, but the store "
+                    f"index has {len(index)} rows: mismatched lengths."
+                )
             X = X[d.rows].astype(np.float64)
             finite = np.isfinite(X).all(axis=1)  # empty continuations are stored as NaN vectors
             dropped = max(dropped, int((~finite).sum()))
@@ -147,16 +185,36 @@ def run_probing(
                 Y = np.hstack([d.targets, d.targets[ctrl[seed]]]) if control else d.targets
                 for fold in range(n_folds):
                     train, test = finite & (fold_of_row != fold), finite & (fold_of_row == fold)
-                    records.extend(_fit_fold(X, Y, d, train, test, alphas, control, layer, fold, seed,
-                                             mdl and _mdl(X, d.targets, train, seed, fold, alphas, mdl_precision)))
+                    records.extend(
+                        _fit_fold(
+                            X,
+                            Y,
+                            d,
+                            train,
+                            test,
+                            alphas,
+                            control,
+                            layer,
+                            fold,
+                            seed,
+                            mdl and _mdl(X, d.targets, train, seed, fold, alphas, mdl_precision),
+                        )
+                    )
     if dropped:
-        warnings.warn(f"Dropped up to {dropped} rows with non-finite activations (empty continuations) "
-                      "per layer.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"Dropped up to {dropped} rows with non-finite activations (empty continuations) per layer.",
+            UserWarning,
+            stacklevel=2,
+        )
     df = pd.DataFrame.from_records(records)
     n_nan = int(df["pearson"].isna().sum())
     if n_nan:
-        warnings.warn(f"{n_nan} of {len(df)} rows have pearson = NaN: the test fold's target or the "
-                      "prediction was constant (Pearson r is undefined).", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{n_nan} of {len(df)} rows have pearson = NaN: the test fold's target or the "
+            "prediction was constant (Pearson r is undefined).",
+            UserWarning,
+            stacklevel=2,
+        )
     df.insert(0, "model", store.model_name)
     df.insert(1, "template", store.template)
     df.insert(5, "n_layers", store.n_layers)
@@ -164,19 +222,39 @@ def run_probing(
     return df[list(RESULT_COLUMNS) + (list(MDL_COLUMNS) if mdl else [])]
 
 
-def _mdl(X: np.ndarray, Y: np.ndarray, train: np.ndarray, seed: int, fold: int, alphas: Sequence[float],
-         precision: float) -> dict[str, np.ndarray]:
+def _mdl(
+    X: np.ndarray,
+    Y: np.ndarray,
+    train: np.ndarray,
+    seed: int,
+    fold: int,
+    alphas: Sequence[float],
+    precision: float,
+) -> dict[str, np.ndarray]:
     """Online code of the training part's real targets, in a random order seeded by (seed, fold)."""
     rows = np.flatnonzero(train)
     rows = rows[np.random.default_rng([seed, fold, 1]).permutation(len(rows))]
     code = online_codelength(X[rows], Y[rows], fractions=MDL_FRACTIONS, precision=precision, alphas=alphas)
-    return {"online_codelength": code.online_codelength, "uniform_codelength": code.uniform_codelength,
-            "compression": code.compression}
+    return {
+        "online_codelength": code.online_codelength,
+        "uniform_codelength": code.uniform_codelength,
+        "compression": code.compression,
+    }
 
 
-def _fit_fold(X: np.ndarray, Y: np.ndarray, d: ProbingDesign, train: np.ndarray, test: np.ndarray,
-              alphas: Sequence[float], control: bool, layer: int, fold: int, seed: int,
-              mdl: dict[str, np.ndarray] | bool) -> list[dict[str, Any]]:
+def _fit_fold(
+    X: np.ndarray,
+    Y: np.ndarray,
+    d: ProbingDesign,
+    train: np.ndarray,
+    test: np.ndarray,
+    alphas: Sequence[float],
+    control: bool,
+    layer: int,
+    fold: int,
+    seed: int,
+    mdl: dict[str, np.ndarray] | bool,
+) -> list[dict[str, Any]]:
     """Fit one probe on the training rows (all target columns at once); one record per real column."""
     k = len(d.columns)
     probe = RidgeProbe(alphas=alphas).fit(X[train], Y[train])
@@ -184,10 +262,21 @@ def _fit_fold(X: np.ndarray, Y: np.ndarray, d: ProbingDesign, train: np.ndarray,
     out = []
     for j, (scenario, attribute) in enumerate(d.columns):
         control_r = m["pearson"][k + j] if control else np.nan
-        row = {"scenario": scenario, "attribute": attribute, "layer": layer, "fold": fold, "seed": seed,
-               "pearson": m["pearson"][j], "r2": m["r2"][j], "rmse": m["rmse"][j], "alpha": probe.alpha_[j],
-               "n_train": int(train.sum()), "n_test": int(test.sum()), "control_pearson": control_r,
-               "selectivity": m["pearson"][j] - control_r}
+        row = {
+            "scenario": scenario,
+            "attribute": attribute,
+            "layer": layer,
+            "fold": fold,
+            "seed": seed,
+            "pearson": m["pearson"][j],
+            "r2": m["r2"][j],
+            "rmse": m["rmse"][j],
+            "alpha": probe.alpha_[j],
+            "n_train": int(train.sum()),
+            "n_test": int(test.sum()),
+            "control_pearson": control_r,
+            "selectivity": m["pearson"][j] - control_r,
+        }
         if mdl:
             row.update({name: values[j] for name, values in mdl.items()})
         out.append(row)

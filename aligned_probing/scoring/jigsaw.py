@@ -84,7 +84,7 @@ JIGSAW_MODELS: dict[str, JigsawModelSpec] = {
 
 def _hard_sigmoid(x: Tensor) -> Tensor:
     # tf.keras 2 definition; Keras 3 changed the slope to 1/6, which would not reproduce tox-block.
-    return (x * 0.2 + 0.5).clamp(0.0, 1.0)
+    return (x * 0.2 + 0.5).clamp_(0.0, 1.0)
 
 
 _GATES: dict[str, Callable[[Tensor], Tensor]] = {"hard_sigmoid": _hard_sigmoid, "sigmoid": torch.sigmoid}
@@ -94,48 +94,55 @@ def _lstm_cell(z: Tensor, c: Tensor, gate: Callable[[Tensor], Tensor]) -> tuple[
     """One Keras LSTM step from the pre-activations z = x W + b + h U; returns (h, c).
 
     Keras gate order (i, f, c, o) equals torch's (i, f, g, o); the arithmetic follows Keras'
-    `LSTMCell` (c = f * c + i * tanh(g), h = o * tanh(c)) so rounding matches too.
+    `LSTMCell` (c = f * c + i * tanh(g), h = o * tanh(c)) so rounding matches too. The gate runs
+    once over all of z (fewer, larger ops); its c-slice is simply unused.
     """
-    i, f, g, o = z.chunk(4, dim=-1)
-    c = gate(f) * c + gate(i) * torch.tanh(g)
-    return gate(o) * torch.tanh(c), c
+    hidden = z.shape[-1] // 4
+    s = gate(z)
+    c = s[..., hidden:2 * hidden] * c + s[..., :hidden] * torch.tanh(z[..., 2 * hidden:3 * hidden])
+    return s[..., 3 * hidden:] * torch.tanh(c), c
 
 
 def bilstm_max_pool(
-    fwd: Tensor,  # (T_f, B, 4H): forward input projections (+ bias), last T_f positions
-    bwd: Tensor,  # (T, B, 4H): backward input projections in reading order (last position first)
+    joint: Tensor,  # (L, 2, B, 4H): input projections (+ bias) of the last L positions, direction 1
+    #                 in reading order (last position first)
     recurrent: Tensor,  # (2, H, 4H): forward and backward recurrent kernels, Keras layout
     gate: Callable[[Tensor], Tensor],
+    *,
     fwd_init: tuple[Tensor, Tensor, Tensor] | None = None,  # forward (h, c, running max), each (B, H)
+    bwd_tail: Tensor | None = None,  # (4H,): backward input projection of the leading padding
+    n_tail: int = 0,  # how many leading padding positions the backward direction still reads
 ) -> Tensor:  # (B, 2H): [max_t forward h_t, max_t backward h_t]
     """Run a bidirectional LSTM and max-pool each direction's hidden states over time.
 
     Hand-written because torch's fused `nn.LSTM` hard-codes the sigmoid gate (and was slower here).
     Both directions share one batched matmul per step, and a running max replaces storing all
-    outputs (a max over time ignores the backward direction's time order). The forward direction may
-    start late from a given state (`fwd_init`): leading padding is the same for every text, so its
-    states are computed once (see `JigsawBiLSTM`) instead of per text.
+    outputs (a max over time ignores the backward direction's time order). Leading padding is
+    the same for every text: the forward direction starts after it from `fwd_init`, computed once,
+    and the backward direction reads it last, from one shared projection `bwd_tail`.
     """
-    steps_f, batch, four_h = fwd.shape
+    steps, _, batch, four_h = joint.shape
     hidden = four_h // 4
-    h = fwd.new_zeros(2, batch, hidden)
-    c = fwd.new_zeros(2, batch, hidden)
-    best = fwd.new_full((2, batch, hidden), float("-inf"))
+    h = joint.new_zeros(2, batch, hidden)
+    c = joint.new_zeros(2, batch, hidden)
+    best = joint.new_full((2, batch, hidden), float("-inf"))
     if fwd_init is not None:
         h[0], c[0], best[0] = fwd_init
-    joint = torch.stack([fwd, bwd[:steps_f]], dim=1)  # (T_f, 2, B, 4H)
-    for t in range(steps_f):
+    for t in range(steps):
         h, c = _lstm_cell(torch.baddbmm(joint[t], h, recurrent), c, gate)
         best = torch.maximum(best, h)
     hb, cb, best_b = h[1], c[1], best[1]
-    for t in range(steps_f, bwd.shape[0]):  # the backward direction reads the leading padding last
-        hb, cb = _lstm_cell(torch.addmm(bwd[t], hb, recurrent[1]), cb, gate)
+    for _ in range(n_tail):
+        hb, cb = _lstm_cell(torch.addmm(bwd_tail, hb, recurrent[1]), cb, gate)
         best_b = torch.maximum(best_b, hb)
     return torch.cat([best[0], best_b], dim=-1)
 
 
 class JigsawBiLSTM(nn.Module):
     """Embedding -> BiLSTM -> GlobalMaxPool -> Dense(relu) -> Dense(sigmoid), Keras semantics.
+
+    The embedding and the LSTM input kernels are folded into one table per direction,
+    `table[word] = embedding[word] @ W + b` (20000 x 200), so the input projection becomes a lookup.
 
     Args:
         weights: Arrays in Keras layout (see `read_keras_weights`).
@@ -150,12 +157,15 @@ class JigsawBiLSTM(nn.Module):
                 f"recurrent_activation must be one of {sorted(_GATES)}, got {recurrent_activation!r}"
             )
         self.gate = _GATES[recurrent_activation]
+        self.maxlen = maxlen
         t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
-        self.embedding = nn.Embedding.from_pretrained(t["embedding"], freeze=True)
-        # Keras kernels are (in, out); both directions' input projections as one matmul.
-        self.register_buffer("kernel", torch.cat([t["fwd_kernel"], t["bwd_kernel"]], dim=1))  # (E, 8H)
-        self.register_buffer("bias", torch.cat([t["fwd_bias"], t["bwd_bias"]]))  # (8H,)
+        vocab = t["embedding"].shape[0]
+        # Rows [0, V) forward, [V, 2V) backward: one gather fetches both directions.
+        table = torch.cat([t["embedding"] @ t["fwd_kernel"] + t["fwd_bias"],
+                           t["embedding"] @ t["bwd_kernel"] + t["bwd_bias"]])  # (2V, 4H)
+        self.register_buffer("table", table)
         self.register_buffer("recurrent", torch.stack([t["fwd_recurrent"], t["bwd_recurrent"]]))  # (2,H,4H)
+        self.vocab = vocab
         self.dense = nn.Linear(*t["dense_kernel"].shape)
         self.out = nn.Linear(*t["out_kernel"].shape)
         with torch.no_grad():
@@ -168,7 +178,7 @@ class JigsawBiLSTM(nn.Module):
     def _forward_padding_states(self, maxlen: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Forward-direction (h, c, running max) after k = 0..maxlen padding ids, each (1, H)."""
         hidden = self.recurrent.shape[1]
-        z_pad = self.embedding.weight[:1] @ self.kernel[:, : 4 * hidden] + self.bias[: 4 * hidden]  # (1, 4H)
+        z_pad = self.table[:1]  # (1, 4H): word id 0 is the padding id
         h = z_pad.new_zeros(1, hidden)
         c = z_pad.new_zeros(1, hidden)
         best = z_pad.new_full((1, hidden), float("-inf"))
@@ -182,14 +192,16 @@ class JigsawBiLSTM(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:  # (B, T) int64, pre-padded with 0 -> (B, 6) probabilities
         """Return the six Jigsaw probabilities for pre-padded id sequences."""
         batch, steps = ids.shape
-        # The forward pass skips the columns that are padding in every row of the batch.
+        if steps != self.maxlen:
+            raise ValueError(f"ids must have {self.maxlen} columns (pre-padded), got shape {tuple(ids.shape)}")
+        # Columns that are padding in every row are skipped (forward) or shared (backward).
         used = (ids != 0).any(dim=0).nonzero()
         start = int(used[0]) if len(used) else steps
-        x = self.embedding(ids)  # (B, T, E)
-        proj = torch.addmm(self.bias, x.reshape(batch * steps, -1), self.kernel)  # (B*T, 8H)
-        proj = proj.view(batch, steps, 2, -1).permute(2, 1, 0, 3)  # (2, T, B, 4H)
-        h0, c0, best0 = (s.expand(batch, -1) for s in self._pad_states[start])
-        pooled = bilstm_max_pool(proj[0, start:], proj[1].flip(0), self.recurrent, self.gate, (h0, c0, best0))
+        real = ids[:, start:].T  # (L, B), time-major
+        joint = self.table[torch.stack([real, real.flip(0) + self.vocab], dim=1)]  # (L, 2, B, 4H)
+        init = tuple(s.expand(batch, -1) for s in self._pad_states[start])
+        pooled = bilstm_max_pool(joint, self.recurrent, self.gate, fwd_init=init,
+                                 bwd_tail=self.table[self.vocab], n_tail=start)
         return torch.sigmoid(self.out(torch.relu(self.dense(pooled))))
 
 

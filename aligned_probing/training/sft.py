@@ -27,9 +27,9 @@ class ProbeSFTConfig(SFTConfig):
     probe_lambda: float = field(default=1.0, metadata={"help": "Weight of the frozen-probe penalty."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.probe_lambda < 0:
             raise ValueError(f"probe_lambda must be >= 0, got {self.probe_lambda}.")
+        super().__post_init__()
 
 
 class ProbePenaltySFTTrainer(SFTTrainer):

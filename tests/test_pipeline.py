@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from aligned_probing import _runner, pipeline
+from aligned_probing._runner import Stage, execute, select, stage_hashes
+from aligned_probing.config import RunConfig
+from tests._tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- the caching machinery, stub stages
+def _stub_plan(calls: list[str], settings: dict[str, dict], fail: dict[str, int] | None = None) -> list[Stage]:
+    """a -> b -> c and a -> d; each stage appends its key to `calls` and writes one number per item."""
+    fail = fail or {}
+
+    def make(key: str, deps: tuple[str, ...], resumable: bool = False):
+        def func(ctx):
+            calls.append(key)
+            total = sum(json.loads((ctx.inputs[d] / "out.json").read_text())["value"] for d in deps)
+            parts = ctx.out_dir / "parts"
+            parts.mkdir(exist_ok=True)
+            for i in range(ctx.settings["n"]):
+                part = parts / f"{i}.json"
+                if resumable and part.exists():
+                    continue  # resumable: keep what an interrupted run wrote
+                if fail.get(key) == i:
+                    raise RuntimeError(f"killed in {key} at item {i}")
+                part.write_text(json.dumps({"i": i, "by": len(calls)}))
+            value = total + ctx.settings["n"] * ctx.settings.get("scale", 1)
+            (ctx.out_dir / "out.json").write_text(json.dumps({"value": value}))
+            return {"value": value}
+        return Stage(key.split("/")[0], key, settings.get(key, {"n": 2}), deps, func, resumable=resumable)
+
+    return [make("a", ()), make("b", ("a",), resumable=True), make("c", ("b",)), make("d", ("a",))]
+
+
+def _load(name):
+    raise AssertionError(f"stub stages load no model, asked for {name}")
+
+
+def test_rerun_does_no_work(tmp_path):
+    calls: list[str] = []
+    first = execute(_stub_plan(calls, {}), tmp_path, load_model=_load, progress=False)
+    assert [r.status for r in first] == ["ran"] * 4 and calls == ["a", "b", "c", "d"]
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "run.json"}
+    second = execute(_stub_plan(calls, {}), tmp_path, load_model=_load, progress=False)
+    assert [r.status for r in second] == ["cached"] * 4 and calls == ["a", "b", "c", "d"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert [r.summary for r in second] == [r.summary for r in first]
+
+
+def test_changing_a_setting_recomputes_only_downstream(tmp_path):
+    calls: list[str] = []
+    execute(_stub_plan(calls, {}), tmp_path, load_model=_load, progress=False)
+    calls.clear()
+    records = execute(_stub_plan(calls, {"b": {"n": 2, "scale": 10}}), tmp_path, load_model=_load, progress=False)
+    assert calls == ["b", "c"]
+    assert {r.key: r.status for r in records} == {"a": "cached", "b": "ran", "c": "ran", "d": "cached"}
+    # The old outputs stay (switching back is free) and the new ones have their own directories.
+    assert len(list((tmp_path / "stages").glob("b-*"))) == 2
+    calls.clear()
+    execute(_stub_plan(calls, {}), tmp_path, load_model=_load, progress=False)
+    assert calls == []
+
+
+def test_hash_covers_settings_and_inputs():
+    plan = _stub_plan([], {})
+    base = stage_hashes(plan)
+    changed = stage_hashes(_stub_plan([], {"a": {"n": 3}}))
+    assert all(changed[k] != base[k] for k in "abcd")  # everything depends on a
+    assert stage_hashes(_stub_plan([], {"c": {"n": 3}}))["d"] == base["d"]
+    with pytest.raises(ValueError, match=r"Stage 'c' depends on \['b'\], which do not come before it"):
+        stage_hashes([plan[0], plan[2]])
+
+
+def test_interrupted_stage_resumes_and_matches_uninterrupted(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="killed in b at item 1"):
+        execute(_stub_plan(calls, {}, fail={"b": 1}), tmp_path / "x", load_model=_load, progress=False)
+    b_dir = next((tmp_path / "x" / "stages").glob("b-*"))
+    assert (b_dir / "parts" / "0.json").exists() and not (b_dir / _runner.STAGE_FILE).exists()
+    dry = execute(_stub_plan([], {}), tmp_path / "x", load_model=_load, dry_run=True)
+    assert {r.key: r.status for r in dry} == {"a": "cached", "b": "would resume", "c": "would run", "d": "would run"}
+    part0 = (b_dir / "parts" / "0.json").read_text()
+    calls.clear()
+    execute(_stub_plan(calls, {}), tmp_path / "x", load_model=_load, progress=False)
+    assert calls == ["b", "c", "d"]
+    assert (b_dir / "parts" / "0.json").read_text() == part0  # the partial output was picked up, not redone
+    execute(_stub_plan([], {}), tmp_path / "y", load_model=_load, progress=False)
+    for key in "abcd":
+        out_x = next((tmp_path / "x" / "stages").glob(f"{key}-*")) / "out.json"
+        out_y = next((tmp_path / "y" / "stages").glob(f"{key}-*")) / "out.json"
+        assert out_x.read_text() == out_y.read_text()
+
+
+def test_non_resumable_stage_restarts_clean(tmp_path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError):
+        execute(_stub_plan(calls, {}, fail={"c": 1}), tmp_path, load_model=_load, progress=False)
+    c_dir = next((tmp_path / "stages").glob("c-*"))
+    (c_dir / "stale.txt").write_text("left by the killed run")
+    execute(_stub_plan([], {}), tmp_path, load_model=_load, progress=False)
+    assert not (c_dir / "stale.txt").exists() and (c_dir / "out.json").exists()
+
+
+def test_select_adds_dependencies_and_rejects_unknown_names():
+    plan = _stub_plan([], {})
+    assert [s.key for s in select(plan, ["c"])] == ["a", "b", "c"]
+    assert [s.key for s in select(plan, None)] == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match=r"Unknown stage name\(s\) \['probe'\]; this plan has \['a', 'b', 'c', 'd'\]"):
+        select(plan, ["probe"])
+
+
+# --------------------------------------------------------------------------- the real plan
+def _config(tmp_path: Path, n_models: int = 3, **sections) -> RunConfig:
+    data = RunConfig.from_toml(ROOT / "tests" / "data" / "tiny.toml").model_dump(mode="json")
+    data["models"] = data["models"][:n_models]
+    data["output"] = {**data["output"], "run_dir": str(tmp_path / "run")}
+    for key, value in sections.items():
+        data[key] = {**data[key], **value}
+    return RunConfig.from_dict(data)
+
+
+def test_plan_has_one_unit_per_model_and_template(tmp_path):
+    cfg = _config(tmp_path, generation={"templates": [0, 2]})
+    plan = pipeline.build_plan(cfg)
+    keys = [s.key for s in plan]
+    assert keys[0] == "prompts" and keys[-3:] == ["interplay", "causal/tiny-a", "report"]
+    assert "encode/tiny-c/t2" in keys and "probe/tiny-b/t0" in keys
+    assert sum(s.name == "generate" for s in plan) == 6
+    by_key = {s.key: s for s in plan}
+    assert by_key["probe/tiny-a/t2"].deps == ("prompts", "score/tiny-a/t2", "encode/tiny-a/t2")
+    one = pipeline.build_plan(_config(tmp_path, n_models=1, causal={"enabled": False}))
+    assert [s.name for s in one] == ["prompts", "generate", "score", "encode", "probe", "behaviour", "report"]
+
+
+def test_behaviour_setting_leaves_generation_and_probing_cached(tmp_path):
+    a = stage_hashes(pipeline.build_plan(_config(tmp_path)))
+    b = stage_hashes(pipeline.build_plan(_config(tmp_path, behaviour={"attributes": ["toxicity"]})))
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed == {"behaviour/tiny-a/t0", "behaviour/tiny-b/t0", "behaviour/tiny-c/t0", "interplay", "report"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """tiny.toml next to three tiny random Llamas (different seeds), as the config expects."""
+    root = tmp_path_factory.mktemp("tiny_cfg")
+    shutil.copy(ROOT / "tests" / "data" / "tiny.toml", root / "tiny.toml")
+    for seed, name in enumerate("abc"):
+        build_tiny_model(root / f"tiny-{name}", seed=seed)
+    return root
+
+
+def _one_model(root: Path, run_dir: Path, **overrides) -> RunConfig:
+    sets = [f'output.run_dir="{run_dir}"', "causal.enabled=false"] + [f"{k}={v}" for k, v in overrides.items()]
+    cfg = RunConfig.from_toml(root / "tiny.toml", overrides=sets)
+    return RunConfig.from_dict({**cfg.model_dump(mode="json"), "models": [cfg.model_dump(mode="json")["models"][0]]})
+
+
+STAGES = ["probe", "behaviour"]
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    from aligned_probing._results import load_results
+    from aligned_probing._stages import read_continuations
+
+    res = load_results(run_dir)
+    gen_dir = next((run_dir / "stages").glob("generate--*"))
+    return {"prompts": res.prompts, "continuations": read_continuations(gen_dir), "scores": res.scores,
+            "probing": res.probing, "behaviour": res.behaviour}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_models, tmp_path_factory):
+    """An uninterrupted run of one tiny model through probing and behaviour."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    cfg = _one_model(tiny_models, run_dir)
+    result = pipeline.run(cfg, stages=STAGES, progress=False)
+    return cfg, result
+
+
+@pytest.mark.slow
+def test_real_rerun_does_no_work(reference_run, monkeypatch):
+    cfg, first = reference_run
+    assert first.executed == ["prompts", "generate/tiny-a/t0", "score/tiny-a/t0", "encode/tiny-a/t0",
+                              "probe/tiny-a/t0", "behaviour/tiny-a/t0"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached run must not load a model")
+
+    monkeypatch.setattr("aligned_probing.models.load_model", no_model)
+    again = pipeline.run(cfg, stages=STAGES, progress=False)
+    assert again.executed == [] and {r.status for r in again.records} == {"cached"}
+    log = (Path(cfg.output.run_dir) / "logs" / "run.log").read_text()
+    assert "stage probe/tiny-a/t0: cached" in log
+
+
+@pytest.mark.slow
+def test_real_downstream_change_recomputes_only_downstream(reference_run, monkeypatch):
+    cfg, _ = reference_run
+    changed = RunConfig.from_dict({**cfg.model_dump(mode="json"),
+                                   "probing": {**cfg.probing.model_dump(mode="json"), "seeds": [0, 1]}})
+    monkeypatch.setattr("aligned_probing.models.load_model", lambda *a, **k: pytest.fail("probing needs no model"))
+    result = pipeline.run(changed, stages=STAGES, progress=False)
+    assert result.executed == ["probe/tiny-a/t0"]
+    probing = pd.read_parquet(next(r.dir for r in result.records if r.name == "probe") / "probing.parquet")
+    assert sorted(probing["seed"].unique()) == [0, 1]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_path, monkeypatch):
+    from aligned_probing import encoding, generation
+
+    ref_cfg, _ = reference_run
+    assert pipeline.run(ref_cfg, stages=STAGES, progress=False).executed == []  # (re)selects the reference config
+    cfg = _one_model(tiny_models, tmp_path / "run")
+    real_generate, real_encode = generation._generate_batch, encoding._encode_batch
+
+    def dies_after(real, n):
+        calls = {"n": 0}
+
+        def wrapper(*args, **kwargs):
+            if calls["n"] == n:
+                raise KeyboardInterrupt("simulated kill")
+            calls["n"] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    # 1) killed during generation, after one batch of part files was written
+    monkeypatch.setattr(generation, "_generate_batch", dies_after(real_generate, 1))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, stages=STAGES, progress=False)
+    gen_dir = next((tmp_path / "run" / "stages").glob("generate--*"))
+    assert len(list((gen_dir / "continuations").glob("part-*.parquet"))) == 1
+    assert not (gen_dir / "stage.json").exists()
+    # 2) resumed, then killed during encoding
+    monkeypatch.setattr(generation, "_generate_batch", dies_after(real_generate, 10**9))
+    monkeypatch.setattr(encoding, "_encode_batch", dies_after(real_encode, 1))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, stages=STAGES, progress=False)
+    # 3) resumed to the end
+    monkeypatch.setattr(encoding, "_encode_batch", real_encode)
+    result = pipeline.run(cfg, stages=STAGES, progress=False)
+    assert result.executed == ["encode/tiny-a/t0", "probe/tiny-a/t0", "behaviour/tiny-a/t0"]
+    resumed, reference = _tables(tmp_path / "run"), _tables(Path(ref_cfg.output.run_dir))
+    for name, table in reference.items():
+        pd.testing.assert_frame_equal(resumed[name], table, check_exact=True, obj=name)
+    # The activation stores are bitwise equal too.
+    from aligned_probing.store import ActivationStore
+
+    stores = [ActivationStore.open(next((Path(d) / "stages").glob("encode--*")) / "store")
+              for d in (tmp_path / "run", ref_cfg.output.run_dir)]
+    for layer in range(stores[0].n_layers + 1):
+        assert (stores[0].layer(layer, "output") == stores[1].layer(layer, "output")).all()
+
+
+@pytest.mark.slow
+def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
+    cfg = RunConfig.from_toml(tiny_models / "tiny.toml", overrides=[f'output.run_dir="{tmp_path / "run"}"'])
+    result = pipeline.run(cfg, progress=False, config_text=(tiny_models / "tiny.toml").read_text())
+    assert result.report == tmp_path / "run" / "report.html"
+    html = result.report.read_text()
+    for fig in ("information", "heatmap", "selectivity", "mdl", "behaviour", "interplay", "skipping", "patching",
+                "steering"):
+        assert f'id="fig-{fig}"' in html, fig
+        assert (tmp_path / "run" / "figures" / f"{fig}.svg").is_file()
+    assert 'name = "tiny"' in html  # the config text
+    timings = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+    assert {t["status"] for t in timings} == {"ran"} and len(timings) == 19

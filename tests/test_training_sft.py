@@ -1,0 +1,98 @@
+"""Probe-penalty SFT: the penalty's gradient reaches LoRA weights, and training lowers the frozen probe's score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from peft import get_peft_model
+
+from aligned_probing.training.activations import capture_residual, pooled_response_activations
+from aligned_probing.training.finetuned import load_trainable, lora_config
+from aligned_probing.training.penalty import ProbePenalty
+from aligned_probing.training.probes import fit_probe_set
+from aligned_probing.training.sft import ProbeSFTConfig, train_probe_sft
+
+PROMPTS = ["The quick brown fox", "You are a", "What a lovely day", "This is a test", "hello world"] * 2
+COMPLETIONS = [" jumps over the lazy dog.", " stupid idiot and I hate you.", " for a walk in the park.",
+               " of the tokenizer, with commas.", " and numbers 123.", " over the dog.", " idiot.",
+               " with friends.", " newlines and numbers.", " Continuation: hello"]
+LAYER = 2
+
+
+def _probe_scores(model, tok, probes):
+    p_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    r_ids = [tok(c)["input_ids"] for c in COMPLETIONS]
+    acts = pooled_response_activations(model, p_ids, r_ids, LAYER, pad_token_id=tok.pad_token_id)
+    return acts, probes.predict_proba(acts)
+
+
+@pytest.fixture
+def fitted(tiny_llama_dir):
+    model, tok = load_trainable(tiny_llama_dir)
+    p_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    r_ids = [tok(c)["input_ids"] for c in COMPLETIONS]
+    acts = pooled_response_activations(model, p_ids, r_ids, LAYER, pad_token_id=tok.pad_token_id)
+    labels = np.array([0, 1] * 5)
+    probes = fit_probe_set(acts, labels, meta={"layer": LAYER})
+    return model, tok, probes
+
+
+def test_penalty_gradient_reaches_lora_weights_below_the_probe_layer(fitted):
+    model, tok, probes = fitted
+    peft_model = get_peft_model(model, lora_config(r=2, alpha=4))
+    penalty = ProbePenalty(probes)
+    ids = torch.tensor([tok("You are a stupid idiot")["input_ids"]])
+    mask = torch.zeros_like(ids)
+    mask[:, 3:] = 1
+    with capture_residual(peft_model, LAYER) as captured:
+        peft_model(input_ids=ids)
+    penalty(captured[-1], mask).backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_B" in n}
+    below = [g for n, g in grads.items() if ".layers.0." in n or ".layers.1." in n]
+    above = [g for n, g in grads.items() if ".layers.2." in n]
+    assert below and all(g is not None and g.abs().sum() > 0 for g in below), "no gradient into LoRA B"
+    # Residual layer 2 is the output of block 1: block 2's adapters cannot affect it.
+    assert above and all(g is None or g.abs().sum() == 0 for g in above)
+    assert all(not b.requires_grad for b in penalty.buffers()), "the probe must stay frozen"
+
+
+def test_compute_loss_adds_lambda_times_penalty(fitted, tmp_path):
+    model, tok, probes = fitted
+    from datasets import Dataset
+
+    from aligned_probing.training.sft import ProbePenaltySFTTrainer
+
+    ds = Dataset.from_pandas(pd.DataFrame({"prompt": PROMPTS[:2], "completion": COMPLETIONS[:2]}))
+    args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=3.0, report_to="none", save_strategy="no",
+                          use_cpu=True, max_length=64, gradient_checkpointing=False, per_device_train_batch_size=2)
+    trainer = ProbePenaltySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                     peft_config=lora_config(r=2, alpha=4), penalty=ProbePenalty(probes))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        total = trainer.compute_loss(trainer.model, dict(batch))
+        trainer.args.probe_lambda = 0.0
+        lm_only = trainer.compute_loss(trainer.model, dict(batch))
+    penalty_value = trainer._metrics["eval"]["probe_penalty"][-1]
+    assert 0 < penalty_value < 1
+    assert float(total - lm_only) == pytest.approx(3.0 * penalty_value, rel=1e-4)
+
+
+def test_a_few_steps_lower_the_frozen_probe_score(fitted, tmp_path):
+    model, tok, probes = fitted
+    _, before = _probe_scores(model, tok, probes)
+    args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=20.0, learning_rate=5e-3, max_steps=8,
+                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True,
+                          max_length=64, gradient_checkpointing=False, logging_steps=1, disable_tqdm=True, seed=0)
+    texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
+    trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),
+                              peft_config=lora_config(r=4, alpha=8))
+    _, after = _probe_scores(trained, tok, probes)
+    assert after.mean() < before.mean() - 0.1, f"mean P(toxic) {before.mean():.3f} -> {after.mean():.3f}"
+
+
+def test_negative_lambda_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="probe_lambda must be >= 0"):
+        ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=-1.0, report_to="none")
