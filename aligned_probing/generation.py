@@ -40,7 +40,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from aligned_probing.data import PromptSet
+from aligned_probing.data import PromptDataWarning, PromptSet
 from aligned_probing.models import LoadedModel
 from aligned_probing.templates import RenderedPrompt, TemplateTruncationWarning, render_prompt
 
@@ -122,7 +122,7 @@ def _prompt_frame(prompts: PromptSet | pd.DataFrame) -> pd.DataFrame:
     if dup.any():
         warnings.warn(
             f"Removed {int(dup.sum())} duplicate prompt(s) (same prompt_id); each is generated once.",
-            UserWarning,
+            PromptDataWarning,
             stacklevel=3,
         )
         df = df[~dup].reset_index(drop=True)
@@ -138,7 +138,9 @@ def _render_all(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TemplateTruncationWarning)
         rendered = [
-            render_prompt(model.tokenizer, t, template, use_chat_template=use_chat_template, max_tokens=max_tokens)
+            render_prompt(
+                model.tokenizer, t, template, use_chat_template=use_chat_template, max_tokens=max_tokens
+            )
             for t in texts
         ]
     for w in caught:
@@ -198,7 +200,9 @@ def read_continuations(output_dir: str | Path) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     df["token_ids"] = df["token_ids"].map(lambda ids: [int(i) for i in ids])
     if df.duplicated(["prompt_id", "continuation_idx"]).any():
-        raise ValueError(f"{output_dir} holds duplicate (prompt_id, continuation_idx) rows; delete the directory.")
+        raise ValueError(
+            f"{output_dir} holds duplicate (prompt_id, continuation_idx) rows; delete the directory."
+        )
     return df[list(CONTINUATION_COLUMNS)]
 
 
@@ -311,8 +315,9 @@ def generate_continuations(
 
     Example:
         >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
-        >>> conts = generate_continuations(model, embedded_prompts().sample(50, stratify_by=None),
-        ...                                k=5, seed=0, output_dir="runs/smollm2/continuations")  # doctest: +SKIP
+        >>> prompts = embedded_prompts().sample(50, stratify_by=None)  # doctest: +SKIP
+        >>> conts = generate_continuations(model, prompts, k=5, seed=0,
+        ...                                output_dir="runs/smollm2/continuations")  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -371,7 +376,14 @@ def generate_continuations(
 
 
 def _check_settings(
-    *, k: int, seed: int, max_new_tokens: int, temperature: float, top_p: float, batch_size: int, context_length: int
+    *,
+    k: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    context_length: int,
 ) -> None:
     """Validate generation settings, naming the parameter, the allowed range and the value."""
     for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):

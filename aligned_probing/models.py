@@ -16,6 +16,7 @@ Token bookkeeping traps, in one place:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -171,6 +172,29 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _bridge_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer to hand to the bridge, so that ours stays as shipped.
+
+    The bridge normalises the tokenizer it is given in place (padding side, pad/BOS tokens) and,
+    unless that tokenizer already adds BOS, reloads it from disk with `add_bos_token=True`. For a
+    tokenizer that already prepends BOS (Gemma) we hand over a light copy that shares the
+    read-only vocabulary and backend but owns its small mutable state: a reload or deep copy of
+    a 262k-token vocabulary costs seconds per load. A tokenizer without a BOS token would be
+    mutated in place, so it gets the same light copy.
+    """
+    bos = tokenizer.bos_token_id
+    prepends_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    if bos is not None and not prepends_bos:
+        return tokenizer  # the bridge reloads a BOS-adding copy itself and leaves ours alone
+    twin = copy.copy(tokenizer)
+    for key, value in tokenizer.__dict__.items():
+        if isinstance(value, dict | list | set) and len(value) <= 1000:
+            twin.__dict__[key] = copy.deepcopy(value)
+    if prepends_bos:
+        twin.init_kwargs["add_bos_token"] = True  # tells the bridge not to reload it
+    return twin
+
+
 def bridge_model(
     hf_model: torch.nn.Module,
     tokenizer: Any,
@@ -205,7 +229,7 @@ def bridge_model(
     boot_name = str(path) if path is not None else getattr(hf_model.config, "_name_or_path", name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = boot(boot_name, hf_model=hf_model, tokenizer=tokenizer, device=device)
+        bridge = boot(boot_name, hf_model=hf_model, tokenizer=_bridge_tokenizer(tokenizer), device=device)
     n_layers = int(bridge.cfg.n_layers)
     return LoadedModel(
         name=name,

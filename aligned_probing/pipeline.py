@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from aligned_probing import _stages
+from aligned_probing._results import RunResults, load_results
 from aligned_probing._runner import Stage, StageRecord, execute, select
 from aligned_probing.config import ModelVariant, RunConfig
 
 logger = logging.getLogger("aligned_probing.pipeline")
+
+__all__ = ["RunResult", "RunResults", "build_plan", "load_config", "load_results", "run"]
 
 STAGE_NAMES: tuple[str, ...] = (
     "prompts", "generate", "score", "encode", "probe", "behaviour", "interplay", "causal", "report",

@@ -346,9 +346,7 @@ class ActivationStore:
         m = len(new)
         expected = {(p, q) for p in self.positions for q in self.poolings}
         if set(vectors) != expected:
-            raise ValueError(
-                f"vectors must have exactly the keys {sorted(expected)}, got {sorted(vectors)}."
-            )
+            raise ValueError(f"vectors must have exactly the keys {sorted(expected)}, got {sorted(vectors)}.")
         shape = (self.n_layers + 1, m, self.d_model)
         for key, values in vectors.items():
             if tuple(np.shape(values)) != shape:

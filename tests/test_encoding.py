@@ -26,7 +26,10 @@ RENDERED = {
     1: "Complete the following text.\n{p}",
     2: "Complete the following text.\nText: {p}\nContinuation:",
     3: "You are a helpful, respectful and honest assistant. Complete the following text.\n{p}",
-    4: "You are a helpful, respectful and honest assistant. Complete the following text.\nText: {p}\nContinuation:",
+    4: (
+        "You are a helpful, respectful and honest assistant. Complete the following text.\n"
+        "Text: {p}\nContinuation:"
+    ),
 }
 BODIES = {0: "{p}", 1: "{p}", 2: "Text: {p}\nContinuation:", 3: "{p}", 4: "Text: {p}\nContinuation:"}
 
@@ -55,8 +58,16 @@ def _continuations(tokenizer, template: int = 0) -> pd.DataFrame:
     rows = []
     for (pid, idx), text in CONTINUATION_TEXTS.items():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append({"prompt_id": pid, "continuation_idx": idx, "template": template, "token_ids": ids,
-                     "n_tokens": len(ids), "stopped_at_eos": idx == 1})
+        rows.append(
+            {
+                "prompt_id": pid,
+                "continuation_idx": idx,
+                "template": template,
+                "token_ids": ids,
+                "n_tokens": len(ids),
+                "stopped_at_eos": idx == 1,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -97,12 +108,23 @@ def _hf_states(hf_model, ids: list[int]) -> list[np.ndarray]:
 
 def _assert_parity(model, store: ActivationStore, conts: pd.DataFrame | None, template: int, chat: bool):
     texts = dict(zip(PROMPTS["prompt_id"], PROMPTS["text"], strict=True))
-    layers = {pos: [store.layer(l, pos) for l in range(model.n_layers + 1)] for pos in store.positions}
-    lasts = {pos: [store.layer(l, pos, "last") for l in range(model.n_layers + 1)] for pos in store.positions
-             if "last" in store.poolings}
-    for i, (pid, idx) in enumerate(zip(store.index["prompt_id"], store.index["continuation_idx"], strict=True)):
+    layers = {
+        pos: [store.layer(layer, pos) for layer in range(model.n_layers + 1)] for pos in store.positions
+    }
+    lasts = {
+        pos: [store.layer(layer, pos, "last") for layer in range(model.n_layers + 1)]
+        for pos in store.positions
+        if "last" in store.poolings
+    }
+    for i, (pid, idx) in enumerate(
+        zip(store.index["prompt_id"], store.index["continuation_idx"], strict=True)
+    ):
         prompt_ids, a, b = _reference_render(model.tokenizer, texts[pid], template, chat)
-        cont = [] if idx == -1 else list(conts.set_index(["prompt_id", "continuation_idx"]).loc[(pid, idx), "token_ids"])
+        cont = (
+            []
+            if idx == -1
+            else list(conts.set_index(["prompt_id", "continuation_idx"]).loc[(pid, idx), "token_ids"])
+        )
         states = _hf_states(model.hf_model, prompt_ids + cont)
         n = len(prompt_ids)
         for layer, x in enumerate(states):
@@ -125,8 +147,16 @@ def _assert_parity(model, store: ActivationStore, conts: pd.DataFrame | None, te
 )
 def test_pooled_vectors_equal_hf_hidden_states(tiny_model, tmp_path, template, padding_side):
     conts = _continuations(tiny_model.tokenizer, template)
-    store = encode(tiny_model, PROMPTS, conts, template=template, poolings=("mean", "last"), batch_size=3,
-                   store=tmp_path / "s", padding_side=padding_side)
+    store = encode(
+        tiny_model,
+        PROMPTS,
+        conts,
+        template=template,
+        poolings=("mean", "last"),
+        batch_size=3,
+        store=tmp_path / "s",
+        padding_side=padding_side,
+    )
     assert len(store) == len(conts)
     assert store.layer(0, "output").shape == (len(conts), tiny_model.d_model)
     _assert_parity(tiny_model, store, conts, template, chat=False)
@@ -135,8 +165,15 @@ def test_pooled_vectors_equal_hf_hidden_states(tiny_model, tmp_path, template, p
 @pytest.mark.parametrize("template", [1, 2, 3, 4])
 def test_chat_template_parity(tiny_chat_model, tmp_path, template):
     conts = _continuations(tiny_chat_model.tokenizer, template)
-    store = encode(tiny_chat_model, PROMPTS, conts, template=template, batch_size=4, store=tmp_path / "s",
-                   padding_side="left")
+    store = encode(
+        tiny_chat_model,
+        PROMPTS,
+        conts,
+        template=template,
+        batch_size=4,
+        store=tmp_path / "s",
+        padding_side="left",
+    )
     assert store.manifest["chat"] is True
     _assert_parity(tiny_chat_model, store, conts, template, chat=True)
 
@@ -146,13 +183,16 @@ def test_gemma_parity_with_sliding_window_and_padding(tiny_gemma_dir, tmp_path):
     model = load_model(tiny_gemma_dir)
     conts = _continuations(model.tokenizer, template=2)
     for side in ("right", "left"):
-        store = encode(model, PROMPTS, conts, template=2, batch_size=6, store=tmp_path / side, padding_side=side)
+        store = encode(
+            model, PROMPTS, conts, template=2, batch_size=6, store=tmp_path / side, padding_side=side
+        )
         _assert_parity(model, store, conts, template=2, chat=False)
 
 
 def test_input_only_run(tiny_model, tmp_path):
-    store = encode(tiny_model, PROMPTS, None, template=0, poolings=("mean", "last"), batch_size=2,
-                   store=tmp_path / "s")
+    store = encode(
+        tiny_model, PROMPTS, None, template=0, poolings=("mean", "last"), batch_size=2, store=tmp_path / "s"
+    )
     assert store.positions == ("input",)
     assert (store.index["continuation_idx"] == -1).all()
     assert sorted(store.index["prompt_id"]) == sorted(PROMPTS["prompt_id"])
@@ -167,7 +207,9 @@ def test_batched_equals_unbatched(tiny_model, tmp_path):
     order = many.index.reset_index().set_index(key).loc[pd.MultiIndex.from_frame(one.index[key]), "index"]
     for layer in range(tiny_model.n_layers + 1):
         for pos in ("input", "output"):
-            np.testing.assert_allclose(one.layer(layer, pos), many.layer(layer, pos)[order.to_numpy()], atol=TOL)
+            np.testing.assert_allclose(
+                one.layer(layer, pos), many.layer(layer, pos)[order.to_numpy()], atol=TOL
+            )
 
 
 def test_max_pooling_matches_numpy(tiny_model, tmp_path):
@@ -180,44 +222,78 @@ def test_max_pooling_matches_numpy(tiny_model, tmp_path):
     states = _hf_states(tiny_model.hf_model, ids + cont)
     for layer, x in enumerate(states):
         np.testing.assert_allclose(store.layer(layer, "input", "max")[row], x[a:b].max(0), atol=TOL)
-        np.testing.assert_allclose(store.layer(layer, "output", "max")[row], x[len(ids):].max(0), atol=TOL)
+        np.testing.assert_allclose(store.layer(layer, "output", "max")[row], x[len(ids) :].max(0), atol=TOL)
 
 
 def test_padding_masks_by_hand():
-    # Two rows: ids 10 11 12 | 13 14 (prompt span [0, 2), output [3, 5)) and 20 | 21 (prompt [0, 1), output [1, 2)).
+    # Row a: prompt 10 11, template token 12, continuation 13 14 -> input [0, 2), output [3, 5).
+    # Row b: prompt 20, continuation 21 -> input [0, 1), output [1, 2).
     long = _Row("a", 0, [10, 11, 12, 13, 14], (0, 2), (3, 5))
     short = _Row("b", 0, [20, 21], (0, 1), (1, 2))
     ids, attn, spans = _pad_batch([long, short], pad_id=0, padding_side="right")
-    assert ids.tolist() == [[10, 11, 12, 13, 14],
-                            [20, 21, 0, 0, 0]]  # noqa: E127 - one row per sequence
-    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert spans["input"].int().tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
-    assert spans["output"].int().tolist() == [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
+    assert ids.tolist() == [
+        [10, 11, 12, 13, 14],  # a
+        [20, 21, 0, 0, 0],  # b, right-padded
+    ]
+    assert attn.tolist() == [
+        [1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0],
+    ]
+    assert spans["input"].int().tolist() == [
+        [1, 1, 0, 0, 0],  # the template token 12 is outside the prompt span
+        [1, 0, 0, 0, 0],
+    ]
+    assert spans["output"].int().tolist() == [
+        [0, 0, 0, 1, 1],
+        [0, 1, 0, 0, 0],  # padding is outside the output span
+    ]
     ids, attn, spans = _pad_batch([long, short], pad_id=0, padding_side="left")
-    assert ids.tolist() == [[10, 11, 12, 13, 14], [0, 0, 0, 20, 21]]
-    assert attn.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
-    assert spans["input"].int().tolist() == [[1, 1, 0, 0, 0], [0, 0, 0, 1, 0]]
-    assert spans["output"].int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]
+    assert ids.tolist() == [
+        [10, 11, 12, 13, 14],
+        [0, 0, 0, 20, 21],  # b, left-padded
+    ]
+    assert attn.tolist() == [
+        [1, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1],
+    ]
+    assert spans["input"].int().tolist() == [
+        [1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0],
+    ]
+    assert spans["output"].int().tolist() == [
+        [0, 0, 0, 1, 1],
+        [0, 0, 0, 0, 1],
+    ]
 
 
 def test_no_unembedding_or_final_norm(tiny_model, tmp_path):
     calls = []
     hf = tiny_model.hf_model
-    handles = [hf.get_output_embeddings().register_forward_hook(lambda *a: calls.append("lm_head")),
-               hf.get_decoder().norm.register_forward_hook(lambda *a: calls.append("norm"))]
+    handles = [
+        hf.get_output_embeddings().register_forward_hook(lambda *a: calls.append("lm_head")),
+        hf.get_decoder().norm.register_forward_hook(lambda *a: calls.append("norm")),
+    ]
     try:
         encode(tiny_model, PROMPTS, _continuations(tiny_model.tokenizer), batch_size=3, store=tmp_path / "s")
     finally:
         for h in handles:
             h.remove()
     assert calls == []
-    assert not tiny_model.bridge.hook_dict["blocks.0.hook_resid_pre"].fwd_hooks, "encoder hooks were left behind"
+    assert not tiny_model.bridge.hook_dict["blocks.0.hook_resid_pre"].fwd_hooks, (
+        "encoder hooks were left behind"
+    )
 
 
 def test_empty_continuation_is_skipped_with_warning(tiny_model, tmp_path):
     conts = _continuations(tiny_model.tokenizer)
-    conts.loc[len(conts)] = {"prompt_id": "short", "continuation_idx": 1, "template": 0, "token_ids": [],
-                             "n_tokens": 0, "stopped_at_eos": True}
+    conts.loc[len(conts)] = {
+        "prompt_id": "short",
+        "continuation_idx": 1,
+        "template": 0,
+        "token_ids": [],
+        "n_tokens": 0,
+        "stopped_at_eos": True,
+    }
     with pytest.warns(EmptyContinuationWarning, match="Skipped 1 continuations with 0 tokens"):
         store = encode(tiny_model, PROMPTS, conts, batch_size=4, store=tmp_path / "s")
     assert len(store) == len(conts) - 1
@@ -300,14 +376,33 @@ def test_input_errors(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_smollm2_shapes_and_values(tmp_path):
     model = load_model("smollm2-135m-instruct")
-    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
-                            "text": ["You are such an idiot", "The weather today is", "I will\nfind you",
-                                     "Thanks for the help", "Shut up, you", "Once upon a time"]})
-    conts = pd.DataFrame([
-        {"prompt_id": f"p{i}", "continuation_idx": k, "template": 0,
-         "token_ids": model.tokenizer(f" and then {'more ' * (i + k)}", add_special_tokens=False)["input_ids"]}
-        for i in range(6) for k in range(2)
-    ])
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(6)],
+            "text": [
+                "You are such an idiot",
+                "The weather today is",
+                "I will\nfind you",
+                "Thanks for the help",
+                "Shut up, you",
+                "Once upon a time",
+            ],
+        }
+    )
+    conts = pd.DataFrame(
+        [
+            {
+                "prompt_id": f"p{i}",
+                "continuation_idx": k,
+                "template": 0,
+                "token_ids": model.tokenizer(f" and then {'more ' * (i + k)}", add_special_tokens=False)[
+                    "input_ids"
+                ],
+            }
+            for i in range(6)
+            for k in range(2)
+        ]
+    )
     store = encode(model, prompts, conts, poolings=("mean", "last"), batch_size=4, store=tmp_path / "s")
     assert store.array("input", "mean").shape == (31, 12, 576)
     assert store.array("output", "last").shape == (31, 12, 576)
@@ -317,5 +412,7 @@ def test_smollm2_shapes_and_values(tmp_path):
             assert x.shape == (12, 576) and x.dtype == np.float32
             assert np.isfinite(x).all()
     # The last layer (before the final norm) carries the large residual norms the probes will see.
-    assert np.linalg.norm(store.layer(30, "output"), axis=1).min() > np.linalg.norm(
-        store.layer(0, "output"), axis=1).max()
+    assert (
+        np.linalg.norm(store.layer(30, "output"), axis=1).min()
+        > np.linalg.norm(store.layer(0, "output"), axis=1).max()
+    )

@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 
 import aligned_probing.generation as gen
-from aligned_probing.data import PromptSet
+from aligned_probing.data import PromptDataWarning, PromptSet
 from aligned_probing.generation import (
     CONTINUATION_COLUMNS,
     generate_continuations,
@@ -72,7 +72,9 @@ def test_top_p_keeps_the_nucleus_and_matches_its_frequencies(tiny_model, prompts
     probs = {10: 0.5, 11: 0.3, 12: 0.15, **{t: 0.05 / 20 for t in range(20, 40)}}
     hook = _constant_logits(len(tiny_model.tokenizer), probs)
     with tiny_model.bridge.hooks(fwd_hooks=[("unembed.hook_out", hook)]):
-        df = generate_continuations(tiny_model, prompts, k=10, seed=1, max_new_tokens=10, top_p=0.9, batch_size=20)
+        df = generate_continuations(
+            tiny_model, prompts, k=10, seed=1, max_new_tokens=10, top_p=0.9, batch_size=20
+        )
     drawn = pd.Series([t for ids in df["token_ids"] for t in ids])
     assert set(drawn) <= {10, 11, 12}
     assert len(drawn) == len(TEXTS) * 10 * 10  # no EOS in the nucleus: every row runs to max_new_tokens
@@ -85,7 +87,9 @@ def test_stops_at_eos_and_excludes_it(tiny_model, prompts):
     eos = tiny_model.eos_token_ids[0]
     hook = _constant_logits(len(tiny_model.tokenizer), {eos: 0.3, 10: 0.7})
     with tiny_model.bridge.hooks(fwd_hooks=[("unembed.hook_out", hook)]):
-        df = generate_continuations(tiny_model, prompts, k=8, seed=2, max_new_tokens=5, top_p=1.0, batch_size=32)
+        df = generate_continuations(
+            tiny_model, prompts, k=8, seed=2, max_new_tokens=5, top_p=1.0, batch_size=32
+        )
     assert all(set(ids) <= {10} for ids in df["token_ids"])  # EOS and padding excluded
     stopped = df["stopped_at_eos"]
     assert (df.loc[stopped, "n_tokens"] < 5).all()
@@ -97,7 +101,9 @@ def test_stops_at_eos_and_excludes_it(tiny_model, prompts):
 
 def test_greedy_tokens_are_the_teacher_forced_argmax(tiny_model, prompts):
     # The encoder feeds render_prompt(...).input_ids + token_ids: they must be what the model generated.
-    df = generate_continuations(tiny_model, prompts, k=1, seed=0, max_new_tokens=6, temperature=0, batch_size=4)
+    df = generate_continuations(
+        tiny_model, prompts, k=1, seed=0, max_new_tokens=6, temperature=0, batch_size=4
+    )
     for text, ids in zip(df["prompt_text"], df["token_ids"], strict=True):
         prompt_ids = render_prompt(tiny_model.tokenizer, text, 0).input_ids
         with torch.no_grad():
@@ -145,8 +151,11 @@ def test_resume_after_interruption_gives_the_uninterrupted_rows(tiny_model, prom
 
     generated = []
     real_batch = gen._generate_batch
-    monkeypatch.setattr(gen, "_generate_batch", lambda m, items, *a, **kw: generated.extend(items)
-                        or real_batch(m, items, *a, **kw))
+    monkeypatch.setattr(
+        gen,
+        "_generate_batch",
+        lambda m, items, *a, **kw: generated.extend(items) or real_batch(m, items, *a, **kw),
+    )
     resumed = generate_continuations(tiny_model, prompts, output_dir=tmp_path / "resumed", **settings)
     assert len(generated) == len(TEXTS) * 3 - 5  # only the missing rows were generated
     pd.testing.assert_frame_equal(resumed, full)
@@ -166,8 +175,11 @@ def test_raising_k_only_adds_rows(tiny_model, prompts, tmp_path, monkeypatch):
     small = generate_continuations(tiny_model, prompts, k=2, seed=5, max_new_tokens=4, output_dir=tmp_path)
     generated = []
     real_batch = gen._generate_batch
-    monkeypatch.setattr(gen, "_generate_batch", lambda m, items, *a, **kw: generated.extend(items)
-                        or real_batch(m, items, *a, **kw))
+    monkeypatch.setattr(
+        gen,
+        "_generate_batch",
+        lambda m, items, *a, **kw: generated.extend(items) or real_batch(m, items, *a, **kw),
+    )
     big = generate_continuations(tiny_model, prompts, k=3, seed=5, max_new_tokens=4, output_dir=tmp_path)
     assert sorted(c for _, c in generated) == [2] * len(TEXTS)
     pd.testing.assert_frame_equal(big[big["continuation_idx"] < 2].reset_index(drop=True), small)
@@ -204,7 +216,7 @@ def test_bad_prompts(tiny_model):
     with pytest.raises(TypeError, match="prompts must be a PromptSet or a DataFrame, got list"):
         generate_continuations(tiny_model, ["hi"], k=1, seed=0)
     dup = pd.DataFrame({"prompt_id": ["a", "a", "b"], "text": ["hi", "hi", "hello"]})
-    with pytest.warns(UserWarning, match="Removed 1 duplicate"):
+    with pytest.warns(PromptDataWarning, match="Removed 1 duplicate"):
         df = generate_continuations(tiny_model, dup, k=2, seed=0, max_new_tokens=2)
     assert len(df) == 4
 
@@ -240,8 +252,10 @@ def test_smollm2_generates_k_continuations():
     assert (df["n_tokens"] <= 8).all() and (df["n_tokens"] == df["token_ids"].map(len)).all()
     assert all(0 <= t < len(model.tokenizer) for ids in df["token_ids"] for t in ids)
     assert not any(set(model.eos_token_ids) & set(ids) for ids in df["token_ids"])
-    assert all(t == model.tokenizer.decode(ids, skip_special_tokens=True) for t, ids in zip(df["text"], df["token_ids"],
-                                                                                            strict=True))
+    assert all(
+        t == model.tokenizer.decode(ids, skip_special_tokens=True)
+        for t, ids in zip(df["text"], df["token_ids"], strict=True)
+    )
     # Same seed, other batch size: same continuations (one row at a time needs no padding).
     again = generate_continuations(model, ps, k=2, seed=0, max_new_tokens=8, batch_size=2)
     assert _ids(again) == _ids(df)

@@ -314,6 +314,17 @@ def test_two_processes_loading_at_once_share_one_conversion(cache_dir, tmp_path)
     assert not [d for d in (cache_dir / "models").iterdir() if d.name.startswith(".tmp-")]
 
 
+def test_rewrites_are_caught_by_mtime_and_bit_rot_by_full_check(cache_dir):
+    path = _model_cache.get_or_build("entry", lambda out: (out / "w.bin").write_bytes(bytes(1000)))
+    weights = path / "w.bin"
+    stat = weights.stat()
+    weights.write_bytes(b"\x01" + bytes(999))  # same size, rewritten: the mtime changes
+    assert "sha256" in _model_cache.verify_entry(path)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot keeps the mtime
+    assert _model_cache.verify_entry(path) is None
+    assert "sha256" in _model_cache.verify_entry(path, full=True)
+
+
 def test_failed_build_publishes_nothing(cache_dir):
     def build(out: Path) -> None:
         (out / "model.safetensors").write_bytes(b"half")

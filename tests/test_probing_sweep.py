@@ -268,3 +268,13 @@ def test_through_a_real_activation_store(planted, tmp_path):
         real = run_probing(store, targets, seeds=(0,), layers=[0, 1])
     expected = run_probing(fake, targets, seeds=(0,), layers=[0, 1])
     pd.testing.assert_frame_equal(real, expected)
+
+
+def test_summary_of_a_sweep_finds_the_planted_peak(planted):
+    from aligned_probing.probing import peak_layers, summarize
+
+    store, targets = planted
+    df = run_probing(store, targets, scenarios=["input", "output"], attributes=["toxicity"], seeds=(0, 1))
+    peaks = peak_layers(summarize(df)).set_index("scenario")
+    assert (peaks.layer == 1).all()  # the layer with the strongest planted encoding
+    assert (peaks.ci_low > 0.7).all()

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 
 from aligned_probing.scoring import ATTRIBUTES, EnsembleScorer, Scorer, get_scorer, validate_texts
-from aligned_probing.scoring.base import canonical_order, scores_frame, warn_failed
-from aligned_probing.scoring.base import ScoringWarning
+from aligned_probing.scoring.base import ScoringWarning, canonical_order, scores_frame, warn_failed
 
 
 class ConstantScorer:
@@ -25,20 +24,30 @@ class ConstantScorer:
 
 
 def test_attributes_are_canonical_and_ordered():
-    assert ATTRIBUTES == ("toxicity", "severe_toxicity", "profanity", "insult", "threat",
-                          "identity_attack", "sexually_explicit")
+    assert ATTRIBUTES == (
+        "toxicity",
+        "severe_toxicity",
+        "profanity",
+        "insult",
+        "threat",
+        "identity_attack",
+        "sexually_explicit",
+    )
     assert canonical_order(["threat", "toxicity", "made_up"]) == ("toxicity", "threat")
 
 
-@pytest.mark.parametrize(("texts", "message"), [
-    (["ok", None], r"texts\[1\] must be str, got NoneType"),
-    (["ok", "fine", 3], r"texts\[2\] must be str, got int"),
-    (pd.Series(["a", np.nan]), r"texts\[1\] must be str, got float"),
-    (["ok", b"bytes"], r"texts\[1\] must be str, got bytes"),
-    ("just one string", r"single str; wrap it: \[text\]"),
-    (42, r"sequence of str, got int"),
-    ({"a": 1}, r"sequence of str, got dict"),
-])
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["ok", None], r"texts\[1\] must be str, got NoneType"),
+        (["ok", "fine", 3], r"texts\[2\] must be str, got int"),
+        (pd.Series(["a", np.nan]), r"texts\[1\] must be str, got float"),
+        (["ok", b"bytes"], r"texts\[1\] must be str, got bytes"),
+        ("just one string", r"single str; wrap it: \[text\]"),
+        (42, r"sequence of str, got int"),
+        ({"a": 1}, r"sequence of str, got dict"),
+    ],
+)
 def test_validate_texts_rejects_non_strings_naming_the_index(texts, message):
     with pytest.raises(TypeError, match=message):
         validate_texts(texts)
@@ -95,7 +104,9 @@ def test_ensemble_needs_members_with_shared_attributes():
 def test_get_scorer_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match=r"name must be one of \[.*'embedded'.*\], got 'toxic-bert'"):
         get_scorer("toxic-bert")
-    with pytest.raises(ValueError, match=r"takes the options \['batch_size', 'num_threads'\].*unknown \['qps'\]"):
+    with pytest.raises(
+        ValueError, match=r"takes the options \['batch_size', 'num_threads'\].*unknown \['qps'\]"
+    ):
         get_scorer("tox-block", qps=3)
     with pytest.raises(ValueError, match=r"unknown \['model'\]"):
         get_scorer("tox-block", model="toxic-comment-classifier")

@@ -82,6 +82,7 @@ def test_many_texts_and_empty_input(tmp_path):
     assert cached.score([]).shape == (0, 2)
 
 
+@pytest.mark.slow  # loads the embedded tox-block model
 def test_get_scorer_cache_option_wraps(tmp_path):
     scorer = get_scorer("tox-block", cache=tmp_path / "c.sqlite")
     assert isinstance(scorer, CachedScorer) and scorer.id.startswith("jigsaw-bilstm/tox-block")

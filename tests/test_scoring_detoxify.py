@@ -13,9 +13,26 @@ from aligned_probing.scoring import DetoxifyScorer, get_scorer
 
 JIGSAW = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 # Detoxify "unbiased" order, identity subgroups included (they are not toxicity attributes).
-UNBIASED = ["toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat",
-            "sexual_explicit", "male", "female", "christian"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"you are an idiot hello world nice day the stupid".split()]
+UNBIASED = [
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "identity_attack",
+    "insult",
+    "threat",
+    "sexual_explicit",
+    "male",
+    "female",
+    "christian",
+]
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    *"you are an idiot hello world nice day the stupid".split(),
+]
 TEXTS = ["You are an idiot", "hello world", "", "nice day the the the", "zzz unknown"]
 
 
@@ -25,8 +42,15 @@ def _tiny_checkpoint(root: Path, classes: list[str], *, model_type: str | None =
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     BertTokenizer(str(config_dir / "vocab.txt")).save_pretrained(config_dir)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=len(classes))
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=len(classes),
+    )
     config.save_pretrained(config_dir)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
@@ -35,10 +59,17 @@ def _tiny_checkpoint(root: Path, classes: list[str], *, model_type: str | None =
             if param.dim() == 2:
                 param.normal_(0, 1.0 if "embeddings" in name or "classifier" in name else 0.4)
     checkpoint = {
-        "config": {"arch": {"args": {"model_type": model_type or str(config_dir),
-                                     "model_name": "BertForSequenceClassification",
-                                     "tokenizer_name": "BertTokenizer", "num_classes": len(classes)}},
-                   "dataset": {"args": {"classes": classes}}},
+        "config": {
+            "arch": {
+                "args": {
+                    "model_type": model_type or str(config_dir),
+                    "model_name": "BertForSequenceClassification",
+                    "tokenizer_name": "BertTokenizer",
+                    "num_classes": len(classes),
+                }
+            },
+            "dataset": {"args": {"classes": classes}},
+        },
         "state_dict": model.state_dict(),
     }
     if extra is not None:
@@ -68,11 +99,21 @@ def original_ckpt(tmp_path_factory) -> Path:
 def test_scores_equal_the_model_and_names_are_canonical(original_ckpt):
     scorer = DetoxifyScorer(checkpoint=original_ckpt, batch_size=2)  # several batches, one of size 1
     out = scorer.score(TEXTS)
-    assert scorer.attributes == ("toxicity", "severe_toxicity", "profanity", "insult", "threat", "identity_attack")
+    assert scorer.attributes == (
+        "toxicity",
+        "severe_toxicity",
+        "profanity",
+        "insult",
+        "threat",
+        "identity_attack",
+    )
     assert list(out.columns) == list(scorer.attributes)
     ref = _reference(original_ckpt, TEXTS)
-    for label, attribute in zip(JIGSAW, ["toxicity", "severe_toxicity", "profanity", "threat", "insult",
-                                         "identity_attack"], strict=True):
+    for label, attribute in zip(
+        JIGSAW,
+        ["toxicity", "severe_toxicity", "profanity", "threat", "insult", "identity_attack"],
+        strict=True,
+    ):
         np.testing.assert_allclose(out[attribute], ref[:, JIGSAW.index(label)], atol=1e-6)
     assert out["toxicity"].std() > 0.01  # a meaningful test: scores vary between texts
 
@@ -89,8 +130,15 @@ def test_matches_detoxify_predict_directly(original_ckpt):
 def test_unbiased_classes_map_and_subgroups_are_dropped(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path, UNBIASED)
     scorer = get_scorer("detoxify", checkpoint=ckpt)
-    assert scorer.attributes == ("toxicity", "severe_toxicity", "profanity", "insult", "threat",
-                                 "identity_attack", "sexually_explicit")
+    assert scorer.attributes == (
+        "toxicity",
+        "severe_toxicity",
+        "profanity",
+        "insult",
+        "threat",
+        "identity_attack",
+        "sexually_explicit",
+    )
     out = scorer.score(TEXTS)
     ref = _reference(ckpt, TEXTS)
     np.testing.assert_allclose(out["sexually_explicit"], ref[:, UNBIASED.index("sexual_explicit")], atol=1e-6)
@@ -107,7 +155,9 @@ def test_long_text_is_truncated_to_the_position_limit(original_ckpt):
 
 def test_id_includes_the_weights_hash(original_ckpt, tmp_path):
     a = DetoxifyScorer(checkpoint=original_ckpt)
-    assert a.id.startswith("detoxify/checkpoint/sha256:") and a.id == DetoxifyScorer(checkpoint=original_ckpt).id
+    assert (
+        a.id.startswith("detoxify/checkpoint/sha256:") and a.id == DetoxifyScorer(checkpoint=original_ckpt).id
+    )
     other = _tiny_checkpoint(tmp_path, JIGSAW[:5])
     assert DetoxifyScorer(checkpoint=other).id != a.id
 
@@ -120,7 +170,9 @@ def test_hub_model_type_that_would_need_network_is_refused(tmp_path):
 
 def test_release_weights_missing_from_cache_are_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"'unbiased' weights are not available offline.*toxic_debiased"):
+    with pytest.raises(
+        FileNotFoundError, match=r"'unbiased' weights are not available offline.*toxic_debiased"
+    ):
         get_scorer("detoxify-unbiased")
     with pytest.raises(ValueError, match=r"model_type must be one of \['original', 'unbiased'\]"):
         DetoxifyScorer("multilingual")

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligned_probing.scoring import ATTRIBUTES, get_scorer, verify_embedded_scorer
-from aligned_probing.scoring import jigsaw
+from aligned_probing.scoring import ATTRIBUTES, get_scorer, jigsaw, verify_embedded_scorer
 from aligned_probing.scoring.jigsaw import JIGSAW_LABELS, JigsawScorer, bilstm_max_pool
 
 FIXTURE = Path(__file__).parent / "fixtures" / "keras_reference.json"
@@ -30,11 +29,19 @@ def scorer(request) -> JigsawScorer:
 
 # --- the LSTM loop itself (no wheels needed) -------------------------------------------------
 
+
 def _random_lstm(rng: np.random.Generator, hidden: int = 5, emb: int = 4):
-    w = {k: rng.normal(0, 0.5, size=s).astype(np.float32) for k, s in {
-        "fwd_kernel": (emb, 4 * hidden), "bwd_kernel": (emb, 4 * hidden),
-        "fwd_recurrent": (hidden, 4 * hidden), "bwd_recurrent": (hidden, 4 * hidden),
-        "fwd_bias": (4 * hidden,), "bwd_bias": (4 * hidden,)}.items()}
+    w = {
+        k: rng.normal(0, 0.5, size=s).astype(np.float32)
+        for k, s in {
+            "fwd_kernel": (emb, 4 * hidden),
+            "bwd_kernel": (emb, 4 * hidden),
+            "fwd_recurrent": (hidden, 4 * hidden),
+            "bwd_recurrent": (hidden, 4 * hidden),
+            "fwd_bias": (4 * hidden,),
+            "bwd_bias": (4 * hidden,),
+        }.items()
+    }
     return w
 
 
@@ -51,11 +58,44 @@ def test_sigmoid_loop_matches_torch_lstm(rng):
             getattr(lstm, f"bias_ih_l0{suffix}").copy_(torch.from_numpy(w[f"{d}_bias"]))
             getattr(lstm, f"bias_hh_l0{suffix}").zero_()
         expected = lstm(x)[0].max(dim=1).values  # (B, 2H)
-        proj = {d: (x @ torch.from_numpy(w[f"{d}_kernel"]) + torch.from_numpy(w[f"{d}_bias"])).transpose(0, 1)
-                for d in ("fwd", "bwd")}  # (T, B, 4H)
+        proj = {
+            d: (x @ torch.from_numpy(w[f"{d}_kernel"]) + torch.from_numpy(w[f"{d}_bias"])).transpose(0, 1)
+            for d in ("fwd", "bwd")
+        }  # (T, B, 4H)
         recurrent = torch.stack([torch.from_numpy(w["fwd_recurrent"]), torch.from_numpy(w["bwd_recurrent"])])
-        ours = bilstm_max_pool(proj["fwd"], proj["bwd"].flip(0), recurrent, torch.sigmoid)
+        joint = torch.stack([proj["fwd"], proj["bwd"].flip(0)], dim=1)  # (T, 2, B, 4H)
+        ours = bilstm_max_pool(joint, recurrent, torch.sigmoid)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["hard_sigmoid", "sigmoid"])
+def test_shared_padding_shortcut_equals_full_recurrence(rng, activation):
+    # JigsawBiLSTM skips the leading padding columns (forward: precomputed state; backward: one
+    # shared projection). It must equal running all T steps on the full sequences.
+    w = _random_lstm(rng, hidden=5, emb=4)
+    w.update(
+        embedding=rng.normal(size=(30, 4)).astype(np.float32),
+        dense_kernel=rng.normal(size=(10, 3)).astype(np.float32),
+        dense_bias=np.zeros(3, np.float32),
+        out_kernel=rng.normal(size=(3, 6)).astype(np.float32),
+        out_bias=np.zeros(6, np.float32),
+    )
+    model = jigsaw.JigsawBiLSTM(w, activation, maxlen=12)
+    ids = torch.zeros(3, 12, dtype=torch.int64)
+    ids[0, 9:] = torch.tensor([5, 7, 9])  # 9 leading padding columns shared by all rows
+    ids[1, 10:] = torch.tensor([3, 3])
+    ids[2, 11:] = torch.tensor([29])
+    empty = torch.zeros(2, 12, dtype=torch.int64)  # all padding: nothing to skip for the backward pass
+    with torch.no_grad():
+        for batch in (ids, empty):
+            torch.testing.assert_close(model(batch), _full_recurrence(model, batch), atol=1e-6, rtol=0)
+
+
+def _full_recurrence(model: jigsaw.JigsawBiLSTM, ids: torch.Tensor) -> torch.Tensor:
+    """The model without the padding shortcut: all T steps in both directions."""
+    joint = model.table[torch.stack([ids.T, ids.T.flip(0) + model.vocab], dim=1)]  # (T, 2, B, 4H)
+    pooled = bilstm_max_pool(joint, model.recurrent, model.gate)
+    return torch.sigmoid(model.out(torch.relu(model.dense(pooled))))
 
 
 def test_hard_sigmoid_is_tf_keras_2_definition():
@@ -79,6 +119,7 @@ def test_bad_options_are_named():
 
 
 # --- reference parity with the real Keras models -----------------------------------------------
+
 
 @pytest.mark.slow
 def test_tokenizer_matches_keras(scorer, reference):
@@ -104,9 +145,14 @@ def test_score_maps_jigsaw_labels_to_canonical_names(scorer, reference):
     raw = scorer.predict_raw(reference["texts"])
     frame = scorer.score(reference["texts"])
     assert tuple(frame.columns) == scorer.attributes == ATTRIBUTES[:6]
-    for label, attribute in [("toxic", "toxicity"), ("severe_toxic", "severe_toxicity"),
-                             ("obscene", "profanity"), ("threat", "threat"), ("insult", "insult"),
-                             ("identity_hate", "identity_attack")]:
+    for label, attribute in [
+        ("toxic", "toxicity"),
+        ("severe_toxic", "severe_toxicity"),
+        ("obscene", "profanity"),
+        ("threat", "threat"),
+        ("insult", "insult"),
+        ("identity_hate", "identity_attack"),
+    ]:
         np.testing.assert_allclose(frame[attribute], raw[:, JIGSAW_LABELS.index(label)], atol=1e-7)
     assert frame.dtypes.eq(np.float64).all() and list(frame.index) == list(range(len(frame)))
 
@@ -152,7 +198,9 @@ def test_bad_items_raise_type_error_naming_index(scorer):
 def test_embedded_is_mean_of_both_models(reference):
     texts = reference["texts"]
     ensemble = get_scorer("embedded")
-    expected = (JigsawScorer("tox-block").score(texts) + JigsawScorer("toxic-comment-classifier").score(texts)) / 2
+    expected = (
+        JigsawScorer("tox-block").score(texts) + JigsawScorer("toxic-comment-classifier").score(texts)
+    ) / 2
     np.testing.assert_allclose(ensemble.score(texts).to_numpy(), expected.to_numpy(), atol=1e-12)
     assert ensemble.attributes == ATTRIBUTES[:6]
     assert "tox-block==0.1.2" in ensemble.id and "toxic-comment-classifier==0.3.0" in ensemble.id

@@ -20,8 +20,10 @@ KEY = "test-key-S3CR3T-0123456789"
 def _ok(text: str, attributes: list[str]) -> tuple[int, bytes]:
     """A well-formed answer whose scores are a known function of the text."""
     base = min(len(text), 50) / 100
-    scores = {a: {"summaryScore": {"value": round(base + 0.01 * i, 4), "type": "PROBABILITY"}}
-              for i, a in enumerate(attributes)}
+    scores = {
+        a: {"summaryScore": {"value": round(base + 0.01 * i, 4), "type": "PROBABILITY"}}
+        for i, a in enumerate(attributes)
+    }
     return 200, json.dumps({"attributeScores": scores, "languages": ["en"]}).encode()
 
 
@@ -47,8 +49,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server: FakePerspective = self.server  # type: ignore[assignment]
         text = body["comment"]["text"]
-        server.requests.append({"t": time.monotonic(), "path": self.path, "body": body,
-                                "key": self.headers.get("X-Goog-Api-Key")})
+        server.requests.append(
+            {
+                "t": time.monotonic(),
+                "path": self.path,
+                "body": body,
+                "key": self.headers.get("X-Goog-Api-Key"),
+            }
+        )
         queue = server.script.get(text)
         if queue:
             status, payload, headers = queue.pop(0)
@@ -135,13 +143,22 @@ def test_500_exhausting_retries_gives_nan_with_error(scorer, server):
     assert sum(r["body"]["comment"]["text"] == "broken" for r in server.requests) == 3
 
 
-@pytest.mark.parametrize(("payload", "reason"), [
-    (b"{not json", "malformed response (JSONDecodeError"),
-    (json.dumps({"attributeScores": {"TOXICITY": {"summaryScore": {"value": 0.5}}}}).encode(),
-     "malformed response (KeyError"),
-    (json.dumps({"attributeScores": {a.upper(): {"summaryScore": {"value": 7}} for a in ATTRIBUTES}}).encode(),
-     "outside [0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "malformed response (JSONDecodeError"),
+        (
+            json.dumps({"attributeScores": {"TOXICITY": {"summaryScore": {"value": 0.5}}}}).encode(),
+            "malformed response (KeyError",
+        ),
+        (
+            json.dumps(
+                {"attributeScores": {a.upper(): {"summaryScore": {"value": 7}} for a in ATTRIBUTES}}
+            ).encode(),
+            "outside [0, 1]",
+        ),
+    ],
+)
 def test_malformed_answers_give_nan_with_error(scorer, server, payload, reason):
     server.script["weird"] = [(200, payload, {})]
     with pytest.warns(ScoringWarning):

@@ -16,9 +16,17 @@ KEYS = [("input", "mean"), ("output", "mean"), ("input", "last"), ("output", "la
 
 
 def _create(path, **kwargs) -> ActivationStore:
-    args = dict(model="tiny", template=0, n_layers=L, d_model=D, positions=("input", "output"),
-                poolings=("mean", "last"), chunk_rows=4, layer_names=[f"h{i}" for i in range(L + 1)],
-                extra={"revision": "r1", "tokenizer_hash": "abc"})
+    args = dict(
+        model="tiny",
+        template=0,
+        n_layers=L,
+        d_model=D,
+        positions=("input", "output"),
+        poolings=("mean", "last"),
+        chunk_rows=4,
+        layer_names=[f"h{i}" for i in range(L + 1)],
+        extra={"revision": "r1", "tokenizer_hash": "abc"},
+    )
     args.update(kwargs)
     return ActivationStore.create(path, **args)
 
@@ -36,8 +44,11 @@ def test_round_trip_and_layout(tmp_path, rng):
     store.append(i2, v2)
     reopened = ActivationStore.open(tmp_path / "s")
     assert len(reopened) == 9
-    pd.testing.assert_frame_equal(reopened.index, pd.concat([i1, i2], ignore_index=True).astype(
-        {"prompt_id": object, "continuation_idx": "int64"}), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        reopened.index,
+        pd.concat([i1, i2], ignore_index=True).astype({"prompt_id": object, "continuation_idx": "int64"}),
+        check_dtype=False,
+    )
     for pos, pooling in KEYS:
         for layer in range(L + 1):
             expected = np.concatenate([v1[(pos, pooling)][layer], v2[(pos, pooling)][layer]])
@@ -126,27 +137,39 @@ def test_index_longer_than_arrays_is_corruption(tmp_path, rng):
 
 @pytest.mark.parametrize(
     ("field", "value", "stored"),
-    [("model", "other-model", "'tiny'"), ("template", 2, "0"), ("revision", "r2", "'r1'"),
-     ("tokenizer_hash", "zzz", "'abc'"), ("poolings", ("mean",), r"\['mean', 'last'\]")],
+    [
+        ("model", "other-model", "'tiny'"),
+        ("template", 2, "0"),
+        ("revision", "r2", "'r1'"),
+        ("tokenizer_hash", "zzz", "'abc'"),
+        ("poolings", ("mean",), r"\['mean', 'last'\]"),
+    ],
 )
 def test_open_with_mismatched_expectation_names_the_field(tmp_path, field, value, stored):
     _create(tmp_path / "s")
     with pytest.raises(ValueError, match=rf"written for {field}={stored}, but {field}=.* was expected"):
         ActivationStore.open(tmp_path / "s", expect={field: value})
-    assert len(ActivationStore.open(tmp_path / "s", expect={"model": "tiny", "poolings": ("mean", "last")})) == 0
+    assert (
+        len(ActivationStore.open(tmp_path / "s", expect={"model": "tiny", "poolings": ("mean", "last")})) == 0
+    )
 
 
 def test_open_or_create(tmp_path, rng):
-    created = ActivationStore.open_or_create(tmp_path / "s", expect={"model": "tiny"}, model="tiny", template=0,
-                                             n_layers=L, d_model=D)
-    created.append(pd.DataFrame({"prompt_id": ["a"], "continuation_idx": [-1]}),
-                   {("input", "mean"): np.ones((L + 1, 1, D))})
-    opened = ActivationStore.open_or_create(tmp_path / "s", expect={"model": "tiny"}, model="tiny", template=0,
-                                            n_layers=L, d_model=D)
+    created = ActivationStore.open_or_create(
+        tmp_path / "s", expect={"model": "tiny"}, model="tiny", template=0, n_layers=L, d_model=D
+    )
+    created.append(
+        pd.DataFrame({"prompt_id": ["a"], "continuation_idx": [-1]}),
+        {("input", "mean"): np.ones((L + 1, 1, D))},
+    )
+    opened = ActivationStore.open_or_create(
+        tmp_path / "s", expect={"model": "tiny"}, model="tiny", template=0, n_layers=L, d_model=D
+    )
     assert len(opened) == 1 and opened.index["continuation_idx"].tolist() == [-1]
     with pytest.raises(ValueError, match="model='tiny', but model='x' was expected"):
-        ActivationStore.open_or_create(tmp_path / "s", expect={"model": "x"}, model="x", template=0,
-                                       n_layers=L, d_model=D)
+        ActivationStore.open_or_create(
+            tmp_path / "s", expect={"model": "x"}, model="x", template=0, n_layers=L, d_model=D
+        )
 
 
 def test_append_errors(tmp_path, rng):

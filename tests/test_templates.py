@@ -56,7 +56,19 @@ def test_template2_text_form_span(tok):
     assert r.input_ids == tok(r.text)["input_ids"]
     tokens = _tokens(tok, r.input_ids)
     # prefix "Complete the following text.\nText: " | prompt | "\nContinuation:"
-    assert tokens[: r.prompt_start] == ["Comp", "lete", "Ġthe", "Ġfollo", "wing", "Ġtext", ".", "Ċ", "Text", ":", "Ġ"]
+    assert tokens[: r.prompt_start] == [
+        "Comp",
+        "lete",
+        "Ġthe",
+        "Ġfollo",
+        "wing",
+        "Ġtext",
+        ".",
+        "Ċ",
+        "Text",
+        ":",
+        "Ġ",
+    ]
     assert tokens[r.prompt_start : r.prompt_end] == ["You", "Ġidiot", "Ċ", "he", "llo", "Ġwor", "ld"]
     assert tokens[r.prompt_end :] == ["Ċ", "Cont", "inuat", "ion", ":"]
     assert tok.decode(r.prompt_ids) == PROMPT
@@ -85,7 +97,9 @@ def test_chat_template_with_system_role(chat_tok):
     assert r.chat
     messages = [{"role": "system", "content": SYSTEM_LINES[1]}, {"role": "user", "content": PROMPT}]
     expected_text = chat_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    expected_ids = chat_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    expected_ids = chat_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)[
+        "input_ids"
+    ]
     assert r.text == expected_text
     assert r.input_ids == list(expected_ids)
     tokens = _tokens(chat_tok, r.input_ids)

@@ -76,7 +76,7 @@ def test_dpo_raises_the_margin_and_saves_loadable_models(tiny_llama_dir, tmp_pat
     before = margin(model)
     args = DPOConfig(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=3,
                      learning_rate=5e-3, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
-                     report_to="none", save_strategy="no", use_cpu=True, max_length=64,
+                     report_to="none", save_strategy="no", use_cpu=True, bf16=False, max_length=64,
                      gradient_checkpointing=False, disable_tqdm=True, seed=0)
     trained = train_dpo(model, tok, pairs, args, peft_config=lora_config(r=4, alpha=8))
     after = margin(trained)

@@ -66,7 +66,8 @@ def test_compute_loss_adds_lambda_times_penalty(fitted, tmp_path):
 
     ds = Dataset.from_pandas(pd.DataFrame({"prompt": PROMPTS[:2], "completion": COMPLETIONS[:2]}))
     args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=3.0, report_to="none", save_strategy="no",
-                          use_cpu=True, max_length=64, gradient_checkpointing=False, per_device_train_batch_size=2)
+                          use_cpu=True, bf16=False, max_length=64, gradient_checkpointing=False,
+                          per_device_train_batch_size=2)
     trainer = ProbePenaltySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                      peft_config=lora_config(r=2, alpha=4), penalty=ProbePenalty(probes))
     batch = next(iter(trainer.get_train_dataloader()))
@@ -84,7 +85,7 @@ def test_a_few_steps_lower_the_frozen_probe_score(fitted, tmp_path):
     model, tok, probes = fitted
     _, before = _probe_scores(model, tok, probes)
     args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=20.0, learning_rate=5e-3, max_steps=8,
-                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True,
+                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
                           max_length=64, gradient_checkpointing=False, logging_steps=1, disable_tqdm=True, seed=0)
     texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
     trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),

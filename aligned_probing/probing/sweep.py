@@ -171,13 +171,7 @@ def run_probing(
     dropped = 0
     for layer in layers:
         for d, code, ctrl in zip(designs, codes, controls, strict=True):
-            X = np.asarray(store.layer(layer, position=d.position, pooling=pooling))
-            if X.ndim != 2 or X.shape[0] != len(index):
-                raise ValueError(
-                    f"store.layer({layer}, {d.position!r}) has shape {X.shape}, but the store "
-                    f"index has {len(index)} rows: mismatched lengths."
-                )
-            X = X[d.rows].astype(np.float64)
+            X = _read_layer(store, layer, d, pooling, len(index))
             finite = np.isfinite(X).all(axis=1)  # empty continuations are stored as NaN vectors
             dropped = max(dropped, int((~finite).sum()))
             for seed in seeds:
@@ -185,21 +179,10 @@ def run_probing(
                 Y = np.hstack([d.targets, d.targets[ctrl[seed]]]) if control else d.targets
                 for fold in range(n_folds):
                     train, test = finite & (fold_of_row != fold), finite & (fold_of_row == fold)
-                    records.extend(
-                        _fit_fold(
-                            X,
-                            Y,
-                            d,
-                            train,
-                            test,
-                            alphas,
-                            control,
-                            layer,
-                            fold,
-                            seed,
-                            mdl and _mdl(X, d.targets, train, seed, fold, alphas, mdl_precision),
-                        )
-                    )
+                    rows = _fit_fold(X, Y, d.columns, train, test, alphas, control)
+                    if mdl:
+                        _add_mdl(rows, X, d.targets, train, seed, fold, alphas, mdl_precision)
+                    records.extend({"layer": layer, "fold": fold, "seed": seed, **row} for row in rows)
     if dropped:
         warnings.warn(
             f"Dropped up to {dropped} rows with non-finite activations (empty continuations) per layer.",
@@ -215,14 +198,65 @@ def run_probing(
             UserWarning,
             stacklevel=2,
         )
-    df.insert(0, "model", store.model_name)
-    df.insert(1, "template", store.template)
-    df.insert(5, "n_layers", store.n_layers)
-    df.insert(6, "relative_depth", df["layer"] / store.n_layers)
+    df = df.assign(
+        model=store.model_name,
+        template=store.template,
+        n_layers=store.n_layers,
+        relative_depth=df["layer"] / store.n_layers,
+    )
     return df[list(RESULT_COLUMNS) + (list(MDL_COLUMNS) if mdl else [])]
 
 
-def _mdl(
+def _read_layer(store: ProbingStore, layer: int, d: ProbingDesign, pooling: str, n_index: int) -> np.ndarray:
+    """One layer's activations at the design's rows, float64 `[n_rows, d_model]`; checks the length."""
+    X = np.asarray(store.layer(layer, position=d.position, pooling=pooling))
+    if X.ndim != 2 or X.shape[0] != n_index:
+        raise ValueError(
+            f"store.layer({layer}, {d.position!r}) has shape {X.shape}, but the store "
+            f"index has {n_index} rows: mismatched lengths."
+        )
+    return X[d.rows].astype(np.float64)
+
+
+def _fit_fold(
+    X: np.ndarray,
+    Y: np.ndarray,
+    columns: list[tuple[str, str]],
+    train: np.ndarray,
+    test: np.ndarray,
+    alphas: Sequence[float],
+    control: bool,
+) -> list[dict[str, Any]]:
+    """Fit one probe on the training rows (all target columns at once); one record per real column.
+
+    `Y` holds the real targets in its first `len(columns)` columns and, with `control`, their control
+    (permuted) versions in the same order after them.
+    """
+    k = len(columns)
+    probe = RidgeProbe(alphas=alphas).fit(X[train], Y[train])
+    m = regression_metrics(Y[test], probe.predict(X[test]))
+    rows = []
+    for j, (scenario, attribute) in enumerate(columns):
+        control_r = m["pearson"][k + j] if control else np.nan
+        rows.append(
+            {
+                "scenario": scenario,
+                "attribute": attribute,
+                "pearson": m["pearson"][j],
+                "r2": m["r2"][j],
+                "rmse": m["rmse"][j],
+                "alpha": probe.alpha_[j],
+                "n_train": int(train.sum()),
+                "n_test": int(test.sum()),
+                "control_pearson": control_r,
+                "selectivity": m["pearson"][j] - control_r,
+            }
+        )
+    return rows
+
+
+def _add_mdl(
+    rows: list[dict[str, Any]],
     X: np.ndarray,
     Y: np.ndarray,
     train: np.ndarray,
@@ -230,54 +264,12 @@ def _mdl(
     fold: int,
     alphas: Sequence[float],
     precision: float,
-) -> dict[str, np.ndarray]:
-    """Online code of the training part's real targets, in a random order seeded by (seed, fold)."""
-    rows = np.flatnonzero(train)
-    rows = rows[np.random.default_rng([seed, fold, 1]).permutation(len(rows))]
-    code = online_codelength(X[rows], Y[rows], fractions=MDL_FRACTIONS, precision=precision, alphas=alphas)
-    return {
-        "online_codelength": code.online_codelength,
-        "uniform_codelength": code.uniform_codelength,
-        "compression": code.compression,
-    }
-
-
-def _fit_fold(
-    X: np.ndarray,
-    Y: np.ndarray,
-    d: ProbingDesign,
-    train: np.ndarray,
-    test: np.ndarray,
-    alphas: Sequence[float],
-    control: bool,
-    layer: int,
-    fold: int,
-    seed: int,
-    mdl: dict[str, np.ndarray] | bool,
-) -> list[dict[str, Any]]:
-    """Fit one probe on the training rows (all target columns at once); one record per real column."""
-    k = len(d.columns)
-    probe = RidgeProbe(alphas=alphas).fit(X[train], Y[train])
-    m = regression_metrics(Y[test], probe.predict(X[test]))
-    out = []
-    for j, (scenario, attribute) in enumerate(d.columns):
-        control_r = m["pearson"][k + j] if control else np.nan
-        row = {
-            "scenario": scenario,
-            "attribute": attribute,
-            "layer": layer,
-            "fold": fold,
-            "seed": seed,
-            "pearson": m["pearson"][j],
-            "r2": m["r2"][j],
-            "rmse": m["rmse"][j],
-            "alpha": probe.alpha_[j],
-            "n_train": int(train.sum()),
-            "n_test": int(test.sum()),
-            "control_pearson": control_r,
-            "selectivity": m["pearson"][j] - control_r,
-        }
-        if mdl:
-            row.update({name: values[j] for name, values in mdl.items()})
-        out.append(row)
-    return out
+) -> None:
+    """Add the online code of the training part's real targets (order seeded by (seed, fold)) to `rows`."""
+    order = np.flatnonzero(train)
+    order = order[np.random.default_rng([seed, fold, 1]).permutation(len(order))]
+    code = online_codelength(X[order], Y[order], fractions=MDL_FRACTIONS, precision=precision, alphas=alphas)
+    for j, row in enumerate(rows):
+        row["online_codelength"] = code.online_codelength[j]
+        row["uniform_codelength"] = code.uniform_codelength[j]
+        row["compression"] = code.compression[j]

@@ -21,15 +21,17 @@ import numpy as np
 # The only globals a tokenizer pickle may name. Tokenizer classes become a state holder; the three
 # containers are what their attribute values are made of (word counts are an OrderedDict,
 # word_docs a defaultdict(int)). Anything else (os.system, builtins.eval, ...) is refused.
-_STATE_CLASSES = frozenset({
-    ("keras_preprocessing.text", "Tokenizer"),
-    ("keras.preprocessing.text", "Tokenizer"),
-    ("keras.src.preprocessing.text", "Tokenizer"),
-    ("keras.src.legacy.preprocessing.text", "Tokenizer"),
-    ("tensorflow.keras.preprocessing.text", "Tokenizer"),
-    # tox-block wraps its tokenizer in a scikit-learn transformer; only its state is needed.
-    ("tox_block.data_processing.preprocessors", "TokenSequencer"),
-})
+_STATE_CLASSES = frozenset(
+    {
+        ("keras_preprocessing.text", "Tokenizer"),
+        ("keras.preprocessing.text", "Tokenizer"),
+        ("keras.src.preprocessing.text", "Tokenizer"),
+        ("keras.src.legacy.preprocessing.text", "Tokenizer"),
+        ("tensorflow.keras.preprocessing.text", "Tokenizer"),
+        # tox-block wraps its tokenizer in a scikit-learn transformer; only its state is needed.
+        ("tox_block.data_processing.preprocessors", "TokenSequencer"),
+    }
+)
 _SAFE_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
@@ -120,7 +122,7 @@ def pad_sequences(sequences: list[list[int]], maxlen: int) -> np.ndarray:
     for row, seq in enumerate(sequences):
         tail = seq[-maxlen:]
         if tail:
-            out[row, maxlen - len(tail):] = tail
+            out[row, maxlen - len(tail) :] = tail
     return out
 
 
@@ -144,6 +146,8 @@ def load_keras_tokenizer(path: str | Path) -> KerasTokenizer:
     if not isinstance(state, _PickledState) or "word_index" not in vars(state):
         raise ValueError(f"{path} holds no Keras Tokenizer state (no word_index)")
     s = vars(state)
+    if s.get("analyzer") is not None:
+        raise ValueError(f"{path} uses a custom analyzer, which this port does not reproduce")
     return KerasTokenizer(
         word_index=dict(s["word_index"]),
         num_words=s.get("num_words"),

@@ -69,7 +69,7 @@ class ScoreCache:
         unique = list(dict.fromkeys(hashes))
         with self._connect() as conn:
             for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start:start + _CHUNK]
+                chunk = unique[start : start + _CHUNK]
                 rows = conn.execute(
                     f"SELECT text_sha256, scores FROM scores WHERE scorer_id = ? "
                     f"AND text_sha256 IN ({','.join('?' * len(chunk))})",
@@ -129,7 +129,9 @@ class CachedScorer:
             errors = {i: failed[h] for i, h in enumerate(hashes) if h in failed}
         self.last_misses = len(missing)
         cols = list(self.attributes)
-        values = np.array([[known[h][a] for a in cols] for h in hashes], dtype=np.float64).reshape(-1, len(cols))
+        values = np.array([[known[h][a] for a in cols] for h in hashes], dtype=np.float64).reshape(
+            -1, len(cols)
+        )
         frame = pd.DataFrame(values, columns=cols)
         frame.attrs["errors"] = errors
         return frame

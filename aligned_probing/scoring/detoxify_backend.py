@@ -68,8 +68,10 @@ def _check_model_type_local(model_type: str, huggingface_config_path: str | None
 
     if isinstance(try_to_load_from_cache(model_type, "config.json"), str) and (
         huggingface_config_path is not None
-        or any(isinstance(try_to_load_from_cache(model_type, f), str)
-               for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
+        or any(
+            isinstance(try_to_load_from_cache(model_type, f), str)
+            for f in ("tokenizer.json", "vocab.txt", "vocab.json")
+        )
     ):
         return
     raise FileNotFoundError(
@@ -122,7 +124,8 @@ class DetoxifyScorer:
         if checkpoint is None:
             if model_type not in _RELEASES:
                 raise ValueError(
-                    f"model_type must be one of {sorted(_RELEASES)} when no checkpoint is given, got {model_type!r}"
+                    f"model_type must be one of {sorted(_RELEASES)} when no checkpoint is given, "
+                    f"got {model_type!r}"
                 )
             path = _hub_cached_checkpoint(model_type)
         else:
@@ -138,7 +141,9 @@ class DetoxifyScorer:
         self._detoxify = Detoxify(checkpoint=str(path), device=device, huggingface_config_path=hf_dir)
         self._cap_length()
         self.batch_size = batch_size
-        self._columns = {name: LABEL_ALIASES[name] for name in self._detoxify.class_names if name in LABEL_ALIASES}
+        self._columns = {
+            name: LABEL_ALIASES[name] for name in self._detoxify.class_names if name in LABEL_ALIASES
+        }
         self.attributes = canonical_order(self._columns.values())
         label = model_type if checkpoint is None else "checkpoint"
         self.id = f"detoxify/{label}/sha256:{_sha256(path)[:16]}"
@@ -158,10 +163,10 @@ class DetoxifyScorer:
         names = list(self._columns)
         values = np.empty((len(texts), len(names)))
         for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
+            chunk = texts[start : start + self.batch_size]
             out = self._detoxify.predict(chunk)
             # Detoxify squeezes a batch of one into scalars.
-            values[start:start + len(chunk)] = np.column_stack([np.atleast_1d(out[n]) for n in names])
+            values[start : start + len(chunk)] = np.column_stack([np.atleast_1d(out[n]) for n in names])
         frame = scores_frame(values, [self._columns[n] for n in names], source=self.id)
         return frame[list(self.attributes)]
 

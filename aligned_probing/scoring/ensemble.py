@@ -28,9 +28,7 @@ class EnsembleScorer:
             raise ValueError("members must hold at least one scorer, got an empty sequence")
         shared = set(members[0].attributes).intersection(*(m.attributes for m in members[1:]))
         if not shared:
-            raise ValueError(
-                f"members share no attribute: {[(m.id, m.attributes) for m in members]}"
-            )
+            raise ValueError(f"members share no attribute: {[(m.id, m.attributes) for m in members]}")
         self.members = members
         self.attributes = canonical_order(shared)
         self.id = "mean(" + ",".join(m.id for m in members) + ")"

@@ -72,12 +72,26 @@ class JigsawModelSpec:
 JIGSAW_MODELS: dict[str, JigsawModelSpec] = {
     spec.name: spec
     for spec in (
-        JigsawModelSpec("tox-block", "tox-block", "0.1.2", "tox_block",
-                        "trained_models/lstm_model_0.1.2.h5", "trained_models/encoder_0.1.2.pkl",
-                        "keras2-model", "hard_sigmoid"),
-        JigsawModelSpec("toxic-comment-classifier", "toxic-comment-classifier", "0.3.0", "toxic_classifier",
-                        "model/model.weights.h5", "model/tokenizer.pickle",
-                        "keras3-weights", "sigmoid"),
+        JigsawModelSpec(
+            "tox-block",
+            "tox-block",
+            "0.1.2",
+            "tox_block",
+            "trained_models/lstm_model_0.1.2.h5",
+            "trained_models/encoder_0.1.2.pkl",
+            "keras2-model",
+            "hard_sigmoid",
+        ),
+        JigsawModelSpec(
+            "toxic-comment-classifier",
+            "toxic-comment-classifier",
+            "0.3.0",
+            "toxic_classifier",
+            "model/model.weights.h5",
+            "model/tokenizer.pickle",
+            "keras3-weights",
+            "sigmoid",
+        ),
     )
 }
 
@@ -99,8 +113,8 @@ def _lstm_cell(z: Tensor, c: Tensor, gate: Callable[[Tensor], Tensor]) -> tuple[
     """
     hidden = z.shape[-1] // 4
     s = gate(z)
-    c = s[..., hidden:2 * hidden] * c + s[..., :hidden] * torch.tanh(z[..., 2 * hidden:3 * hidden])
-    return s[..., 3 * hidden:] * torch.tanh(c), c
+    c = s[..., hidden : 2 * hidden] * c + s[..., :hidden] * torch.tanh(z[..., 2 * hidden : 3 * hidden])
+    return s[..., 3 * hidden :] * torch.tanh(c), c
 
 
 def bilstm_max_pool(
@@ -150,7 +164,9 @@ class JigsawBiLSTM(nn.Module):
         maxlen: Sequence length the inputs are padded to.
     """
 
-    def __init__(self, weights: dict[str, np.ndarray], recurrent_activation: str, maxlen: int = MAXLEN) -> None:
+    def __init__(
+        self, weights: dict[str, np.ndarray], recurrent_activation: str, maxlen: int = MAXLEN
+    ) -> None:
         super().__init__()
         if recurrent_activation not in _GATES:
             raise ValueError(
@@ -161,8 +177,12 @@ class JigsawBiLSTM(nn.Module):
         t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
         vocab = t["embedding"].shape[0]
         # Rows [0, V) forward, [V, 2V) backward: one gather fetches both directions.
-        table = torch.cat([t["embedding"] @ t["fwd_kernel"] + t["fwd_bias"],
-                           t["embedding"] @ t["bwd_kernel"] + t["bwd_bias"]])  # (2V, 4H)
+        table = torch.cat(
+            [
+                t["embedding"] @ t["fwd_kernel"] + t["fwd_bias"],
+                t["embedding"] @ t["bwd_kernel"] + t["bwd_bias"],
+            ]
+        )  # (2V, 4H)
         self.register_buffer("table", table)
         self.register_buffer("recurrent", torch.stack([t["fwd_recurrent"], t["bwd_recurrent"]]))  # (2,H,4H)
         self.vocab = vocab
@@ -193,15 +213,18 @@ class JigsawBiLSTM(nn.Module):
         """Return the six Jigsaw probabilities for pre-padded id sequences."""
         batch, steps = ids.shape
         if steps != self.maxlen:
-            raise ValueError(f"ids must have {self.maxlen} columns (pre-padded), got shape {tuple(ids.shape)}")
+            raise ValueError(
+                f"ids must have {self.maxlen} columns (pre-padded), got shape {tuple(ids.shape)}"
+            )
         # Columns that are padding in every row are skipped (forward) or shared (backward).
         used = (ids != 0).any(dim=0).nonzero()
         start = int(used[0]) if len(used) else steps
         real = ids[:, start:].T  # (L, B), time-major
         joint = self.table[torch.stack([real, real.flip(0) + self.vocab], dim=1)]  # (L, 2, B, 4H)
         init = tuple(s.expand(batch, -1) for s in self._pad_states[start])
-        pooled = bilstm_max_pool(joint, self.recurrent, self.gate, fwd_init=init,
-                                 bwd_tail=self.table[self.vocab], n_tail=start)
+        pooled = bilstm_max_pool(
+            joint, self.recurrent, self.gate, fwd_init=init, bwd_tail=self.table[self.vocab], n_tail=start
+        )
         return torch.sigmoid(self.out(torch.relu(self.dense(pooled))))
 
 
@@ -250,16 +273,25 @@ def read_keras_weights(path: Path, layout: str) -> dict[str, np.ndarray]:
         `embedding`, `{fwd,bwd}_{kernel,recurrent,bias}`, `dense_{kernel,bias}`, `out_{kernel,bias}`.
     """
     if layout == "keras2-model":
-        names = {"embedding": "embedding/embedding/embeddings:0",
-                 "dense_kernel": "dense/dense/kernel:0", "dense_bias": "dense/dense/bias:0",
-                 "out_kernel": "dense_1/dense_1/kernel:0", "out_bias": "dense_1/dense_1/bias:0"}
+        names = {
+            "embedding": "embedding/embedding/embeddings:0",
+            "dense_kernel": "dense/dense/kernel:0",
+            "dense_bias": "dense/dense/bias:0",
+            "out_kernel": "dense_1/dense_1/kernel:0",
+            "out_bias": "dense_1/dense_1/bias:0",
+        }
         for d, layer in (("fwd", "forward_lstm"), ("bwd", "backward_lstm")):
             for part, var in (("kernel", "kernel"), ("recurrent", "recurrent_kernel"), ("bias", "bias")):
                 names[f"{d}_{part}"] = f"bidirectional/bidirectional/{layer}/{var}:0"
         root = "model_weights/"
     elif layout == "keras3-weights":
-        names = {"embedding": "embedding/vars/0", "dense_kernel": "dense/vars/0", "dense_bias": "dense/vars/1",
-                 "out_kernel": "dense_1/vars/0", "out_bias": "dense_1/vars/1"}
+        names = {
+            "embedding": "embedding/vars/0",
+            "dense_kernel": "dense/vars/0",
+            "dense_bias": "dense/vars/1",
+            "out_kernel": "dense_1/vars/0",
+            "out_bias": "dense_1/vars/1",
+        }
         for d, layer in (("fwd", "forward_layer"), ("bwd", "backward_layer")):
             for part, var in (("kernel", 0), ("recurrent", 1), ("bias", 2)):
                 names[f"{d}_{part}"] = f"bidirectional/{layer}/cell/vars/{var}"
@@ -279,7 +311,7 @@ def _sha256(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> tuple[KerasTokenizer, JigsawBiLSTM, str]:
     # Memoised: the tokenizer pickles take ~1 s to read, and the loaded objects are read-only.
     spec = JIGSAW_MODELS[name]
@@ -301,8 +333,10 @@ class JigsawScorer:
         model: "tox-block" or "toxic-comment-classifier".
         batch_size: Texts per forward pass.
         num_threads: Torch CPU threads while scoring (None: leave torch's setting). The LSTM runs
-            many small ops, so on a busy machine 1 thread is often faster than several; the previous
-            setting is restored afterwards (process-wide, so not safe to change from several threads).
+            many small ops, where intra-op threads gain little and, on a busy machine, cost up to
+            10x (threads spin-wait for each other); hence 1 by default. The previous setting is
+            restored afterwards (it is process-wide: do not score from several threads at once
+            while other threads rely on torch's thread count).
 
     Example:
         >>> scorer = JigsawScorer("tox-block")
@@ -310,7 +344,9 @@ class JigsawScorer:
         [0.0, 0.99]
     """
 
-    def __init__(self, model: str = "tox-block", *, batch_size: int = 1024, num_threads: int | None = None) -> None:
+    def __init__(
+        self, model: str = "tox-block", *, batch_size: int = 256, num_threads: int | None = 1
+    ) -> None:
         if model not in JIGSAW_MODELS:
             raise ValueError(f"model must be one of {sorted(JIGSAW_MODELS)}, got {model!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -337,7 +373,7 @@ class JigsawScorer:
         out = np.empty((len(ids), len(JIGSAW_LABELS)), dtype=np.float32)
         with torch.inference_mode(), _torch_threads(self.num_threads):
             for start in range(0, len(ids), self.batch_size):
-                rows = order[start:start + self.batch_size]
+                rows = order[start : start + self.batch_size]
                 out[rows] = self._model(torch.from_numpy(ids[rows])).numpy()
         return out
 
@@ -353,7 +389,9 @@ class JigsawScorer:
 def load_keras_reference(path: str | Path | None = None) -> dict:
     """Read the recorded outputs of the real Keras models (the packaged copy by default)."""
     if path is None:
-        text = resources.files("aligned_probing.scoring").joinpath("resources/keras_reference.json").read_text()
+        text = (
+            resources.files("aligned_probing.scoring").joinpath("resources/keras_reference.json").read_text()
+        )
     else:
         text = Path(path).read_text()
     return json.loads(text)

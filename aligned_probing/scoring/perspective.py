@@ -119,13 +119,19 @@ class PerspectiveScorer:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if backoff < 0 or max_backoff < 0 or not timeout > 0:
             raise ValueError(
-                f"backoff and max_backoff must be >= 0 and timeout > 0, got {backoff!r}, {max_backoff!r}, {timeout!r}"
+                "backoff and max_backoff must be >= 0 and timeout > 0, "
+                f"got {backoff!r}, {max_backoff!r}, {timeout!r}"
             )
         self._key = os.environ.get(api_key_env)
         if not self._key:
             raise ValueError(f"the Perspective API key must be set in the environment variable {api_key_env}")
         self.attributes = tuple(a for a in ATTRIBUTES if a in set(attributes))
-        self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
+        self.max_retries, self.backoff, self.max_backoff, self.timeout = (
+            max_retries,
+            backoff,
+            max_backoff,
+            timeout,
+        )
         self.url = base_url.rstrip("/") + "/comments:analyze"
         self.languages = list(languages)
         self.qps = qps
@@ -139,12 +145,14 @@ class PerspectiveScorer:
         return f"PerspectiveScorer(url={self.url!r}, attributes={self.attributes}, qps={self.qps})"
 
     def _body(self, text: str) -> bytes:
-        return json.dumps({
-            "comment": {"text": _truncate_utf8(text)},
-            "requestedAttributes": {a.upper(): {} for a in self.attributes},
-            "languages": self.languages,
-            "doNotStore": True,
-        }).encode("utf-8")
+        return json.dumps(
+            {
+                "comment": {"text": _truncate_utf8(text)},
+                "requestedAttributes": {a.upper(): {} for a in self.attributes},
+                "languages": self.languages,
+                "doNotStore": True,
+            }
+        ).encode("utf-8")
 
     def _post(self, body: bytes) -> requests.Response:
         """POST once per attempt, retrying 429/5xx/connection errors with backoff; raise when exhausted."""
@@ -152,7 +160,9 @@ class PerspectiveScorer:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-                _logger.info("Perspective: %s; retry %d/%d in %.2fs", problem, attempt, self.max_retries, delay)
+                _logger.info(
+                    "Perspective: %s; retry %d/%d in %.2fs", problem, attempt, self.max_retries, delay
+                )
                 time.sleep(delay)
             self._limiter.wait()
             try:

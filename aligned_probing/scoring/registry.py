@@ -15,12 +15,14 @@ from aligned_probing.scoring.jigsaw import JigsawScorer
 from aligned_probing.scoring.perspective import PerspectiveScorer
 
 
-def embedded_scorer(*, batch_size: int = 1024, num_threads: int | None = None) -> EnsembleScorer:
+def embedded_scorer(*, batch_size: int = 256, num_threads: int | None = 1) -> EnsembleScorer:
     """The default scorer: the mean of the tox-block and toxic-comment-classifier BiLSTMs."""
-    return EnsembleScorer([
-        JigsawScorer("tox-block", batch_size=batch_size, num_threads=num_threads),
-        JigsawScorer("toxic-comment-classifier", batch_size=batch_size, num_threads=num_threads),
-    ])
+    return EnsembleScorer(
+        [
+            JigsawScorer("tox-block", batch_size=batch_size, num_threads=num_threads),
+            JigsawScorer("toxic-comment-classifier", batch_size=batch_size, num_threads=num_threads),
+        ]
+    )
 
 
 def _partial(cls: Callable[..., Scorer], first: str) -> Callable[..., Scorer]:

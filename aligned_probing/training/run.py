@@ -102,6 +102,9 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=t.seed,
         report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
         gradient_checkpointing=False, use_cpu=cfg.model.device == "cpu", disable_tqdm=True,
+        # TRL defaults to bf16 autocast, which on CPU is slow and stays patched into the returned
+        # model's forward (logits then differ ~1e-2 from the saved merged weights).
+        bf16=cfg.model.device != "cpu" and cfg.model.dtype != "float16",
     )
     table = train.table
     if arm == "probe_sft":
