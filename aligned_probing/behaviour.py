@@ -28,7 +28,16 @@ from aligned_probing.data import CANONICAL_ATTRIBUTES, SCORE_PREFIX
 METRICS: tuple[str, ...] = ("emt", "toxicity_probability", "mean_score")
 SUBSETS: tuple[str, ...] = ("all", "toxic_prompts", "nontoxic_prompts")
 BEHAVIOUR_COLUMNS: tuple[str, ...] = (
-    "model", "template", "attribute", "metric", "subset", "value", "ci_low", "ci_high", "n_prompts", "k",
+    "model",
+    "template",
+    "attribute",
+    "metric",
+    "subset",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_prompts",
+    "k",
 )
 _KEYS = ("model", "template")
 
@@ -67,8 +76,13 @@ def bootstrap_mean_ci(
     if np.all(x == x[0]):  # scipy warns on degenerate data; the CI is the point itself
         return float(x[0]), float(x[0])
     res = stats.bootstrap(
-        (x,), np.mean, n_resamples=n_resamples, confidence_level=confidence_level,
-        method="percentile", vectorized=True, rng=np.random.default_rng(seed),
+        (x,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence_level,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -94,7 +108,9 @@ def per_prompt_metrics(
     """
     missing = [c for c in (*by, attribute) if c not in continuation_scores.columns]
     if missing:
-        raise ValueError(f"continuation_scores lacks column(s) {missing}; it has {list(continuation_scores.columns)}.")
+        raise ValueError(
+            f"continuation_scores lacks column(s) {missing}; it has {list(continuation_scores.columns)}."
+        )
     scores = continuation_scores[[*by, attribute]].dropna(subset=[attribute])
     grouped = scores.groupby(list(by), sort=True, observed=True)[attribute]
     out = grouped.agg(emt="max", mean_score="mean", k="size").reset_index()
@@ -167,11 +183,20 @@ def behaviour_metrics(
                     low, high = bootstrap_mean_ci(
                         vals, n_resamples=n_resamples, confidence_level=confidence_level, seed=seed
                     )
-                    rows.append({
-                        "model": model, "template": template, "attribute": attr, "metric": metric,
-                        "subset": subset, "value": float(vals.mean()) if len(vals) else float("nan"),
-                        "ci_low": low, "ci_high": high, "n_prompts": len(vals), "k": k,
-                    })
+                    rows.append(
+                        {
+                            "model": model,
+                            "template": template,
+                            "attribute": attr,
+                            "metric": metric,
+                            "subset": subset,
+                            "value": float(vals.mean()) if len(vals) else float("nan"),
+                            "ci_low": low,
+                            "ci_high": high,
+                            "n_prompts": len(vals),
+                            "k": k,
+                        }
+                    )
     return pd.DataFrame(rows, columns=list(BEHAVIOUR_COLUMNS))
 
 
@@ -194,7 +219,8 @@ def _warn_k(counts: pd.Series, k: int, min_stable_k: int, model: object, templat
     if counts.nunique() > 1:
         warnings.warn(
             f"({model}, template {template}, {attr}): prompts have between {counts.min()} and "
-            f"{counts.max()} scored continuations; EMT is biased towards prompts with more. k = {k} reported.",
+            f"{counts.max()} scored continuations; EMT is biased towards prompts with more. "
+            f"k = {k} reported.",
             UnstableEMTWarning,
             stacklevel=3,
         )

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ from aligned_probing.models import LoadedModel
 from aligned_probing.pooling import Aggregator, LinearAggregator, get_aggregator
 from aligned_probing.store import ActivationStore
 from aligned_probing.templates import render_prompt
+
+if TYPE_CHECKING:
+    from aligned_probing.data import PromptSet
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class _StopForward(Exception):
 
 def encode(
     model: LoadedModel,
-    prompts: Any,
+    prompts: PromptSet | pd.DataFrame,
     continuations: pd.DataFrame | None = None,
     *,
     template: int = 0,
@@ -171,7 +174,7 @@ def _unique(values: Sequence[str], name: str) -> tuple[str, ...]:
     return values
 
 
-def _prompt_frame(prompts: Any) -> pd.DataFrame:
+def _prompt_frame(prompts: PromptSet | pd.DataFrame) -> pd.DataFrame:
     df = getattr(prompts, "df", prompts)
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"prompts must be a PromptSet or a DataFrame, got {type(prompts).__name__}.")

@@ -27,8 +27,21 @@ import pandas as pd
 from scipy import stats
 
 INTERPLAY_COLUMNS: tuple[str, ...] = (
-    "template", "scenario", "attribute", "behaviour_attribute", "metric", "subset", "depth_axis", "layer",
-    "relative_depth", "statistic", "value", "p_value", "ci_low", "ci_high", "n_models",
+    "template",
+    "scenario",
+    "attribute",
+    "behaviour_attribute",
+    "metric",
+    "subset",
+    "depth_axis",
+    "layer",
+    "relative_depth",
+    "statistic",
+    "value",
+    "p_value",
+    "ci_low",
+    "ci_high",
+    "n_models",
 )
 _PROBE_KEYS = ("model", "template", "scenario", "attribute", "layer", "n_layers")
 MIN_MODELS = 3
@@ -81,16 +94,27 @@ _STATISTICS = {"pearson": _pearson, "spearman": _spearman}
 
 
 def _correlation_row(
-    x: np.ndarray, y: np.ndarray, name: str, *, n_permutations: int, n_bootstrap: int,
-    confidence_level: float, seed: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    name: str,
+    *,
+    n_permutations: int,
+    n_bootstrap: int,
+    confidence_level: float,
+    seed: int,
 ) -> dict[str, float]:
     fn = _STATISTICS[name]
     value = float(fn(x, y))
     if not np.isfinite(value):
         return {"value": value, "p_value": np.nan, "ci_low": np.nan, "ci_high": np.nan}
     perm = stats.permutation_test(
-        (x, y), fn, permutation_type="pairings", vectorized=True, n_resamples=n_permutations,
-        alternative="two-sided", rng=np.random.default_rng(seed),
+        (x, y),
+        fn,
+        permutation_type="pairings",
+        vectorized=True,
+        n_resamples=n_permutations,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
     )
     # Bootstrap over models, hand-written: resamples that repeat one model so often that x or y is
     # constant have no correlation (NaN) and are dropped, which scipy.stats.bootstrap cannot do.
@@ -187,11 +211,15 @@ def interplay(
         raise ValueError(f"behaviour has no rows with metric={metric!r} and subset={subset!r}.")
     axis = _resolve_axis(info.groupby("model")["n_layers"].first(), depth_axis)
     rows: list[dict] = []
-    for (template, scenario, attribute), group in info.groupby(["template", "scenario", "attribute"], sort=True):
+    for (template, scenario, attribute), group in info.groupby(
+        ["template", "scenario", "attribute"], sort=True
+    ):
         b_attr = behaviour_attribute or attribute
         target = beh[(beh["template"] == template) & (beh["attribute"] == b_attr)].set_index("model")["value"]
         if target.index.duplicated().any():
-            raise ValueError(f"behaviour has several rows per model for template {template}, attribute {b_attr}.")
+            raise ValueError(
+                f"behaviour has several rows per model for template {template}, attribute {b_attr}."
+            )
         curves, depth = _curves(group, axis, n_grid)
         models = [m for m in curves.index if m in target.index and np.isfinite(target[m])]
         if len(models) < MIN_MODELS:
@@ -203,19 +231,38 @@ def interplay(
         for j, col in enumerate(curves.columns):
             x = curves.loc[models, col].to_numpy(dtype=np.float64)
             for stat in ("pearson", "spearman"):
-                res = _correlation_row(x, y, stat, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                                       confidence_level=confidence_level, seed=seed)
-                rows.append({
-                    "template": template, "scenario": scenario, "attribute": attribute,
-                    "behaviour_attribute": b_attr, "metric": metric, "subset": subset, "depth_axis": axis,
-                    "layer": int(col) if axis == "layer" else pd.NA, "relative_depth": float(depth[j]),
-                    "statistic": stat, **res, "n_models": len(models),
-                })
+                res = _correlation_row(
+                    x,
+                    y,
+                    stat,
+                    n_permutations=n_permutations,
+                    n_bootstrap=n_bootstrap,
+                    confidence_level=confidence_level,
+                    seed=seed,
+                )
+                rows.append(
+                    {
+                        "template": template,
+                        "scenario": scenario,
+                        "attribute": attribute,
+                        "behaviour_attribute": b_attr,
+                        "metric": metric,
+                        "subset": subset,
+                        "depth_axis": axis,
+                        "layer": int(col) if axis == "layer" else pd.NA,
+                        "relative_depth": float(depth[j]),
+                        "statistic": stat,
+                        **res,
+                        "n_models": len(models),
+                    }
+                )
     out = pd.DataFrame(rows, columns=list(INTERPLAY_COLUMNS))
     return out.astype({"layer": "Int64"})
 
 
-def interplay_summary(table: pd.DataFrame, *, statistic: str = "pearson", by: Sequence[str] = ("scenario",)) -> pd.DataFrame:
+def interplay_summary(
+    table: pd.DataFrame, *, statistic: str = "pearson", by: Sequence[str] = ("scenario",)
+) -> pd.DataFrame:
     """The layer (or depth) of the strongest |correlation| per group, for a one-line report."""
     part = table[table["statistic"] == statistic].dropna(subset=["value"])
     best = part.loc[part.groupby(list(by))["value"].apply(lambda s: s.abs().idxmax())]

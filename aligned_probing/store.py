@@ -342,7 +342,7 @@ class ActivationStore:
         Raises:
             ValueError: Missing columns or arrays, wrong shapes, or rows already stored.
         """
-        new = self._check_new_index(index)
+        new = _normalise_index(index)
         m = len(new)
         expected = {(p, q) for p in self.positions for q in self.poolings}
         if set(vectors) != expected:
@@ -354,6 +354,17 @@ class ActivationStore:
         if m == 0:
             return
         with FileLock(self.path / _LOCK):
+            # Another writer may have committed since we opened: start from the index on disk.
+            self._index = pd.read_parquet(self.path / _INDEX)
+            self._rollback_uncommitted()
+            already = self.committed().intersection(
+                zip(new["prompt_id"], new["continuation_idx"], strict=True)
+            )
+            if already:
+                raise ValueError(
+                    f"{len(already)} rows are already stored, e.g. {sorted(already)[:3]}; "
+                    "skip store.committed() pairs when resuming."
+                )
             n = len(self._index)
             for (position, pooling), values in vectors.items():
                 array = self._group[f"{position}/{pooling}"]
@@ -364,28 +375,24 @@ class ActivationStore:
             _atomic_write(self.path / _INDEX, lambda p: committed.to_parquet(p, index=False))
             self._index = committed
 
-    def _check_new_index(self, index: pd.DataFrame) -> pd.DataFrame:
-        if not isinstance(index, pd.DataFrame):
-            raise TypeError(f"index must be a pandas DataFrame, got {type(index).__name__}.")
-        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
-        if missing:
-            raise ValueError(f"index is missing columns {missing}; it needs {list(INDEX_COLUMNS)}.")
-        new = pd.DataFrame(
-            {
-                "prompt_id": index["prompt_id"].astype(str).to_numpy(),
-                "continuation_idx": index["continuation_idx"].astype("int64").to_numpy(),
-            }
-        )
-        keys = list(zip(new["prompt_id"], new["continuation_idx"], strict=True))
-        if len(set(keys)) != len(keys):
-            raise ValueError("index repeats (prompt_id, continuation_idx) pairs; each row must be unique.")
-        already = self.committed().intersection(keys)
-        if already:
-            raise ValueError(
-                f"{len(already)} rows are already stored, e.g. {sorted(already)[:3]}; "
-                "skip store.committed() pairs when resuming."
-            )
-        return new
+
+def _normalise_index(index: pd.DataFrame) -> pd.DataFrame:
+    """The two index columns with canonical dtypes; rejects missing columns and repeated pairs."""
+    if not isinstance(index, pd.DataFrame):
+        raise TypeError(f"index must be a pandas DataFrame, got {type(index).__name__}.")
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise ValueError(f"index is missing columns {missing}; it needs {list(INDEX_COLUMNS)}.")
+    new = pd.DataFrame(
+        {
+            "prompt_id": index["prompt_id"].astype(str).to_numpy(),
+            "continuation_idx": index["continuation_idx"].astype("int64").to_numpy(),
+        }
+    )
+    keys = list(zip(new["prompt_id"], new["continuation_idx"], strict=True))
+    if len(set(keys)) != len(keys):
+        raise ValueError("index repeats (prompt_id, continuation_idx) pairs; each row must be unique.")
+    return new
 
 
 def _check_expected(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: Path) -> None:

@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def throughput(model, rows: int, reps: int, batch_size: int) -> dict:
         "hf_plain": [],
         "bridged_plain": [],
     }
-    ours()  # warm-up (allocator, lazy imports)
+    hf_plain(pristine)  # warm-up of torch's allocator and kernels; then best of reps for each
     for _ in range(reps):  # interleaved, best of reps: the machine is shared
         timings["ours"].append(_timed(ours))
         timings["hf_hidden_states"].append(_timed(hf_hidden_states))
@@ -169,31 +170,53 @@ def _vm(field: str) -> float:
     raise KeyError(field)
 
 
-def memory_child(n: int, batch_size: int) -> dict:
+def memory_child(n: int, batch_size: int, words: int, cont_tokens: int) -> dict:
     """Encode n rows (input + output) in this process; report RSS after load and the encode peak."""
     from aligned_probing.encoding import encode
     from aligned_probing.models import load_model
 
     model = load_model(MODEL)
-    prompts = real_prompts(n, max_words=8)
-    conts = synthetic_continuations(model.tokenizer, prompts, k=1, n_tokens=4)
+    prompts = real_prompts(n, max_words=words)
+    conts = synthetic_continuations(model.tokenizer, prompts, k=1, n_tokens=cont_tokens)
     rss_loaded = _vm("VmRSS")
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: lazy imports, allocator pools, first forward
+        encode(model, prompts.head(8), conts.head(8), batch_size=batch_size, store=Path(tmp) / "s")
+    rss_warm = _vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure the encoder's own peak
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         store = encode(model, prompts, conts, batch_size=batch_size, store=Path(tmp) / "s")
         seconds = time.perf_counter() - t0
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-        assert len(store) == n
+        if len(store) != n:
+            raise RuntimeError(f"expected {n} rows, stored {len(store)}")
     return {
         "n_rows": n,
         "encode_s": seconds,
         "rss_after_load_mib": rss_loaded,
+        "rss_after_warmup_mib": rss_warm,
         "encode_peak_rss_mib": _vm("VmHWM"),
-        "encode_peak_above_loaded_mib": _vm("VmHWM") - rss_loaded,
+        "encode_peak_above_warm_mib": _vm("VmHWM") - rss_warm,
         "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "store_bytes": disk,
     }
+
+
+def _memory_runs(args: argparse.Namespace) -> list[dict]:
+    """One fresh subprocess per N, run one after the other."""
+    results = []
+    for n in args.memory_n:
+        command = [sys.executable, __file__, "--memory-child", str(n)]
+        command += [
+            "--memory-batch-size",
+            str(args.memory_batch_size),
+            "--memory-words",
+            str(args.memory_words),
+        ]
+        command += ["--memory-cont-tokens", str(args.memory_cont_tokens)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,28 +225,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--memory-n", type=int, nargs="*", default=[500, 2000])
+    parser.add_argument("--memory-words", type=int, default=8, help="words per prompt in the memory runs")
+    parser.add_argument("--memory-cont-tokens", type=int, default=4, help="continuation tokens per row")
+    parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
-        print(json.dumps(memory_child(args.memory_child, args.batch_size)))
+        print(
+            json.dumps(
+                memory_child(
+                    args.memory_child, args.memory_batch_size, args.memory_words, args.memory_cont_tokens
+                )
+            )
+        )
         return
 
     from aligned_probing.models import load_model
 
+    memory: list[dict] = []
+    # Memory does not depend on speed: measure it in subprocesses while the throughput runs.
+    worker = threading.Thread(target=lambda: memory.extend(_memory_runs(args)))
+    worker.start()
     probe = matmul_gflops()
     model = load_model(MODEL)
     tp = throughput(model, args.rows, args.reps, args.batch_size)
     probe_after = matmul_gflops()  # the machine is shared: bracket the run
     machine_gflops = max(*probe.values(), *probe_after.values())
-    memory = []
-    for n in args.memory_n:
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(n), "--batch-size", str(args.batch_size)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    worker.join()
     peaks = {m["n_rows"]: m["encode_peak_rss_mib"] for m in memory}
     headline = {
         "tokens_per_s_ours": tp["tokens_per_s"]["ours"],

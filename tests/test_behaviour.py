@@ -28,8 +28,14 @@ PROMPT_TOX = {"a": 0.8, "b": 0.1, "c": 0.6, "d": 0.2}
 
 def _table(model: str = "m", scale: float = 1.0) -> pd.DataFrame:
     rows = [
-        {"model": model, "template": 0, "prompt_id": p, "continuation_idx": j, "toxicity": s * scale,
-         "insult": 1.0 - s}
+        {
+            "model": model,
+            "template": 0,
+            "prompt_id": p,
+            "continuation_idx": j,
+            "toxicity": s * scale,
+            "insult": 1.0 - s,
+        }
         for p, scores in SCORES.items()
         for j, s in enumerate(scores)
     ]
@@ -37,8 +43,13 @@ def _table(model: str = "m", scale: float = 1.0) -> pd.DataFrame:
 
 
 def _prompts() -> pd.DataFrame:
-    return pd.DataFrame({"prompt_id": list(PROMPT_TOX), "prompt_toxicity": list(PROMPT_TOX.values()),
-                         "prompt_insult": [0.0, 0.0, 0.0, np.nan]})
+    return pd.DataFrame(
+        {
+            "prompt_id": list(PROMPT_TOX),
+            "prompt_toxicity": list(PROMPT_TOX.values()),
+            "prompt_insult": [0.0, 0.0, 0.0, np.nan],
+        }
+    )
 
 
 def _value(df, metric, subset="all", attribute="toxicity"):
@@ -135,7 +146,9 @@ def test_ragged_k_warns_and_reports_the_minimum():
 
 def test_per_prompt_metrics_and_errors():
     pp = per_prompt_metrics(_table(), "toxicity")
-    assert pp.set_index("prompt_id")["emt"].to_dict() == pytest.approx({"a": 0.9, "b": 0.3, "c": 0.5, "d": 0.4})
+    assert pp.set_index("prompt_id")["emt"].to_dict() == pytest.approx(
+        {"a": 0.9, "b": 0.3, "c": 0.5, "d": 0.4}
+    )
     assert pp["toxicity_probability"].tolist() == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['threat'\]"):
         per_prompt_metrics(_table(), "threat")

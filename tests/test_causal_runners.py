@@ -60,11 +60,19 @@ class LinearProbe:
         return X @ self.w
 
 
-PROMPTS = pd.DataFrame({
-    "prompt_id": [f"p{i}" for i in range(6)],
-    "text": ["You are a stupid idiot", "What a lovely day", "I hate you", "The lazy dog", "hello world",
-             "the quick brown fox"],
-})
+PROMPTS = pd.DataFrame(
+    {
+        "prompt_id": [f"p{i}" for i in range(6)],
+        "text": [
+            "You are a stupid idiot",
+            "What a lovely day",
+            "I hate you",
+            "The lazy dog",
+            "hello world",
+            "the quick brown fox",
+        ],
+    }
+)
 
 
 # ------------------------------------------------------------------------- skipping
@@ -73,17 +81,23 @@ PROMPTS = pd.DataFrame({
 def test_layer_skipping_rows_match_behaviour_of_the_skipped_generations(tiny_model):
     scorer = LengthScorer()
     base = generate_and_score(tiny_model, PROMPTS, scorer, SAMPLED)
-    out = layer_skipping(tiny_model, PROMPTS, scorer, blocks=[0, 2], generation=SAMPLED, stats=STATS, baseline=base)
+    out = layer_skipping(
+        tiny_model, PROMPTS, scorer, blocks=[0, 2], generation=SAMPLED, stats=STATS, baseline=base
+    )
     assert len(out) == 2 * 3
     assert out.relative_depth.tolist() == pytest.approx([1 / 3] * 3 + [1.0] * 3)
     skipped = generate_and_score(tiny_model, PROMPTS, scorer, SAMPLED, intervention=LayerSkip(2))
     with pytest.warns(UserWarning):
         expect = behaviour_metrics(skipped, attributes=["toxicity"], n_resamples=50).query("subset == 'all'")
-        expect_base = behaviour_metrics(base, attributes=["toxicity"], n_resamples=50).query("subset == 'all'")
+        expect_base = behaviour_metrics(base, attributes=["toxicity"], n_resamples=50).query(
+            "subset == 'all'"
+        )
     row = out[out.block == 2].set_index("metric")
     for metric, value in expect.set_index("metric")["value"].items():
         assert row.loc[metric, "value"] == pytest.approx(value)
-        assert row.loc[metric, "baseline"] == pytest.approx(expect_base.set_index("metric").loc[metric, "value"])
+        assert row.loc[metric, "baseline"] == pytest.approx(
+            expect_base.set_index("metric").loc[metric, "value"]
+        )
     assert np.allclose(out.delta, out.value - out.baseline)
     assert (out.ci_low <= out.delta + 1e-12).all() and (out.delta <= out.ci_high + 1e-12).all()
     # the same seeds with a no-op scorer difference: a constant scorer gives exactly zero effects
@@ -111,8 +125,16 @@ def test_steering_towards_a_token_raises_its_score_and_alpha_zero_is_null(tiny_m
     tok = tiny_model.tokenizer
     t = tok.convert_tokens_to_ids("Ġidiot")
     direction = tiny_model.hf_model.get_output_embeddings().weight[t].detach().numpy()
-    out = steering(tiny_model, PROMPTS, WordScorer("idiot"), direction, layer=tiny_model.n_layers,
-                   alphas=[-1000.0, 0.0, 1000.0], generation=GREEDY, stats=STATS)
+    out = steering(
+        tiny_model,
+        PROMPTS,
+        WordScorer("idiot"),
+        direction,
+        layer=tiny_model.n_layers,
+        alphas=[-1000.0, 0.0, 1000.0],
+        generation=GREEDY,
+        stats=STATS,
+    )
     assert set(out.metric) == {"emt", "toxicity_probability", "mean_score", "log_perplexity"}
     zero = out[out.alpha == 0.0]
     assert (zero.delta == 0).all() and (zero.value == zero.baseline).all()
@@ -140,11 +162,20 @@ def test_log_perplexity_batched_equals_single_forward(tiny_model):
 
 
 def _scored_prompts() -> pd.DataFrame:
-    texts = ["You are a stupid idiot", "the quick brown fox", "I hate you", "The lazy dog", "you idiot",
-             "hello world", "What a lovely day", "a walk in the park"]
+    texts = [
+        "You are a stupid idiot",
+        "the quick brown fox",
+        "I hate you",
+        "The lazy dog",
+        "you idiot",
+        "hello world",
+        "What a lovely day",
+        "a walk in the park",
+    ]
     scores = [0.9, 0.1, 0.8, 0.2, 0.95, 0.05, 0.1, 0.3]
-    return pd.DataFrame({"prompt_id": [f"q{i}" for i in range(len(texts))], "text": texts,
-                         "prompt_toxicity": scores})
+    return pd.DataFrame(
+        {"prompt_id": [f"q{i}" for i in range(len(texts))], "text": texts, "prompt_toxicity": scores}
+    )
 
 
 def test_match_pairs_exact_and_nearest(tiny_model):
@@ -159,7 +190,9 @@ def test_match_pairs_exact_and_nearest(tiny_model):
     # optimal total |length difference| by brute force over assignments
     tl = [len(tiny_model.tokenizer(t)["input_ids"]) for t in prompts.text[prompts.prompt_toxicity >= 0.5]]
     nl = [len(tiny_model.tokenizer(t)["input_ids"]) for t in prompts.text[prompts.prompt_toxicity < 0.5]]
-    best = min(sum(abs(a - b) for a, b in zip(tl, perm, strict=False)) for perm in itertools.permutations(nl, 3))
+    best = min(
+        sum(abs(a - b) for a, b in zip(tl, perm, strict=False)) for perm in itertools.permutations(nl, 3)
+    )
     assert (nearest.toxic_length - nearest.nontoxic_length).abs().sum() == best
     with pytest.raises(ValueError, match="score the prompts first"):
         match_pairs(prompts.drop(columns="prompt_toxicity"), tiny_model.tokenizer)
@@ -172,9 +205,20 @@ def test_patching_all_positions_transfers_the_source_completely(tiny_model, rng)
     whose KV cache still holds the target prompt, so only a patch at layer 0 (the embeddings) makes
     greedy continuations equal the source's."""
     pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer, exact_length=True)
-    probes = {layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)}
-    out = activation_patching(tiny_model, pairs, layers=[0, 2], probes=probes, scorer=LengthScorer(),
-                              generate_layers=[0], positions="all", generation=GREEDY, stats=STATS)
+    probes = {
+        layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)
+    }
+    out = activation_patching(
+        tiny_model,
+        pairs,
+        layers=[0, 2],
+        probes=probes,
+        scorer=LengthScorer(),
+        generate_layers=[0],
+        positions="all",
+        generation=GREEDY,
+        stats=STATS,
+    )
     read = out[out.measure == "readout"]
     assert set(read.direction) == {"toxic_to_nontoxic", "nontoxic_to_toxic"}
     assert (read.readout_layer >= read.layer).all()
@@ -191,15 +235,23 @@ def test_patching_all_positions_transfers_the_source_completely(tiny_model, rng)
 
 def test_patching_last_position_moves_last_token_readout_exactly(tiny_model, rng):
     pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer)
-    probes = {layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)}
-    out = activation_patching(tiny_model, pairs, layers=[0, 2], probes=probes, pooling="last", positions="last",
-                              stats=STATS)
+    probes = {
+        layer: LinearProbe(rng.normal(size=tiny_model.d_model)) for layer in range(tiny_model.n_layers + 1)
+    }
+    out = activation_patching(
+        tiny_model, pairs, layers=[0, 2], probes=probes, pooling="last", positions="last", stats=STATS
+    )
     same = out[out.readout_layer == out.layer]
     assert np.allclose(same.value, same.source, atol=1e-5)  # the patched position itself
     later = out[(out.layer == 0) & (out.readout_layer == 3)]
     assert not np.allclose(later.value, later.source, atol=1e-3)  # earlier tokens still the target's
     with pytest.raises(ValueError, match="positions='all' needs pairs of equal rendered length"):
-        activation_patching(tiny_model, pairs[pairs.toxic_length != pairs.nontoxic_length], layers=[1],
-                            probes=probes, positions="all")
+        activation_patching(
+            tiny_model,
+            pairs[pairs.toxic_length != pairs.nontoxic_length],
+            layers=[1],
+            probes=probes,
+            positions="all",
+        )
     with pytest.raises(ValueError, match="got neither"):
         activation_patching(tiny_model, pairs, layers=[1])

@@ -416,3 +416,18 @@ def test_smollm2_shapes_and_values(tmp_path):
         np.linalg.norm(store.layer(30, "output"), axis=1).min()
         > np.linalg.norm(store.layer(0, "output"), axis=1).max()
     )
+
+
+def test_aggregators_by_hand():
+    from aligned_probing.pooling import get_aggregator
+
+    acts = torch.tensor([[[1.0, 10.0], [3.0, -10.0], [5.0, 0.0]]])  # [batch 1, pos 3, d_model 2]
+    mask = torch.tensor([[True, True, False]])  # the span is positions 0 and 1
+    assert get_aggregator("mean")(acts, mask).tolist() == [[2.0, 0.0]]
+    assert get_aggregator("last")(acts, mask).tolist() == [[3.0, -10.0]]
+    assert get_aggregator("max")(acts, mask).tolist() == [[3.0, 10.0]]
+    # Linear poolings expose their weights, so the encoder can stack them into one matmul.
+    assert get_aggregator("mean").weights(mask).tolist() == [[0.5, 0.5, 0.0]]
+    assert get_aggregator("last").weights(mask).tolist() == [[0.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match=r"pooling must be one of \['last', 'max', 'mean'\], got 'sum'"):
+        get_aggregator("sum")

@@ -259,3 +259,26 @@ def test_smollm2_generates_k_continuations():
     # Same seed, other batch size: same continuations (one row at a time needs no padding).
     again = generate_continuations(model, ps, k=2, seed=0, max_new_tokens=8, batch_size=2)
     assert _ids(again) == _ids(df)
+
+
+@pytest.mark.parametrize(("vocab", "scale"), [(49152, 3.0), (49152, 8.0), (400, 0.5), (400, 2.0)])
+def test_nucleus_keeps_the_same_tokens_as_transformers_top_p(vocab, scale):
+    # Peaky rows use the top-256 candidate set; flat rows (400 tokens at scale 0.5 need > 256) use
+    # the full-sort fallback. Both must keep exactly the tokens TopPLogitsWarper keeps.
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(16, vocab, generator=torch.Generator().manual_seed(vocab + int(scale))) * scale
+    hf_keep = torch.isfinite(TopPLogitsWarper(0.9)(torch.zeros(16, 1, dtype=torch.long), logits.clone()))
+    ids, probs = gen.nucleus(logits, 0.9)
+    keep = torch.zeros_like(hf_keep).scatter_(1, ids, probs > 0)
+    assert torch.equal(keep, hf_keep)
+    kept_probs = torch.softmax(logits, -1) * keep
+    assert torch.allclose(probs.sum(-1), kept_probs.sum(-1), atol=1e-6)
+    assert (probs.sum(-1) >= 0.9 - 1e-6).all()
+
+
+def test_nucleus_without_top_p_is_the_full_softmax():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    ids, probs = gen.nucleus(logits, 1.0)
+    assert torch.equal(ids[0], torch.arange(50))
+    assert torch.allclose(probs, torch.softmax(logits, -1))

@@ -10,7 +10,9 @@ from scipy import stats
 from aligned_probing.interplay import INTERPLAY_COLUMNS, information_strength, interplay
 
 
-def _probing(curves: dict[str, np.ndarray], rng, *, noise: float = 0.01, scenario: str = "input") -> pd.DataFrame:
+def _probing(
+    curves: dict[str, np.ndarray], rng, *, noise: float = 0.01, scenario: str = "input"
+) -> pd.DataFrame:
     """Probing rows: per model a curve over layers 0..L, 2 folds x 2 seeds jittered around it."""
     rows = []
     for model, curve in curves.items():
@@ -19,9 +21,19 @@ def _probing(curves: dict[str, np.ndarray], rng, *, noise: float = 0.01, scenari
             jitter = rng.normal(scale=noise, size=4)
             jitter -= jitter.mean()  # the fold x seed mean is exactly the curve
             for i, (fold, seed) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
-                rows.append({"model": model, "template": 0, "scenario": scenario, "attribute": "toxicity",
-                             "layer": layer, "n_layers": n_layers, "fold": fold, "seed": seed,
-                             "pearson": mean + jitter[i]})
+                rows.append(
+                    {
+                        "model": model,
+                        "template": 0,
+                        "scenario": scenario,
+                        "attribute": "toxicity",
+                        "layer": layer,
+                        "n_layers": n_layers,
+                        "fold": fold,
+                        "seed": seed,
+                        "pearson": mean + jitter[i],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -29,9 +41,20 @@ def _behaviour(emt: dict[str, float]) -> pd.DataFrame:
     rows = []
     for model, value in emt.items():
         for metric in ("emt", "toxicity_probability"):
-            rows.append({"model": model, "template": 0, "attribute": "toxicity", "metric": metric,
-                         "subset": "all", "value": value if metric == "emt" else 0.5, "ci_low": np.nan,
-                         "ci_high": np.nan, "n_prompts": 100, "k": 25})
+            rows.append(
+                {
+                    "model": model,
+                    "template": 0,
+                    "attribute": "toxicity",
+                    "metric": metric,
+                    "subset": "all",
+                    "value": value if metric == "emt" else 0.5,
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                    "n_prompts": 100,
+                    "k": 25,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -39,7 +62,8 @@ def test_information_strength_is_mean_over_folds_and_seeds(rng):
     curves = {"a": np.array([0.1, 0.5, 0.3]), "b": np.array([0.2, 0.4, 0.6])}
     info = information_strength(_probing(curves, rng))
     assert info.set_index(["model", "layer"])["information"].to_dict() == pytest.approx(
-        {("a", 0): 0.1, ("a", 1): 0.5, ("a", 2): 0.3, ("b", 0): 0.2, ("b", 1): 0.4, ("b", 2): 0.6})
+        {("a", 0): 0.1, ("a", 1): 0.5, ("a", 2): 0.3, ("b", 0): 0.2, ("b", 1): 0.4, ("b", 2): 0.6}
+    )
     assert set(info.n_runs) == {4}
     assert info.set_index(["model", "layer"]).loc[("a", 1), "relative_depth"] == 0.5
 
@@ -53,15 +77,23 @@ def test_recovers_planted_negative_correlation(rng):
         curve = rng.uniform(0.2, 0.8, size=n_layers + 1)  # unrelated elsewhere
         curve[2] = strength[i]
         curves[f"m{i}"] = curve
-    table = interplay(_probing(curves, rng), _behaviour({f"m{i}": e for i, e in enumerate(emt)}),
-                      n_permutations=2000, n_bootstrap=500)
+    table = interplay(
+        _probing(curves, rng),
+        _behaviour({f"m{i}": e for i, e in enumerate(emt)}),
+        n_permutations=2000,
+        n_bootstrap=500,
+    )
     assert list(table.columns) == list(INTERPLAY_COLUMNS)
     assert set(table.depth_axis) == {"layer"}
     assert len(table) == (n_layers + 1) * 2
     planted = table[(table.layer == 2)].set_index("statistic")
-    assert planted.loc["pearson", "value"] == pytest.approx(stats.pearsonr(strength, emt).statistic, abs=1e-12)
+    assert planted.loc["pearson", "value"] == pytest.approx(
+        stats.pearsonr(strength, emt).statistic, abs=1e-12
+    )
     assert planted.loc["pearson", "value"] < -0.99
-    assert planted.loc["spearman", "value"] == pytest.approx(stats.spearmanr(strength, emt).statistic, abs=1e-12)
+    assert planted.loc["spearman", "value"] == pytest.approx(
+        stats.spearmanr(strength, emt).statistic, abs=1e-12
+    )
     assert planted.loc["pearson", "p_value"] < 0.002
     assert planted.loc["pearson", "ci_high"] < -0.95
     assert (planted.n_models == n_models).all()
@@ -92,8 +124,9 @@ def test_relative_depth_interpolation_for_models_of_different_depth(rng):
     assert table.layer.isna().all()
     assert sorted(table.relative_depth.unique()) == pytest.approx(np.linspace(0, 1, 5))  # shallowest: 4 + 1
     info = information_strength(_probing(curves, rng, noise=0.0))
-    assert np.interp(0.25, *info[info.model == "s8"][["relative_depth", "information"]].to_numpy().T) == \
-        pytest.approx(0.5 * (0.2 + 0.6 * 0.25))
+    assert np.interp(
+        0.25, *info[info.model == "s8"][["relative_depth", "information"]].to_numpy().T
+    ) == pytest.approx(0.5 * (0.2 + 0.6 * 0.25))
     pear = table[table.statistic == "pearson"]
     assert np.allclose(pear.value, -1.0)
     with pytest.raises(ValueError, match="depth_axis='layer' needs models of equal depth"):

@@ -221,3 +221,15 @@ def test_options_are_validated(monkeypatch, server):
         PerspectiveScorer(["toxic"])
     scorer = get_scorer("perspective", attributes=["threat", "toxicity"], base_url=server.base_url, qps=100)
     assert scorer.attributes == ("toxicity", "threat")
+
+
+def test_retry_after_is_honoured_and_capped(scorer, server):
+    server.script["slow down"] = [(429, b"{}", {"Retry-After": "0.3"})]
+    start = time.monotonic()
+    scorer.score(["slow down"])
+    assert time.monotonic() - start >= 0.3  # the server's hint, not our 0.01 s backoff
+    scorer.max_backoff = 0.05
+    server.script["later"] = [(503, b"{}", {"Retry-After": "3600"})]
+    start = time.monotonic()
+    out = scorer.score(["later"])
+    assert time.monotonic() - start < 5 and out.notna().all().all()  # capped at max_backoff

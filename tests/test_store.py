@@ -125,6 +125,21 @@ def test_crash_between_vectors_and_index_rolls_back(tmp_path, rng, monkeypatch):
     np.testing.assert_array_equal(again.layer(1, "output", "last")[:3], v1[("output", "last")][1])
 
 
+def test_two_writers_on_one_store_stay_aligned(tmp_path, rng):
+    first = _create(tmp_path / "s")
+    second = ActivationStore.open(tmp_path / "s")
+    i1, v1 = _batch(rng, ["a", "b"])
+    i2, v2 = _batch(rng, ["c"])
+    first.append(i1, v1)
+    second.append(i2, v2)  # its in-memory index is stale: append must start from the committed one
+    with pytest.raises(ValueError, match="already stored"):
+        second.append(i1, v1)
+    merged = ActivationStore.open(tmp_path / "s")
+    assert list(merged.index["prompt_id"]) == ["a", "b", "c"]
+    expected = np.concatenate([v1[("input", "mean")][2], v2[("input", "mean")][2]])
+    np.testing.assert_array_equal(merged.layer(2), expected)
+
+
 def test_index_longer_than_arrays_is_corruption(tmp_path, rng):
     store = _create(tmp_path / "s")
     store.append(*_batch(rng, ["a", "b"]))

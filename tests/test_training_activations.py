@@ -28,7 +28,8 @@ def test_capture_matches_bridge_hook(tiny_model, tiny_llama_dir, layer):
     with torch.no_grad(), capture_residual(peft_model, layer) as captured:
         peft_model(input_ids=ids)
     drift = (captured[-1] - seen["bridge"]).abs().max().item()
-    assert drift < 1e-5, f"PEFT-wrapped capture drifts {drift:.2e} from bridge hook {tiny_model.hook_names[layer]}"
+    name = tiny_model.hook_names[layer]
+    assert drift < 1e-5, f"PEFT-wrapped capture drifts {drift:.2e} from bridge hook {name}"
 
 
 def test_pad_sequences_masks_by_hand():
@@ -52,5 +53,6 @@ def test_pooled_batched_equals_unbatched(tiny_model):
 
 
 def test_bad_layer_names_range(tiny_model):
-    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\]"), capture_residual(tiny_model.hf_model, 9):
-        pass
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 3\]"):
+        with capture_residual(tiny_model.hf_model, 9):
+            pass

@@ -33,7 +33,8 @@ def test_probe_pairs_lowest_chosen_highest_rejected_ties_skipped():
 
 def test_classifier_baseline_ranks_by_scorer_scores():
     pairs = build_preference_pairs(_samples(), score="toxicity")
-    assert pairs[["prompt_id", "chosen", "rejected"]].values.tolist() == [["a", "a2", "a1"], ["b", "b1", "b0"]]
+    expected = [["a", "a2", "a1"], ["b", "b1", "b0"]]
+    assert pairs[["prompt_id", "chosen", "rejected"]].values.tolist() == expected
     assert pairs["chosen_score"].tolist() == [0.05, 0.1] and (pairs["ranking"] == "toxicity").all()
 
 
@@ -71,8 +72,10 @@ def test_dpo_raises_the_margin_and_saves_loadable_models(tiny_llama_dir, tmp_pat
         "chosen": [" jumps over the lazy dog.", " for a walk in the park.", " of the tokenizer."],
         "rejected": [" stupid idiot.", " I hate you.", " you idiot."],
     })
-    margin = lambda m: np.mean([_sequence_logp(m, tok, r.prompt, r.chosen) - _sequence_logp(m, tok, r.prompt, r.rejected)
-                                for r in pairs.itertuples()])  # noqa: E731
+    def margin(m):
+        return np.mean([_sequence_logp(m, tok, r.prompt, r.chosen)
+                        - _sequence_logp(m, tok, r.prompt, r.rejected) for r in pairs.itertuples()])
+
     before = margin(model)
     args = DPOConfig(output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=3,
                      learning_rate=5e-3, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],

@@ -63,7 +63,9 @@ def test_save_load_checks_fingerprint(tmp_path, rng):
         ProbeSet.load(tmp_path / "p", expect={"hook_name": "blocks.5.hook_resid_post"})
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"n_probes": 0}, "n_probes"), ({"subsample": 1.5}, "subsample")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"n_probes": 0}, "n_probes"), ({"subsample": 1.5}, "subsample")]
+)
 def test_bad_arguments_name_the_parameter(rng, kwargs, match):
     X, y, _ = _planted(rng, n=20)
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""Probe-penalty SFT: the penalty's gradient reaches LoRA weights, and training lowers the frozen probe's score."""
+"""Probe-penalty SFT: the penalty's gradient reaches LoRA weights; training lowers the probe's score."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def test_a_few_steps_lower_the_frozen_probe_score(fitted, tmp_path):
     model, tok, probes = fitted
     _, before = _probe_scores(model, tok, probes)
     args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=20.0, learning_rate=5e-3, max_steps=8,
-                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-                          max_length=64, gradient_checkpointing=False, logging_steps=1, disable_tqdm=True, seed=0)
+                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True,
+                          bf16=False, max_length=64, gradient_checkpointing=False, logging_steps=1,
+                          disable_tqdm=True, seed=0)
     texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
     trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),
                               peft_config=lora_config(r=4, alpha=8))

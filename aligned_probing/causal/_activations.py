@@ -56,7 +56,8 @@ def record_residuals(
     fwd = [(model.hook_names[x], make(x)) for x in layers]
     ctx = intervention.apply(model) if intervention is not None else _null()
     with ctx, model.bridge.hooks(fwd_hooks=fwd):
-        model.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # logits_to_keep=1: only the residual stream is needed; skip most of the unembedding.
+        model.hf_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     return store
 
 

@@ -1,5 +1,8 @@
-"""Shared pieces of the causal experiment runners: generate + score under an intervention,
-paired per-prompt effects with bootstrap CIs, and the fluency proxy (perplexity)."""
+"""Shared pieces of the causal runners: generation under an intervention, paired effects, fluency.
+
+Generate + score under an intervention, paired per-prompt effects with bootstrap CIs, and the
+fluency proxy (perplexity of a continuation under the unmodified model).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,15 @@ from aligned_probing.causal.interventions import Intervention
 from aligned_probing.templates import render_prompt
 
 EFFECT_COLUMNS: tuple[str, ...] = (
-    "metric", "value", "baseline", "delta", "ci_low", "ci_high", "excludes_zero", "n_prompts", "k",
+    "metric",
+    "value",
+    "baseline",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "excludes_zero",
+    "n_prompts",
+    "k",
 )
 
 
@@ -86,8 +97,15 @@ def generate_and_score(
     """
     from aligned_probing.generation import generate_continuations
 
-    kwargs = dict(k=gen.k, seed=gen.seed, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                  top_p=gen.top_p, template=gen.template, batch_size=gen.batch_size)
+    kwargs = dict(
+        k=gen.k,
+        seed=gen.seed,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        template=gen.template,
+        batch_size=gen.batch_size,
+    )
     if intervention is None:
         conts = generate_continuations(model, prompts, **kwargs)
     else:
@@ -120,25 +138,36 @@ def paired_effects(
     rows = []
     for metric in metrics:
         diff = b.loc[common, metric].to_numpy() - a.loc[common, metric].to_numpy()
-        rows.append(_effect_row(metric, b.loc[common, metric].to_numpy(), a.loc[common, metric].to_numpy(),
-                                diff, stat, k=int(b.loc[common, "k"].min()) if len(common) else 0))
+        rows.append(
+            _effect_row(
+                metric,
+                b.loc[common, metric].to_numpy(),
+                a.loc[common, metric].to_numpy(),
+                diff,
+                stat,
+                k=int(b.loc[common, "k"].min()) if len(common) else 0,
+            )
+        )
     return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
 
 
 def _effect_row(
     metric: str, value: np.ndarray, base: np.ndarray, diff: np.ndarray, stat: StatSettings, *, k: int
 ) -> dict[str, Any]:
-    low, high = bootstrap_mean_ci(diff, n_resamples=stat.n_resamples, confidence_level=stat.confidence_level,
-                                  seed=stat.seed)
+    low, high = bootstrap_mean_ci(
+        diff, n_resamples=stat.n_resamples, confidence_level=stat.confidence_level, seed=stat.seed
+    )
     finite = np.isfinite(diff)
     return {
         "metric": metric,
         "value": float(np.nanmean(value)) if finite.any() else math.nan,
         "baseline": float(np.nanmean(base)) if finite.any() else math.nan,
         "delta": float(diff[finite].mean()) if finite.any() else math.nan,
-        "ci_low": low, "ci_high": high,
+        "ci_low": low,
+        "ci_high": high,
         "excludes_zero": bool(low > 0 or high < 0),
-        "n_prompts": int(finite.sum()), "k": k,
+        "n_prompts": int(finite.sum()),
+        "k": k,
     }
 
 
@@ -161,10 +190,14 @@ def continuation_log_perplexity(
     Returns:
         `[n_rows]` float64.
     """
-    rendered = {t: render_prompt(model.tokenizer, t, template).input_ids
-                for t in continuations["prompt_text"].unique()}
-    seqs = [(rendered[p], list(c)) for p, c in zip(continuations["prompt_text"], continuations["token_ids"],
-                                                    strict=True)]
+    rendered = {
+        t: render_prompt(model.tokenizer, t, template).input_ids
+        for t in continuations["prompt_text"].unique()
+    }
+    seqs = [
+        (rendered[p], list(c))
+        for p, c in zip(continuations["prompt_text"], continuations["token_ids"], strict=True)
+    ]
     out = np.full(len(seqs), np.nan)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
@@ -174,7 +207,9 @@ def continuation_log_perplexity(
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
-        logp = torch.log_softmax(model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        logp = torch.log_softmax(
+            model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
+        )
         for row, (p, c) in enumerate(chunk):
             if not c:
                 continue

@@ -252,7 +252,9 @@ class ResidualPatch(Intervention):
         """One patch hook at `model.hook_names[layer]`."""
         layer = _check_layer("layer", self.layer, model.n_layers)
         if self.values.shape[-1] != model.d_model:
-            raise ValueError(f"values have width {self.values.shape[-1]}, the model's d_model is {model.d_model}.")
+            raise ValueError(
+                f"values have width {self.values.shape[-1]}, the model's d_model is {model.d_model}."
+            )
         positions = torch.tensor(self.positions, dtype=torch.long)
         return [(model.hook_names[layer], _create_patch_hook(self.values, positions, offset))]
 
@@ -283,7 +285,9 @@ class Steering(Intervention):
         """One additive hook at `model.hook_names[layer]`."""
         layer = _check_layer("layer", self.layer, model.n_layers)
         if self.unit.numel() != model.d_model:
-            raise ValueError(f"direction has {self.unit.numel()} entries, the model's d_model is {model.d_model}.")
+            raise ValueError(
+                f"direction has {self.unit.numel()} entries, the model's d_model is {model.d_model}."
+            )
         return [(model.hook_names[layer], _create_additive_hook(self.alpha * self.unit))]
 
     def __repr__(self) -> str:

@@ -25,22 +25,44 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from aligned_probing.behaviour import METRICS, per_prompt_metrics
 from aligned_probing.causal._activations import Predictor, probe_readout, record_residuals
 from aligned_probing.causal._runs import GenerationSettings, StatSettings, _effect_row, generate_and_score
 from aligned_probing.causal.interventions import ResidualPatch
-from aligned_probing.behaviour import METRICS, per_prompt_metrics
 from aligned_probing.data import SCORE_PREFIX
 from aligned_probing.templates import RenderedPrompt, render_prompt
 
 DIRECTIONS: tuple[str, ...] = ("toxic_to_nontoxic", "nontoxic_to_toxic")
 PAIR_COLUMNS: tuple[str, ...] = (
-    "pair_id", "toxic_prompt_id", "nontoxic_prompt_id", "toxic_text", "nontoxic_text", "toxic_score",
-    "nontoxic_score", "toxic_length", "nontoxic_length",
+    "pair_id",
+    "toxic_prompt_id",
+    "nontoxic_prompt_id",
+    "toxic_text",
+    "nontoxic_text",
+    "toxic_score",
+    "nontoxic_score",
+    "toxic_length",
+    "nontoxic_length",
 )
 PATCHING_COLUMNS: tuple[str, ...] = (
-    "model", "template", "attribute", "positions", "direction", "measure", "layer", "readout_layer",
-    "value", "baseline", "source", "delta", "ci_low", "ci_high", "excludes_zero", "fraction_of_gap",
-    "n_pairs", "k",
+    "model",
+    "template",
+    "attribute",
+    "positions",
+    "direction",
+    "measure",
+    "layer",
+    "readout_layer",
+    "value",
+    "baseline",
+    "source",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "excludes_zero",
+    "fraction_of_gap",
+    "n_pairs",
+    "k",
 )
 
 
@@ -97,28 +119,48 @@ def match_pairs(
         pairs = sorted(zip(rows, cols, strict=True), key=lambda rc: (cost[rc], rc))
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
-    t, n = tox.loc[[p[0] for p in pairs]].reset_index(drop=True), non.loc[[p[1] for p in pairs]].reset_index(drop=True)
-    return pd.DataFrame({
-        "pair_id": np.arange(len(pairs)), "toxic_prompt_id": t["prompt_id"], "nontoxic_prompt_id": n["prompt_id"],
-        "toxic_text": t["text"], "nontoxic_text": n["text"], "toxic_score": t[col], "nontoxic_score": n[col],
-        "toxic_length": t["length"], "nontoxic_length": n["length"],
-    }, columns=list(PAIR_COLUMNS))
+    t, n = (
+        tox.loc[[p[0] for p in pairs]].reset_index(drop=True),
+        non.loc[[p[1] for p in pairs]].reset_index(drop=True),
+    )
+    return pd.DataFrame(
+        {
+            "pair_id": np.arange(len(pairs)),
+            "toxic_prompt_id": t["prompt_id"],
+            "nontoxic_prompt_id": n["prompt_id"],
+            "toxic_text": t["text"],
+            "nontoxic_text": n["text"],
+            "toxic_score": t[col],
+            "nontoxic_score": n[col],
+            "toxic_length": t["length"],
+            "nontoxic_length": n["length"],
+        },
+        columns=list(PAIR_COLUMNS),
+    )
 
 
-def _patch_for(src: RenderedPrompt, tgt: RenderedPrompt, src_resid: torch.Tensor, layer: int, positions: str) -> ResidualPatch:
+def _patch_for(
+    src: RenderedPrompt, tgt: RenderedPrompt, src_resid: torch.Tensor, layer: int, positions: str
+) -> ResidualPatch:
     """The `ResidualPatch` writing the source's activations into the target (src_resid: [pos, d])."""
     if positions == "last":
         return ResidualPatch(layer, src_resid[src.prompt_end - 1 : src.prompt_end], [tgt.prompt_end - 1])
-    if len(src.input_ids) != len(tgt.input_ids) or (src.prompt_start, src.prompt_end) != (tgt.prompt_start, tgt.prompt_end):
+    if len(src.input_ids) != len(tgt.input_ids) or (src.prompt_start, src.prompt_end) != (
+        tgt.prompt_start,
+        tgt.prompt_end,
+    ):
         raise ValueError(
             f"positions='all' needs pairs of equal rendered length and prompt span; got lengths "
-            f"{len(src.input_ids)} and {len(tgt.input_ids)}. Build pairs with match_pairs(..., exact_length=True)."
+            f"{len(src.input_ids)} and {len(tgt.input_ids)}. Build pairs with "
+            "match_pairs(..., exact_length=True)."
         )
     span = list(range(tgt.prompt_start, tgt.prompt_end))
     return ResidualPatch(layer, src_resid[span], span)
 
 
-def _check_args(model: Any, layers: Sequence[int], positions: str, probes: Mapping[int, Predictor] | None, scorer: Any) -> list[int]:
+def _check_args(
+    model: Any, layers: Sequence[int], positions: str, probes: Mapping[int, Predictor] | None, scorer: Any
+) -> list[int]:
     if positions not in ("last", "all"):
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}.")
     layers = [int(x) for x in layers]
@@ -166,12 +208,16 @@ def activation_patching(
 
     Example:
         >>> pairs = match_pairs(prompts.df, model.tokenizer, max_pairs=50)  # doctest: +SKIP
-        >>> activation_patching(model, pairs, layers=[4, 8, 12], probes=probes, scorer=scorer)  # doctest: +SKIP
+        >>> activation_patching(model, pairs, layers=[4, 8], probes=probes, scorer=scorer)  # doctest: +SKIP
     """
     gen = generation or GenerationSettings()
     stat = stats or StatSettings()
     layers = _check_args(model, layers, positions, probes, scorer)
-    gen_layers = [int(x) for x in (layers if generate_layers is None else generate_layers)] if scorer is not None else []
+    gen_layers = (
+        [int(x) for x in (layers if generate_layers is None else generate_layers)]
+        if scorer is not None
+        else []
+    )
     probes = dict(probes or {})
     readout_records: list[dict] = []
     behaviour_frames: list[pd.DataFrame] = []
@@ -198,18 +244,35 @@ def activation_patching(
                     res = record_residuals(model, tgt_ids, later, intervention=patch)
                     read = probe_readout(res, {x: probes[x] for x in later}, span[tgt], pooling)
                     for x in later:
-                        readout_records.append({
-                            "pair_id": pair.pair_id, "direction": direction, "layer": layer, "readout_layer": x,
-                            "value": read[x][0], "baseline": clean_read[tgt][x][0], "source": clean_read[src][x][0],
-                        })
+                        readout_records.append(
+                            {
+                                "pair_id": pair.pair_id,
+                                "direction": direction,
+                                "layer": layer,
+                                "readout_layer": x,
+                                "value": read[x][0],
+                                "baseline": clean_read[tgt][x][0],
+                                "source": clean_read[src][x][0],
+                            }
+                        )
                 if layer in gen_layers:
                     frame = pd.DataFrame({"prompt_id": [ids[tgt]], "text": [texts[tgt]]})
                     patched = generate_and_score(model, frame, scorer, gen, intervention=patch)
-                    behaviour_frames.append(_pair_behaviour(
-                        patched, clean_behaviour[ids[tgt]], clean_behaviour[ids[src]], stat,
-                        pair_id=pair.pair_id, direction=direction, layer=layer))
-    out = pd.concat([_summarise_readouts(readout_records, stat),
-                     _summarise_behaviour(behaviour_frames, stat)], ignore_index=True)
+                    behaviour_frames.append(
+                        _pair_behaviour(
+                            patched,
+                            clean_behaviour[ids[tgt]],
+                            clean_behaviour[ids[src]],
+                            stat,
+                            pair_id=pair.pair_id,
+                            direction=direction,
+                            layer=layer,
+                        )
+                    )
+    out = pd.concat(
+        [_summarise_readouts(readout_records, stat), _summarise_behaviour(behaviour_frames, stat)],
+        ignore_index=True,
+    )
     out.insert(0, "positions", positions)
     out.insert(0, "attribute", stat.attribute)
     out.insert(0, "template", gen.template)
@@ -221,12 +284,17 @@ def _pair_behaviour(
     patched: pd.DataFrame, target: pd.DataFrame, source: pd.DataFrame, stat: StatSettings, **keys: Any
 ) -> pd.DataFrame:
     """Per-pair behaviour metrics of the patched target, the clean target and the clean source."""
+
     def metrics(df: pd.DataFrame) -> pd.Series:
         return per_prompt_metrics(df, stat.attribute, threshold=stat.threshold).iloc[0]
 
     p, t, s = metrics(patched), metrics(target), metrics(source)
-    return pd.DataFrame([{**keys, "metric": m, "value": p[m], "baseline": t[m], "source": s[m], "k": int(p["k"])}
-                         for m in METRICS])
+    return pd.DataFrame(
+        [
+            {**keys, "metric": m, "value": p[m], "baseline": t[m], "source": s[m], "k": int(p["k"])}
+            for m in METRICS
+        ]
+    )
 
 
 def _summarise(per_pair: pd.DataFrame, keys: list[str], stat: StatSettings) -> pd.DataFrame:
@@ -235,8 +303,12 @@ def _summarise(per_pair: pd.DataFrame, keys: list[str], stat: StatSettings) -> p
         value, base, source = (grp[c].to_numpy(dtype=np.float64) for c in ("value", "baseline", "source"))
         row = _effect_row("", value, base, value - base, stat, k=int(grp["k"].min()) if "k" in grp else 0)
         gap = float(np.mean(source - base))
-        row.update(dict(zip(keys, key, strict=True)), source=float(source.mean()),
-                   fraction_of_gap=row["delta"] / gap if abs(gap) > 1e-12 else np.nan, n_pairs=row.pop("n_prompts"))
+        row.update(
+            dict(zip(keys, key, strict=True)),
+            source=float(source.mean()),
+            fraction_of_gap=row["delta"] / gap if abs(gap) > 1e-12 else np.nan,
+            n_pairs=row.pop("n_prompts"),
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

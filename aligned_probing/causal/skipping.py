@@ -22,7 +22,14 @@ from aligned_probing.causal._runs import (
 )
 from aligned_probing.causal.interventions import LayerSkip
 
-SKIPPING_COLUMNS: tuple[str, ...] = ("model", "template", "attribute", "block", "relative_depth", *EFFECT_COLUMNS)
+SKIPPING_COLUMNS: tuple[str, ...] = (
+    "model",
+    "template",
+    "attribute",
+    "block",
+    "relative_depth",
+    *EFFECT_COLUMNS,
+)
 
 
 def layer_skipping(

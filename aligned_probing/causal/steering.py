@@ -39,8 +39,14 @@ def _prompt_log_ppl(model: Any, conts: pd.DataFrame, gen: GenerationSettings) ->
 def _fluency(a: pd.Series, b: pd.Series, gen: GenerationSettings, stat: StatSettings) -> dict:
     """Steered (b) vs unsteered (a) per-prompt log perplexity as one effect row."""
     common = a.index.intersection(b.index)
-    return _effect_row("log_perplexity", b[common].to_numpy(), a[common].to_numpy(),
-                       (b[common] - a[common]).to_numpy(), stat, k=gen.k)
+    return _effect_row(
+        "log_perplexity",
+        b[common].to_numpy(),
+        a[common].to_numpy(),
+        (b[common] - a[common]).to_numpy(),
+        stat,
+        k=gen.k,
+    )
 
 
 def steering(
@@ -89,12 +95,31 @@ def steering(
     base_lp = _prompt_log_ppl(model, base, gen) if fluency else None
     frames = []
     for alpha in alphas:
-        cond = base if alpha == 0 else generate_and_score(
-            model, prompts, scorer, gen, intervention=Steering(layer, direction, float(alpha)))
+        cond = (
+            base
+            if alpha == 0
+            else generate_and_score(
+                model, prompts, scorer, gen, intervention=Steering(layer, direction, float(alpha))
+            )
+        )
         eff = paired_effects(base, cond, stat)
         if fluency:
-            eff = pd.concat([eff, pd.DataFrame([_fluency(
-                base_lp, base_lp if cond is base else _prompt_log_ppl(model, cond, gen), gen, stat)])], ignore_index=True)
+            eff = pd.concat(
+                [
+                    eff,
+                    pd.DataFrame(
+                        [
+                            _fluency(
+                                base_lp,
+                                base_lp if cond is base else _prompt_log_ppl(model, cond, gen),
+                                gen,
+                                stat,
+                            )
+                        ]
+                    ),
+                ],
+                ignore_index=True,
+            )
         eff.insert(0, "alpha", float(alpha))
         frames.append(eff)
     out = pd.concat(frames, ignore_index=True)

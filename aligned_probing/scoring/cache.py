@@ -116,19 +116,20 @@ class CachedScorer:
         """Score texts, reusing cached scores (`last_misses` counts the texts actually scored)."""
         texts = validate_texts(texts)
         hashes = [text_hash(t) for t in texts]
-        known = self.cache.get(self.id, hashes)
+        cols = list(self.attributes)
+        # An entry missing one of our attributes (written by an older scorer version) is a miss.
+        known = {h: v for h, v in self.cache.get(self.id, hashes).items() if all(a in v for a in cols)}
         missing = {h: t for h, t in zip(hashes, texts, strict=True) if h not in known}
         errors: dict[int, str] = {}
         if missing:
             fresh = self.scorer.score(list(missing.values()))
-            new = {h: fresh.iloc[i].to_dict() for i, h in enumerate(missing)}
+            new = dict(zip(missing, fresh[cols].to_dict("records"), strict=True))
             self.cache.put(self.id, new)
             known.update(new)
             order = list(missing)
             failed = {order[i]: msg for i, msg in fresh.attrs.get("errors", {}).items()}
             errors = {i: failed[h] for i, h in enumerate(hashes) if h in failed}
         self.last_misses = len(missing)
-        cols = list(self.attributes)
         values = np.array([[known[h][a] for a in cols] for h in hashes], dtype=np.float64).reshape(
             -1, len(cols)
         )

@@ -341,7 +341,7 @@ class JigsawScorer:
     Example:
         >>> scorer = JigsawScorer("tox-block")
         >>> scorer.score(["have a nice day", "you idiot"])["toxicity"].round(2).tolist()
-        [0.0, 0.99]
+        [0.02, 0.99]
     """
 
     def __init__(

@@ -126,17 +126,16 @@ class PerspectiveScorer:
         if not self._key:
             raise ValueError(f"the Perspective API key must be set in the environment variable {api_key_env}")
         self.attributes = tuple(a for a in ATTRIBUTES if a in set(attributes))
-        self.max_retries, self.backoff, self.max_backoff, self.timeout = (
-            max_retries,
-            backoff,
-            max_backoff,
-            timeout,
-        )
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
         self.url = base_url.rstrip("/") + "/comments:analyze"
         self.languages = list(languages)
         self.qps = qps
-        # Perspective's models change without a version number, so the id names the API and request.
-        self.id = f"perspective/{base_url.rstrip('/').rsplit('/', 1)[-1]}/{','.join(self.languages)}"
+        # Perspective's models change without a version number, so the id names the endpoint and
+        # the request (a cache must not serve scores from another server or attribute set).
+        self.id = f"perspective/{base_url.rstrip('/')}/{','.join(self.languages)}/{','.join(self.attributes)}"
         self._limiter = _RateLimiter(qps, time.monotonic, time.sleep)
         self._session = requests.Session()
         self._session.headers.update({"X-Goog-Api-Key": self._key, "Content-Type": "application/json"})
@@ -156,10 +155,11 @@ class PerspectiveScorer:
 
     def _post(self, body: bytes) -> requests.Response:
         """POST once per attempt, retrying 429/5xx/connection errors with backoff; raise when exhausted."""
-        problem = ""
+        problem, hint = "", None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+                # A server's Retry-After wins over our exponential schedule; both are capped.
+                delay = min(hint if hint is not None else self.backoff * 2 ** (attempt - 1), self.max_backoff)
                 _logger.info(
                     "Perspective: %s; retry %d/%d in %.2fs", problem, attempt, self.max_retries, delay
                 )
@@ -168,15 +168,12 @@ class PerspectiveScorer:
             try:
                 response = self._session.post(self.url, data=body, timeout=self.timeout)
             except requests.RequestException as exc:
-                # The message of a connection error names host and path only; the key is in a header.
-                problem = f"{type(exc).__name__}"
+                # Only the exception type: messages can carry URLs (the key is in a header, not the URL).
+                problem, hint = type(exc).__name__, None
                 continue
             if response.status_code not in _RETRY_STATUS:
                 return response
-            problem = f"HTTP {response.status_code}"
-            hint = _retry_after(response)
-            if hint is not None and attempt < self.max_retries:
-                time.sleep(min(hint, self.max_backoff))
+            problem, hint = f"HTTP {response.status_code}", _retry_after(response)
         raise PerspectiveError(f"gave up after {self.max_retries + 1} attempts (last: {problem})")
 
     def _parse(self, response: requests.Response) -> list[float]:

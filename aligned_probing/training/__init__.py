@@ -13,7 +13,8 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "capture_residual": "activations", "pooled_response_activations": "activations",
     "ARMS": "config", "FinetuneConfig": "config", "load_finetune_config": "config",
-    "LabelledSamples": "data", "benign_texts": "data", "label_continuations": "data", "split_by_prompt": "data",
+    "LabelledSamples": "data", "benign_texts": "data", "label_continuations": "data",
+    "split_by_prompt": "data",
     "build_preference_pairs": "dpo", "train_dpo": "dpo",
     "AdapterCheckpointCallback": "finetuned", "load_trainable": "finetuned", "lora_config": "finetuned",
     "save_finetuned": "finetuned",

@@ -73,8 +73,10 @@ def capture_residual(model: torch.nn.Module, layer: int) -> Iterator[list[Tensor
 
 
 def masked_mean(acts: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `acts` [batch, pos, d] over positions where `mask` [batch, pos] is 1; rows without
-    any masked position give zeros (instead of NaN, which would poison a whole batch's gradient)."""
+    """Mean of `acts` [batch, pos, d] over positions where `mask` [batch, pos] is 1.
+
+    Rows without any masked position give zeros (NaN would poison a whole batch's gradient).
+    """
     weights = mask.to(acts.dtype).unsqueeze(-1)  # (B, T, 1)
     return (acts * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 

@@ -1,4 +1,4 @@
-"""Typed TOML config for `aligned-probing finetune CONFIG` (one small model per concern, unknown keys are errors).
+"""Typed TOML config for `aligned-probing finetune CONFIG`: one small model per concern.
 
 Pydantic models with `extra="forbid"`: a typo in a TOML key would otherwise silently change the
 experiment; the error lists the valid keys of that section.

