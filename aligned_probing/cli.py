@@ -234,18 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code (0 on success).
     """
-    import click
-
+    # typer 0.2x vendors click, so its exceptions are typer's (TyperException covers usage errors).
     try:
         code = app(args=list(sys.argv[1:] if argv is None else argv), prog_name="aligned-probing",
                    standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         return 1
+    except typer.TyperException as exc:
+        exc.show()
+        return int(getattr(exc, "exit_code", 1))
     return code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
 
 

@@ -201,6 +201,16 @@ class OutputConfig(_Section):
     )
 
 
+class RuntimeConfig(_Section):
+    """How to run, not what to compute: these keys are never part of a stage's cache hash."""
+
+    threads: int | None = Field(
+        None, gt=0,
+        description="Torch CPU threads during the run (`torch.set_num_threads`); none keeps torch's default. "
+        "On a shared or busy machine 1 is often several times faster (no waiting on descheduled threads).",
+    )
+
+
 # ----------------------------------------------------------------------------- run
 class RunConfig(_Section):
     """A whole experiment: every stage's settings."""
@@ -217,6 +227,7 @@ class RunConfig(_Section):
     interplay: InterplayConfig = Field(default_factory=InterplayConfig, description="Interplay.")
     causal: CausalConfig = Field(default_factory=CausalConfig, description="Causal evidence.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -426,6 +437,7 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[interplay]", InterplayConfig),
     ("[causal]", CausalConfig),
     ("[output]", OutputConfig),
+    ("[runtime]", RuntimeConfig),
 )
 
 

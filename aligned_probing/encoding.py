@@ -78,6 +78,7 @@ def encode(
     use_chat_template: bool | None = None,
     padding_side: str = "right",
     flush_rows: int | None = None,
+    chunk_rows: int = 256,
     progress: bool = False,
 ) -> ActivationStore:
     """Encode prompts (and their continuations) into `store`, resuming what it already holds.
@@ -101,6 +102,7 @@ def encode(
             padding) or "left" (masked, with position ids counted from the first real token).
         flush_rows: Rows buffered before each write to disk; default: the store's chunk rows.
             Bounds memory at about (flush_rows + batch_size) x (L + 1) x d_model x 4 bytes per array.
+        chunk_rows: Rows per zarr chunk of a new store (an existing store keeps its own).
         progress: Show a tqdm progress bar.
 
     Returns:
@@ -132,6 +134,7 @@ def encode(
         positions=positions,
         poolings=tuple(aggregators),
         dtype=dtype,
+        chunk_rows=chunk_rows,
     )
 
     rows = _build_rows(
@@ -196,6 +199,7 @@ def _open_store(
     positions: tuple[str, ...],
     poolings: tuple[str, ...],
     dtype: str,
+    chunk_rows: int,
 ) -> ActivationStore:
     """Open or create the store, refusing one written for another model, template or layout."""
     expect: dict[str, Any] = {
@@ -222,6 +226,7 @@ def _open_store(
         positions=positions,
         poolings=poolings,
         dtype=dtype,
+        chunk_rows=chunk_rows,
         layer_names=list(model.hook_names),
         extra={
             "spec": model.spec,
@@ -249,6 +254,10 @@ def _build_rows(
         wanted = [(pid, _INPUT_ONLY, []) for pid in texts]
     else:
         wanted = _continuation_items(continuations, texts, template)
+    # Over all rows, done or not, so that a resumed run renders (and truncates) prompts identically.
+    longest: dict[str, int] = {}
+    for pid, _, ids in wanted:
+        longest[pid] = max(longest.get(pid, 0), len(ids))
     wanted = [item for item in wanted if (item[0], item[1]) not in done]
     n_empty = sum(1 for _, idx, ids in wanted if idx != _INPUT_ONLY and not ids)
     if n_empty:
@@ -258,9 +267,7 @@ def _build_rows(
             EmptyContinuationWarning,
             stacklevel=3,
         )
-    longest: dict[str, int] = {}
-    for pid, _, ids in wanted:
-        longest[pid] = max(longest.get(pid, 0), len(ids))
+    todo = {pid for pid, _, _ in wanted}
     rendered = {
         pid: render_prompt(
             model.tokenizer,
@@ -271,6 +278,7 @@ def _build_rows(
             max_tokens=model.context_length - n,
         )
         for pid, n in longest.items()
+        if pid in todo
     }
     rows: list[_Row] = []
     for pid, idx, ids in wanted:

@@ -287,7 +287,8 @@ def _generate_batch(
         repetition_penalty=1.0,
     )
     with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # sampling keys of the model's own config are unused
+        # The model's own sampling keys (temperature, top_p) are unused in greedy mode: not news.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers\.generation")
         out = model.hf_model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -174,6 +174,17 @@ def _attach_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def _set_threads(threads: int | None) -> int | None:
+    """Set torch's CPU threads for the run; return the previous count (None: nothing changed)."""
+    if threads is None:
+        return None
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous
+
+
 def run_dir_of(config: RunConfig) -> Path:
     """The run directory named by `config.output.run_dir`."""
     return Path(config.output.run_dir)
@@ -210,10 +221,12 @@ def run(
     if config_text is not None:
         (run_dir / CONFIG_TOML).write_text(config_text)
     handler = _attach_log(run_dir)
+    threads = _set_threads(config.runtime.threads)
     try:
         logger.info("run %s: %d stages in %s", config.name, len(plan), run_dir)
         records = execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), progress=progress)
     finally:
+        _set_threads(threads)
         logging.getLogger("aligned_probing").removeHandler(handler)
         handler.close()
     report = None

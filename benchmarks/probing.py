@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -114,7 +115,9 @@ def reference_probe(
     return pred * (hi - lo) + lo, epoch
 
 
-def compare_reference(store, targets, layer: int, attribute: str, n_folds: int = 4, seed: int = 0) -> dict:
+def compare_reference(
+    store, targets, layer: int, attribute: str, n_folds: int = 4, seed: int = 0, standardised_reference=False
+) -> dict:
     X = store.layer(layer, "input").astype(np.float64)
     y = targets[f"prompt_{attribute}"].to_numpy()
     folds = prompt_folds(len(y), n_folds, seed)  # one row per prompt here
@@ -127,15 +130,23 @@ def compare_reference(store, targets, layer: int, attribute: str, n_folds: int =
     }
     for fold in range(n_folds):
         tr, te = folds != fold, folds == fold
+        cpu0 = time.process_time()
         with Timer() as t:
             pred = RidgeProbe().fit(X[tr], y[tr]).predict(X[te])
         out["ours_s"] += t.seconds
+        out["ours_cpu_s"] += time.process_time() - cpu0
         out["ours_pearson"].append(np.corrcoef(pred, y[te])[0, 1])
+        cpu0 = time.process_time()
         with Timer() as t:
             pred, epochs = reference_probe(X[tr], y[tr], X[te], seed=fold)
         out["reference_s"] += t.seconds
+        out["reference_cpu_s"] += time.process_time() - cpu0
         out["reference_pearson"].append(np.corrcoef(pred, y[te])[0, 1])
         out["reference_epochs"].append(epochs)
+        if standardised_reference:  # the reference probe on features standardised on the training part
+            mu, sd = X[tr].mean(axis=0), X[tr].std(axis=0) + 1e-12
+            pred, _ = reference_probe((X[tr] - mu) / sd, y[tr], (X[te] - mu) / sd, seed=fold)
+            out.setdefault("reference_standardised_pearson", []).append(np.corrcoef(pred, y[te])[0, 1])
     return out
 
 
@@ -147,8 +158,17 @@ def main() -> None:
     parser.add_argument("--targets", help="Parquet targets table for --store")
     parser.add_argument("--layers", type=int, default=None, help="probe only the first N layers (quick runs)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--compare-only",
+        type=int,
+        default=None,
+        metavar="LAYER",
+        help="skip the sweep; compare with the reference probe (raw and standardised inputs) at LAYER",
+    )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the reference probe gets the same threads as our BLAS
 
     if args.store:
         from aligned_probing.store import ActivationStore
@@ -160,11 +180,26 @@ def main() -> None:
         print(f"synthetic data: {t.seconds:.1f} s")
         source = "synthetic"
     attributes = [a for a in ATTRIBUTES if a in targets.columns]
+    if args.compare_only is not None:
+        with threadpool_limits(limits=args.threads):
+            ref = compare_reference(
+                store, targets, args.compare_only, "toxicity", standardised_reference=True
+            )
+        headline = {
+            "layer": args.compare_only,
+            **{k: float(np.mean(v)) for k, v in ref.items() if k.endswith("pearson")},
+            "reference_cpu_s_per_probe": ref["reference_cpu_s"] / 4,
+            "ours_cpu_s_per_probe": ref["ours_cpu_s"] / 4,
+        }
+        save_results("probing_reference", headline, {"reference": ref, "threads": args.threads})
+        return
     layers = list(range(store.n_layers + 1 if args.layers is None else args.layers))
     seeds = tuple(range(args.seeds))
 
+    cpu0 = time.process_time()
     with threadpool_limits(limits=args.threads), Timer() as sweep_t:
         df = run_probing(store, targets, attributes=attributes, seeds=seeds, layers=layers, control=True)
+    sweep_cpu = time.process_time() - cpu0  # CPU seconds: less sensitive than wall time to other users' load
     n_fits = len(layers) * 2 * len(seeds) * 4  # (layer, position, seed, fold)
     n_probes = len(df)  # real probes; each also has a control probe
     summary = summarize(df)
@@ -172,7 +207,8 @@ def main() -> None:
     print(f"sweep: {sweep_t.seconds:.1f} s for {n_probes} probes (+{n_probes} controls) in {n_fits} fits")
 
     peak_layer = int(peaks.query("scenario == 'input' and attribute == 'toxicity'").layer.iloc[0])
-    ref = compare_reference(store, targets, peak_layer, "toxicity")
+    with threadpool_limits(limits=args.threads):
+        ref = compare_reference(store, targets, peak_layer, "toxicity")
     ref_per_probe = ref["reference_s"] / 4
     ours_per_probe = ref["ours_s"] / 4
     amortised = sweep_t.seconds / (2 * n_probes)  # real + control probes delivered by the sweep
@@ -181,6 +217,7 @@ def main() -> None:
         "shape": [store.n_layers + 1, len(store.index), int(store.layer(0, "input").shape[1])],
         "layers_probed": len(layers),
         "sweep_wall_s": round(sweep_t.seconds, 2),
+        "sweep_cpu_s": round(sweep_cpu, 2),
         "sweep_probes": n_probes,
         "sweep_control_probes": n_probes,
         "sweep_fits": n_fits,
@@ -188,6 +225,8 @@ def main() -> None:
         "reference_s_per_probe": ref_per_probe,
         "speed_ratio_sweep": ref_per_probe / amortised,
         "speed_ratio_single_probe": ref_per_probe / ours_per_probe,
+        "speed_ratio_sweep_cpu": (ref["reference_cpu_s"] / 4) / (sweep_cpu / (2 * n_probes)),
+        "speed_ratio_single_probe_cpu": ref["reference_cpu_s"] / ref["ours_cpu_s"],
         "speed_ratio_target": 50,
         "reference_full_sweep_estimate_s": ref_per_probe * 2 * n_probes,
         "comparison_layer": peak_layer,

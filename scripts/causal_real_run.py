@@ -12,7 +12,10 @@ reports. Steps:
 3. Baseline continuations of the behaviour set, then layer skipping and steering against them
    (paired: the same per-row seeds), then patching on exact-length toxic/non-toxic pairs.
 
-Usage: .venv/bin/python scripts/causal_real_run.py [--n-prompts 48 --k 3 ...]
+Usage: .venv/bin/python scripts/causal_real_run.py [--n-prompts 32 --k 3 ...]
+The reported run was split over two processes (on a machine shared with other jobs):
+    scripts/causal_real_run.py --skip patching --tag _skip_steer
+    scripts/causal_real_run.py --skip baseline --tag _patching
 """
 
 from __future__ import annotations
@@ -47,26 +50,27 @@ def _floats(text: str) -> list[float]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (every run setting)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-prompts", type=int, default=48, help="behaviour prompts (skipping, steering)")
-    p.add_argument("--probe-prompts", type=int, default=160, help="prompts to fit the probes on")
+    p.add_argument("--n-prompts", type=int, default=32, help="behaviour prompts (skipping, steering)")
+    p.add_argument("--probe-prompts", type=int, default=120, help="prompts to fit the probes on")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--blocks", type=_ints, default=_ints("0,2,5,10,15,20,25,29"))
+    p.add_argument("--blocks", type=_ints, default=_ints("0,3,7,14,29"))
     p.add_argument(
         "--alphas",
         type=_floats,
-        default=_floats("-1,-0.5,0.5,1"),
+        default=_floats("-1,-0.3,0.3,1"),
         help="steering steps in units of the layer's median residual norm",
     )
     p.add_argument("--steer-layer", type=int, default=-1, help="-1: the layer with the best probe CV r")
-    p.add_argument("--n-pairs", type=int, default=16)
+    p.add_argument("--n-pairs", type=int, default=10)
     p.add_argument("--patch-layers", type=_ints, default=_ints("0,3,6,9,12,15,18,21,24,27,30"))
     p.add_argument("--generate-layers", type=_ints, default=_ints("3,12"))
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--n-resamples", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma list of steps to skip: skipping,steering,patching")
+    p.add_argument("--skip", default="", help="steps to skip, e.g. baseline,skipping,steering,patching")
+    p.add_argument("--tag", default="", help="suffix of run{tag}.json (for runs split over processes)")
     return p.parse_args(argv)
 
 
@@ -167,16 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         t0,
     )
 
-    t = time.time()
-    base = generate_and_score(model, beh_set.df, scorer, gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        behaviour = behaviour_metrics(base, beh_set.df, attributes=["toxicity"], n_resamples=args.n_resamples)
-    behaviour.to_parquet(OUT / "baseline_behaviour.parquet")
-    base.drop(columns=["token_ids"]).to_parquet(OUT / "baseline_continuations.parquet")
-    timings["baseline"] = time.time() - t
-    overall = behaviour[behaviour.subset == "all"][["metric", "value", "ci_low", "ci_high"]]
-    _log("baseline behaviour\n" + overall.round(3).to_string(), t0)
+    if "baseline" in skip:  # skipping and steering compare against the baseline
+        skip |= {"skipping", "steering"}
+    else:
+        t = time.time()
+        base = generate_and_score(model, beh_set.df, scorer, gen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            behaviour = behaviour_metrics(
+                base, beh_set.df, attributes=["toxicity"], n_resamples=args.n_resamples
+            )
+        behaviour.to_parquet(OUT / "baseline_behaviour.parquet")
+        base.drop(columns=["token_ids"]).to_parquet(OUT / "baseline_continuations.parquet")
+        timings["baseline"] = time.time() - t
+        overall = behaviour[behaviour.subset == "all"][["metric", "value", "ci_low", "ci_high"]]
+        _log("baseline behaviour\n" + overall.round(3).to_string(), t0)
 
     if "skipping" not in skip:
         t = time.time()
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "scorer": getattr(scorer, "id", None),
         "machine": machine_info(),
     }
-    (OUT / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    (OUT / f"run{args.tag}.json").write_text(json.dumps(info, indent=2, default=str))
     _log("saved to " + str(OUT), t0)
     return 0
 

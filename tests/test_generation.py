@@ -256,6 +256,16 @@ def test_smollm2_generates_k_continuations():
         t == model.tokenizer.decode(ids, skip_special_tokens=True)
         for t, ids in zip(df["text"], df["token_ids"], strict=True)
     )
+    # SmolLM2's real chat template: system turn kept, the span is exactly the prompt's text.
+    text = ps.texts[0]
+    r = render_prompt(model.tokenizer, text, 2)
+    messages = [
+        {"role": "system", "content": "Complete the following text."},
+        {"role": "user", "content": f"Text: {text}\nContinuation:"},
+    ]
+    assert r.chat
+    assert r.text == model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert model.tokenizer.decode(r.prompt_ids).strip() == text.strip()
     # Same seed, other batch size: same continuations (one row at a time needs no padding).
     again = generate_continuations(model, ps, k=2, seed=0, max_new_tokens=8, batch_size=2)
     assert _ids(again) == _ids(df)

@@ -28,15 +28,17 @@ def _probe_scores(model, tok, probes):
     return acts, probes.predict_proba(acts)
 
 
-@pytest.fixture
-def fitted(tiny_llama_dir):
-    model, tok = load_trainable(tiny_llama_dir)
+def _fit(model, tok):
     p_ids = [tok(p)["input_ids"] for p in PROMPTS]
     r_ids = [tok(c)["input_ids"] for c in COMPLETIONS]
     acts = pooled_response_activations(model, p_ids, r_ids, LAYER, pad_token_id=tok.pad_token_id)
-    labels = np.array([0, 1] * 5)
-    probes = fit_probe_set(acts, labels, meta={"layer": LAYER})
-    return model, tok, probes
+    return fit_probe_set(acts, np.array([0, 1] * 5), meta={"layer": LAYER})
+
+
+@pytest.fixture
+def fitted(tiny_llama_dir):
+    model, tok = load_trainable(tiny_llama_dir)
+    return model, tok, _fit(model, tok)
 
 
 def test_penalty_gradient_reaches_lora_weights_below_the_probe_layer(fitted):
@@ -58,7 +60,7 @@ def test_penalty_gradient_reaches_lora_weights_below_the_probe_layer(fitted):
     assert all(not b.requires_grad for b in penalty.buffers()), "the probe must stay frozen"
 
 
-def test_compute_loss_adds_lambda_times_penalty(fitted, tmp_path):
+def test_trainer_loss_adds_lambda_times_penalty_with_gradient(fitted, tmp_path):
     model, tok, probes = fitted
     from datasets import Dataset
 
@@ -71,28 +73,43 @@ def test_compute_loss_adds_lambda_times_penalty(fitted, tmp_path):
     trainer = ProbePenaltySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                                      peft_config=lora_config(r=2, alpha=4), penalty=ProbePenalty(probes))
     batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.eval()
-    with torch.no_grad():
-        total = trainer.compute_loss(trainer.model, dict(batch))
-        trainer.args.probe_lambda = 0.0
-        lm_only = trainer.compute_loss(trainer.model, dict(batch))
-    penalty_value = trainer._metrics["eval"]["probe_penalty"][-1]
+    trainer.model.train()
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n and ".layers.0." in n]
+
+    def loss_and_grads(lam):
+        trainer.args.probe_lambda = lam
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in lora_b]
+
+    total, g_total = loss_and_grads(3.0)
+    penalty_value = trainer._metrics["train"]["probe_penalty"][-1]
+    lm_only, g_lm = loss_and_grads(0.0)
     assert 0 < penalty_value < 1
-    assert float(total - lm_only) == pytest.approx(3.0 * penalty_value, rel=1e-4)
+    assert total - lm_only == pytest.approx(3.0 * penalty_value, rel=1e-4)
+    # The penalty term must carry gradient into the adapters (not only add a constant).
+    assert max(float((a - b).abs().max()) for a, b in zip(g_total, g_lm, strict=True)) > 1e-6
 
 
-def test_a_few_steps_lower_the_frozen_probe_score(fitted, tmp_path):
-    model, tok, probes = fitted
-    _, before = _probe_scores(model, tok, probes)
-    args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=20.0, learning_rate=5e-3, max_steps=8,
-                          per_device_train_batch_size=10, report_to="none", save_strategy="no", use_cpu=True,
-                          bf16=False, max_length=64, gradient_checkpointing=False, logging_steps=1,
-                          disable_tqdm=True, seed=0)
-    texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
-    trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),
-                              peft_config=lora_config(r=4, alpha=8))
-    _, after = _probe_scores(trained, tok, probes)
-    assert after.mean() < before.mean() - 0.1, f"mean P(toxic) {before.mean():.3f} -> {after.mean():.3f}"
+def test_a_few_steps_lower_the_frozen_probe_score(tiny_llama_dir, tmp_path):
+    """Against a lambda = 0 control with the same seed, data and steps: the penalty does the work."""
+    after = {}
+    for lam in (0.0, 20.0):
+        model, tok = load_trainable(tiny_llama_dir)
+        if lam == 0.0:
+            _, before = _probe_scores(model, tok, _fit(model, tok))
+        probes = _fit(model, tok)
+        args = ProbeSFTConfig(output_dir=str(tmp_path / str(lam)), probe_lambda=lam, learning_rate=5e-3,
+                              max_steps=8, per_device_train_batch_size=10, report_to="none", save_strategy="no",
+                              use_cpu=True, bf16=False, max_length=64, gradient_checkpointing=False,
+                              logging_steps=1, disable_tqdm=True, seed=0)
+        texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
+        trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),
+                                  peft_config=lora_config(r=4, alpha=8))
+        after[lam] = _probe_scores(trained, tok, probes)[1].mean()
+    assert after[20.0] < before.mean() - 0.1, f"mean P(toxic) {before.mean():.3f} -> {after[20.0]:.3f}"
+    assert after[20.0] < after[0.0] - 0.1, f"penalised {after[20.0]:.3f} vs control {after[0.0]:.3f}"
 
 
 def test_negative_lambda_is_rejected(tmp_path):

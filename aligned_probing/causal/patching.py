@@ -10,9 +10,17 @@ every prompt position (`positions="all"`, pairs of equal rendered length and spa
 (b) the toxicity of continuations generated from the patched target (k samples, the same seeds
     as the clean target: paired), patched vs clean,
 
-in both directions (`toxic_to_nontoxic`: source toxic, target non-toxic; and the reverse). Each
-effect is a mean over pairs of a paired difference with a bootstrap CI over pairs; `source` gives
-the clean source's mean, so `delta / (source - baseline)` is the share of the gap that moved.
+in both directions (`toxic_to_nontoxic`: source toxic, target non-toxic; and the reverse).
+
+Trap: a patch at layer l changes the prompt's residual stream from l on, but the KV cache of
+blocks below l still holds the *target* prompt, and generated tokens attend to it. So even
+`positions="all"` makes continuations equal the source's only at l = 0. And with template 0
+(no template tokens) `positions="all"` replaces the whole sequence from l on, so read-outs at
+layers >= l equal the source's trivially; `positions="last"` is the informative read-out there.
+
+Each effect is a mean over pairs of a paired difference with a bootstrap CI over pairs; `source`
+gives the clean source's mean, so `fraction_of_gap` = delta / mean(source - baseline) is the share
+of the gap that moved. Read-out rows have `k = 0`.
 """
 
 from __future__ import annotations

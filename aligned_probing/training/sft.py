@@ -49,10 +49,14 @@ class ProbePenaltySFTTrainer(SFTTrainer):
         # Completion positions: the collator sets labels to -100 on prompt and padding tokens.
         mask = (inputs["labels"] != -100).long()
         with capture_residual(model, self.penalty.layer) as captured:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        probe_p = self.penalty(captured[-1], mask.to(captured[-1].device))
+        loss, outputs = result if return_outputs else (result, None)
+        # captured[0] is the loss forward (graph kept); with return_outputs=True, TRL 1.16 runs a
+        # second, no-grad forward for the logits, which would carry no gradient.
+        acts = captured[0]
+        probe_p = self.penalty(acts, mask.to(acts.device))
         mode = "train" if model.training else "eval"
         self._metrics[mode]["probe_penalty"].append(float(probe_p.detach()))
         term = self.args.probe_lambda * probe_p
