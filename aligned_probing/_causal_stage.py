@@ -21,8 +21,14 @@ from aligned_probing._stages import _scorer, input_dir, read_prompts
 logger = logging.getLogger("aligned_probing.pipeline")
 
 
-def _fit_probes(store_dir: Path, prompts: pd.DataFrame, attribute: str, layers: list[int], pooling: str,
-                alphas: list[float]) -> dict[int, Any]:
+def _fit_probes(
+    store_dir: Path,
+    prompts: pd.DataFrame,
+    attribute: str,
+    layers: list[int],
+    pooling: str,
+    alphas: list[float],
+) -> dict[int, Any]:
     """One `RidgeProbe` per layer on the input encodings (first row of each prompt) -> prompt score."""
     from aligned_probing.probing import RidgeProbe
     from aligned_probing.store import ActivationStore
@@ -34,7 +40,10 @@ def _fit_probes(store_dir: Path, prompts: pd.DataFrame, attribute: str, layers: 
     keep = first.to_numpy().copy()
     keep[first.to_numpy()] = target.notna().to_numpy()
     y = target.dropna().to_numpy(dtype=np.float64)
-    return {layer: RidgeProbe(alphas=alphas).fit(store.layer(layer, "input", pooling)[keep], y) for layer in layers}
+    return {
+        layer: RidgeProbe(alphas=alphas).fit(store.layer(layer, "input", pooling)[keep], y)
+        for layer in layers
+    }
 
 
 def _steering_layer(probe_dir: Path, attribute: str, n_layers: int) -> int:
@@ -52,43 +61,94 @@ def _steering_layer(probe_dir: Path, attribute: str, n_layers: int) -> int:
 
 def run_causal(ctx: StageContext) -> dict[str, Any]:
     """Run the enabled causal experiments and write `layer_skipping`, `patching`, `steering` Parquet files."""
-    from aligned_probing.causal._runs import GenerationSettings, StatSettings, generate_and_score
-    from aligned_probing.causal.patching import activation_patching, match_pairs
-    from aligned_probing.causal.skipping import layer_skipping
-    from aligned_probing.causal.steering import steering
+    from aligned_probing.causal import (
+        GenerationSettings,
+        StatSettings,
+        activation_patching,
+        generate_and_score,
+        layer_skipping,
+        match_pairs,
+        steering_sweep,
+    )
     from aligned_probing.data import PromptSet
 
     c, g, t = ctx.settings["causal"], ctx.settings["generation"], ctx.settings["template"]
     model = ctx.load_model(ctx.settings["model"]["name"])
     prompts = read_prompts(input_dir(ctx, "prompts"))
     scorer = _scorer(ctx.settings["scoring"])
-    sub = PromptSet.from_frame(prompts).sample(c["n_prompts"], stratify_by=f"prompt_{c['attribute']}",
-                                               seed=c["seed"]).df
-    gen = GenerationSettings(k=c["k"], seed=c["seed"], max_new_tokens=c["max_new_tokens"],
-                             temperature=g["temperature"], top_p=g["top_p"], template=t, batch_size=g["batch_size"])
-    stat = StatSettings(attribute=c["attribute"], threshold=ctx.settings["threshold"],
-                        n_resamples=ctx.settings["n_bootstrap"], seed=c["seed"])
+    sub = (
+        PromptSet.from_frame(prompts)
+        .sample(c["n_prompts"], stratify_by=f"prompt_{c['attribute']}", seed=c["seed"])
+        .df
+    )
+    gen = GenerationSettings(
+        k=c["k"],
+        seed=c["seed"],
+        max_new_tokens=c["max_new_tokens"],
+        temperature=g["temperature"],
+        top_p=g["top_p"],
+        template=t,
+        batch_size=g["batch_size"],
+    )
+    stat = StatSettings(
+        attribute=c["attribute"],
+        threshold=ctx.settings["threshold"],
+        n_resamples=ctx.settings["n_bootstrap"],
+        seed=c["seed"],
+    )
     layers = sorted({min(int(x), model.n_layers) for x in (c["layers"] or range(model.n_layers + 1))})
     steer_layer = _steering_layer(input_dir(ctx, "probe"), c["attribute"], model.n_layers)
-    probes = _fit_probes(input_dir(ctx, "encode") / "store", prompts, c["attribute"],
-                         sorted(set(layers) | {steer_layer}), ctx.settings["pooling"], ctx.settings["alphas"])
+    probes = _fit_probes(
+        input_dir(ctx, "encode") / "store",
+        prompts,
+        c["attribute"],
+        sorted(set(layers) | {steer_layer}),
+        ctx.settings["pooling"],
+        ctx.settings["alphas"],
+    )
     baseline = generate_and_score(model, sub, scorer, gen)
     summary: dict[str, Any] = {"layers": layers, "steering_layer": steer_layer}
     if c["layer_skipping"]:
         blocks = [x - 1 for x in layers if x >= 1]  # skipping block b changes residual layer b + 1
-        skip = layer_skipping(model, sub, scorer, blocks=blocks, generation=gen, stats=stat, baseline=baseline)
+        skip = layer_skipping(
+            model, sub, scorer, blocks=blocks, generation=gen, stats=stat, baseline=baseline
+        )
         skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
         skip.to_parquet(ctx.out_dir / "layer_skipping.parquet", index=False)
     if c["patching"]:
-        pairs = match_pairs(prompts, model.tokenizer, attribute=c["attribute"], threshold=stat.threshold,
-                            template=t, max_pairs=max(1, c["n_prompts"] // 2), seed=c["seed"])
-        patch = activation_patching(model, pairs, layers=layers, probes={x: probes[x] for x in layers},
-                                    pooling=ctx.settings["pooling"], scorer=scorer, positions="last",
-                                    generation=gen, stats=stat)
+        pairs = match_pairs(
+            prompts,
+            model.tokenizer,
+            attribute=c["attribute"],
+            threshold=stat.threshold,
+            template=t,
+            max_pairs=max(1, c["n_prompts"] // 2),
+            seed=c["seed"],
+        )
+        patch = activation_patching(
+            model,
+            pairs,
+            layers=layers,
+            probes={x: probes[x] for x in layers},
+            pooling=ctx.settings["pooling"],
+            scorer=scorer,
+            positions="last",
+            generation=gen,
+            stats=stat,
+        )
         patch.to_parquet(ctx.out_dir / "patching.parquet", index=False)
         summary["n_pairs"] = len(pairs)
     if c["steering"]:
-        steer = steering(model, sub, scorer, probes[steer_layer].direction(), layer=steer_layer,
-                         alphas=c["steering_alphas"], generation=gen, stats=stat, baseline=baseline)
+        steer = steering_sweep(
+            model,
+            sub,
+            scorer,
+            probes[steer_layer].direction(),
+            layer=steer_layer,
+            alphas=c["steering_alphas"],
+            generation=gen,
+            stats=stat,
+            baseline=baseline,
+        )
         steer.to_parquet(ctx.out_dir / "steering.parquet", index=False)
     return summary

@@ -83,14 +83,21 @@ def load_results(run_dir: str | Path) -> RunResults:
     for stage in plan:
         out = stage_dir(run_dir, stage.key, hashes[stage.key])
         record = read_stage(out)
-        timing_rows.append({"key": stage.key, "name": stage.name,
-                            "status": "complete" if record else "missing",
-                            "seconds": record.get("seconds") if record else None})
+        timing_rows.append(
+            {
+                "key": stage.key,
+                "name": stage.name,
+                "status": "complete" if record else "missing",
+                "seconds": record.get("seconds") if record else None,
+            }
+        )
         if record is None:
             continue
         for filename in OUTPUTS.get(stage.name, ()):
             if (out / filename).is_file():
-                tables.setdefault(filename.removesuffix(".parquet"), []).append(pd.read_parquet(out / filename))
+                tables.setdefault(filename.removesuffix(".parquet"), []).append(
+                    pd.read_parquet(out / filename)
+                )
     toml_path = run_dir / CONFIG_TOML
     return RunResults(
         run_dir=run_dir,

@@ -96,10 +96,16 @@ def stage_hashes(plan: Sequence[Stage]) -> dict[str, str]:
     for stage in plan:
         missing = [d for d in stage.deps if d not in hashes]
         if missing:
-            raise ValueError(f"Stage {stage.key!r} depends on {missing}, which do not come before it in the plan.")
+            raise ValueError(
+                f"Stage {stage.key!r} depends on {missing}, which do not come before it in the plan."
+            )
         hashes[stage.key] = stable_hash(
-            {"format": STAGE_FORMAT, "name": stage.name, "settings": stage.settings,
-             "inputs": {d: hashes[d] for d in stage.deps}}
+            {
+                "format": STAGE_FORMAT,
+                "name": stage.name,
+                "settings": stage.settings,
+                "inputs": {d: hashes[d] for d in stage.deps},
+            }
         )
     return hashes
 
@@ -173,14 +179,24 @@ def execute(
         digest, out = hashes[stage.key], dirs[stage.key]
         done = read_stage(out)
         if done is not None and done.get("hash") == digest:
-            records.append(StageRecord(stage.key, stage.name, digest, out, "cached",
-                                       done.get("seconds"), done.get("summary") or {}))
+            records.append(
+                StageRecord(
+                    stage.key,
+                    stage.name,
+                    digest,
+                    out,
+                    "cached",
+                    done.get("seconds"),
+                    done.get("summary") or {},
+                )
+            )
             logger.info("stage %s: cached (%s)", stage.key, out.name)
             continue
         if dry_run:
             partial = out.exists() and stage.resumable
-            records.append(StageRecord(stage.key, stage.name, digest, out,
-                                       "would resume" if partial else "would run"))
+            records.append(
+                StageRecord(stage.key, stage.name, digest, out, "would resume" if partial else "would run")
+            )
             continue
         bar.set_postfix_str(stage.key)
         records.append(_run_stage(stage, digest, out, dirs, load_model, progress))
@@ -212,11 +228,20 @@ def _run_stage(
         logger.exception("stage %s failed after %.1f s", stage.key, time.perf_counter() - t0)
         raise
     seconds = time.perf_counter() - t0
-    _write_json_atomic(out / STAGE_FILE, {
-        "key": stage.key, "name": stage.name, "hash": digest, "settings": stage.settings,
-        "inputs": {d: dirs[d].name for d in stage.deps}, "started": started.isoformat(),
-        "seconds": seconds, "resumed": resumed, "summary": summary,
-    })
+    _write_json_atomic(
+        out / STAGE_FILE,
+        {
+            "key": stage.key,
+            "name": stage.name,
+            "hash": digest,
+            "settings": stage.settings,
+            "inputs": {d: dirs[d].name for d in stage.deps},
+            "started": started.isoformat(),
+            "seconds": seconds,
+            "resumed": resumed,
+            "summary": summary,
+        },
+    )
     logger.info("stage %s: done in %.1f s", stage.key, seconds)
     return StageRecord(stage.key, stage.name, digest, out, "ran", seconds, summary)
 
@@ -232,9 +257,15 @@ def _write_run_file(
     stages = []
     for s in plan:
         rec = status.get(s.key)
-        stages.append({
-            "key": s.key, "name": s.name, "hash": hashes[s.key], "dir": str(dirs[s.key].relative_to(run_dir)),
-            "status": rec.status if rec else "pending", "seconds": rec.seconds if rec else None,
-        })
+        stages.append(
+            {
+                "key": s.key,
+                "name": s.name,
+                "hash": hashes[s.key],
+                "dir": str(dirs[s.key].relative_to(run_dir)),
+                "status": rec.status if rec else "pending",
+                "seconds": rec.seconds if rec else None,
+            }
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(run_dir / RUN_FILE, {"updated": datetime.now(UTC).isoformat(), "stages": stages})

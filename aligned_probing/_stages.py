@@ -76,9 +76,17 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
     model = ctx.load_model(ctx.settings["model"]["name"])
     prompts = read_prompts(input_dir(ctx, "prompts"))
     table = generate_continuations(
-        model, prompts, k=g["k"], seed=g["seed"], max_new_tokens=g["max_new_tokens"], temperature=g["temperature"],
-        top_p=g["top_p"], template=ctx.settings["template"], batch_size=g["batch_size"],
-        output_dir=ctx.out_dir / "continuations", show_progress=ctx.progress,
+        model,
+        prompts,
+        k=g["k"],
+        seed=g["seed"],
+        max_new_tokens=g["max_new_tokens"],
+        temperature=g["temperature"],
+        top_p=g["top_p"],
+        template=ctx.settings["template"],
+        batch_size=g["batch_size"],
+        output_dir=ctx.out_dir / "continuations",
+        show_progress=ctx.progress,
     )
     return {"n_continuations": len(table), "mean_tokens": float(table["n_tokens"].mean())}
 
@@ -91,7 +99,10 @@ def read_continuations(directory: Path) -> pd.DataFrame:
 
 
 def score_stage(ctx: StageContext) -> dict[str, Any]:
-    """Score every continuation: `model`, `template`, `prompt_id`, `continuation_idx`, one column per attribute."""
+    """Score every continuation: `model`, `template`, `prompt_id`, `continuation_idx`, attributes.
+
+    Written to `scores.parquet` in the stage directory.
+    """
     s = ctx.settings["scoring"]
     conts = read_continuations(input_dir(ctx, "generate"))
     scorer = _scorer(s)
@@ -112,13 +123,21 @@ def encode_stage(ctx: StageContext) -> dict[str, Any]:
     model = ctx.load_model(ctx.settings["model"]["name"])
     prompts = read_prompts(input_dir(ctx, "prompts"))
     conts = read_continuations(input_dir(ctx, "generate"))
-    store = encode(model, prompts, conts, template=ctx.settings["template"], poolings=e["poolings"],
-                   batch_size=e["batch_size"], store=ctx.out_dir / "store", progress=ctx.progress)
+    store = encode(
+        model,
+        prompts,
+        conts,
+        template=ctx.settings["template"],
+        poolings=e["poolings"],
+        batch_size=e["batch_size"],
+        store=ctx.out_dir / "store",
+        progress=ctx.progress,
+    )
     return {"n_samples": len(store), "n_layers": store.n_layers, "d_model": store.d_model}
 
 
 def probe_targets(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per continuation: `prompt_id`, `continuation_idx`, `prompt_{a}` and `{a}` (run_probing's targets)."""
+    """Targets of `run_probing`: per continuation `prompt_id`, `continuation_idx`, `prompt_{a}`, `{a}`."""
     prompt_cols = ["prompt_id"] + [c for c in prompts.columns if c.startswith("prompt_") and c != "prompt_id"]
     return scores.merge(prompts[prompt_cols], on="prompt_id", how="left", validate="many_to_one")
 
@@ -130,14 +149,24 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
 
     p = ctx.settings["probing"]
     store = ActivationStore.open(input_dir(ctx, "encode") / "store")
-    targets = probe_targets(read_prompts(input_dir(ctx, "prompts")),
-                            pd.read_parquet(input_dir(ctx, "score") / "scores.parquet"))
+    targets = probe_targets(
+        read_prompts(input_dir(ctx, "prompts")), pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
+    )
     with warnings.catch_warnings():
         # Constant test folds (NaN r) and empty continuations are reported in the table; keep the log quiet.
         warnings.simplefilter("ignore", UserWarning)
-        table = run_probing(store, targets, scenarios=p["scenarios"], attributes=p["attributes"],
-                            n_folds=p["n_folds"], seeds=p["seeds"], control=p["control"], mdl=p["mdl"],
-                            pooling=p["pooling"], alphas=p["alphas"])
+        table = run_probing(
+            store,
+            targets,
+            scenarios=p["scenarios"],
+            attributes=p["attributes"],
+            n_folds=p["n_folds"],
+            seeds=p["seeds"],
+            control=p["control"],
+            mdl=p["mdl"],
+            pooling=p["pooling"],
+            alphas=p["alphas"],
+        )
     table.to_parquet(ctx.out_dir / "probing.parquet", index=False)
     return {"n_rows": len(table), "mean_pearson": float(table["pearson"].mean())}
 
@@ -151,8 +180,15 @@ def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
     scores = pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnstableEMTWarning)  # small k is a documented preset choice
-        table = behaviour_metrics(scores, prompts, attributes=b["attributes"], threshold=b["threshold"],
-                                  n_resamples=b["n_bootstrap"], confidence_level=b["confidence"], seed=b["seed"])
+        table = behaviour_metrics(
+            scores,
+            prompts,
+            attributes=b["attributes"],
+            threshold=b["threshold"],
+            n_resamples=b["n_bootstrap"],
+            confidence_level=b["confidence"],
+            seed=b["seed"],
+        )
     table.to_parquet(ctx.out_dir / "behaviour.parquet", index=False)
     return {"n_rows": len(table)}
 
@@ -162,10 +198,12 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
     from aligned_probing.interplay import interplay
 
     i = ctx.settings["interplay"]
-    probing = pd.concat([pd.read_parquet(d / "probing.parquet") for d in input_dirs(ctx, "probe")],
-                        ignore_index=True)
-    behaviour = pd.concat([pd.read_parquet(d / "behaviour.parquet") for d in input_dirs(ctx, "behaviour")],
-                          ignore_index=True)
+    probing = pd.concat(
+        [pd.read_parquet(d / "probing.parquet") for d in input_dirs(ctx, "probe")], ignore_index=True
+    )
+    behaviour = pd.concat(
+        [pd.read_parquet(d / "behaviour.parquet") for d in input_dirs(ctx, "behaviour")], ignore_index=True
+    )
     table = interplay(probing, behaviour, metric=i["metric"], n_bootstrap=i["n_bootstrap"], seed=i["seed"])
     table.to_parquet(ctx.out_dir / "interplay.parquet", index=False)
     return {"n_rows": len(table)}

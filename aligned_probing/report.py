@@ -29,8 +29,17 @@ from aligned_probing.data import CANONICAL_ATTRIBUTES
 from aligned_probing.probing import peak_layers, summarize
 
 LIBRARIES: tuple[str, ...] = (
-    "aligned-probing", "torch", "transformers", "transformer-lens", "numpy", "pandas", "scikit-learn",
-    "scipy", "zarr", "matplotlib", "seaborn",
+    "aligned-probing",
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "scipy",
+    "zarr",
+    "matplotlib",
+    "seaborn",
 )
 
 
@@ -77,8 +86,12 @@ def _png(fig: Any, stem: str, figure_dir: Path | None, formats: tuple[str, ...])
 
 
 def _table(df: pd.DataFrame, title: str) -> dict[str, str]:
-    return {"title": title, "html": df.to_html(classes="data", index=False, float_format=lambda v: f"{v:.3f}",
-                                               na_rep="", border=0)}
+    return {
+        "title": title,
+        "html": df.to_html(
+            classes="data", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0
+        ),
+    }
 
 
 def _first(df: pd.DataFrame, column: str) -> Any:
@@ -88,7 +101,9 @@ def _first(df: pd.DataFrame, column: str) -> Any:
 def _attribute_order(attributes: Any) -> list[str]:
     """Attributes in canonical order (toxicity first), unknown ones after."""
     present = list(dict.fromkeys(attributes))
-    return [a for a in CANONICAL_ATTRIBUTES if a in present] + [a for a in present if a not in CANONICAL_ATTRIBUTES]
+    return [a for a in CANONICAL_ATTRIBUTES if a in present] + [
+        a for a in present if a not in CANONICAL_ATTRIBUTES
+    ]
 
 
 def _one_curve_set(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -103,54 +118,84 @@ def _one_curve_set(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _information_section(summary: pd.DataFrame | None, add: Callable[..., _Figure]) -> _Section:
-    s = _Section("information", "Information strength",
-                 "Test Pearson r of layer-wise ridge probes (mean over folds and seeds, 95% t-interval band), per "
-                 "scenario: input (prompt score from the prompt's encoding), forward (prompt score from the "
-                 "continuation's encoding), output (continuation score from its encoding) and backward (max "
-                 "continuation score from the prompt's encoding).")
+    s = _Section(
+        "information",
+        "Information strength",
+        "Test Pearson r of layer-wise ridge probes (mean over folds and seeds, 95% t-interval band), per "
+        "scenario: input (prompt score from the prompt's encoding), forward (prompt score from the "
+        "continuation's encoding), output (continuation score from its encoding) and backward (max "
+        "continuation score from the prompt's encoding).",
+    )
     if summary is None:
         return s
     one = _one_curve_set(summary, "pearson")
     model, template = _first(one, "model"), _first(one, "template")
-    s.figures.append(add("information", f"Information strength per layer ({model}, template {template})",
-                         "One panel per attribute; lines are scenarios, bands 95% CIs over folds x seeds.",
-                         plots.information_grid(one), wide=True))
+    s.figures.append(
+        add(
+            "information",
+            f"Information strength per layer ({model}, template {template})",
+            "One panel per attribute; lines are scenarios, bands 95% CIs over folds x seeds.",
+            plots.information_grid(one),
+            wide=True,
+        )
+    )
     scenario = "input" if "input" in set(one["scenario"]) else _first(one, "scenario")
     ax = plots.attribute_heatmap(one[one["scenario"] == scenario])
     ax.set_title(f"{scenario} scenario")
-    s.figures.append(add("heatmap", f"Attribute x layer ({model}, {scenario})", "Mean test Pearson r.", ax.figure))
+    s.figures.append(
+        add("heatmap", f"Attribute x layer ({model}, {scenario})", "Mean test Pearson r.", ax.figure)
+    )
     peak = peak_layers(summary, metric="pearson")
-    peak["cell"] = [f"{m:.2f} (layer {int(layer)})" for m, layer in zip(peak["mean"], peak["layer"], strict=True)]
-    wide = peak.pivot_table(index=["model", "template", "scenario"], columns="attribute", values="cell",
-                            aggfunc="first")
+    peak["cell"] = [
+        f"{m:.2f} (layer {int(layer)})" for m, layer in zip(peak["mean"], peak["layer"], strict=True)
+    ]
+    wide = peak.pivot_table(
+        index=["model", "template", "scenario"], columns="attribute", values="cell", aggfunc="first"
+    )
     wide = wide[_attribute_order(wide.columns)].reset_index()
     wide.columns.name = None
-    s.tables.append(_table(wide, "Peak information strength (Pearson r at the best layer) per scenario and attribute"))
+    s.tables.append(
+        _table(wide, "Peak information strength (Pearson r at the best layer) per scenario and attribute")
+    )
     return s
 
 
 def _reliability_section(summary: pd.DataFrame | None, add: Callable[..., _Figure]) -> _Section:
-    s = _Section("reliability", "Reliability: selectivity and MDL",
-                 "Selectivity = r - r(control probe on permuted targets); MDL compression = uniform / online "
-                 "codelength (> 1: the attribute is learnable from the layer).")
+    s = _Section(
+        "reliability",
+        "Reliability: selectivity and MDL",
+        "Selectivity = r - r(control probe on permuted targets); MDL compression = uniform / online "
+        "codelength (> 1: the attribute is learnable from the layer).",
+    )
     if summary is None:
         return s
-    for metric, plot, title in (("selectivity", plots.selectivity, "Selectivity"),
-                                ("compression", plots.mdl_compression, "MDL compression")):
+    for metric, plot, title in (
+        ("selectivity", plots.selectivity, "Selectivity"),
+        ("compression", plots.mdl_compression, "MDL compression"),
+    ):
         one = _one_curve_set(summary, metric)
         if one.empty:
             continue
         attribute = "toxicity" if "toxicity" in set(one["attribute"]) else _first(one, "attribute")
         ax = plot(one[one["attribute"] == attribute])
-        s.figures.append(add("mdl" if metric == "compression" else metric,
-                             f"{title} ({_first(one, 'model')}, {attribute})", "Per scenario.", ax.figure))
+        s.figures.append(
+            add(
+                "mdl" if metric == "compression" else metric,
+                f"{title} ({_first(one, 'model')}, {attribute})",
+                "Per scenario.",
+                ax.figure,
+            )
+        )
     return s
 
 
 def _behaviour_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
-    s = _Section("behaviour", "Behaviour",
-                 "Expected maximum toxicity (EMT: mean over prompts of the max score over the k continuations) "
-                 "with bootstrap confidence intervals.")
+    s = _Section(
+        "behaviour",
+        "Behaviour",
+        "Expected maximum toxicity (EMT: mean over prompts of the max score over the k continuations) "
+        "with bootstrap confidence intervals.",
+    )
     b = r.behaviour
     if b is None:
         return s
@@ -159,20 +204,43 @@ def _behaviour_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
     if len(emt):
         ax = plots.behaviour_bars(emt)
         ax.set_ylabel("EMT")
-        s.figures.append(add("behaviour", f"Expected maximum score per attribute (template {template})",
-                             "Bars: models; whiskers: bootstrap CI.", ax.figure))
+        s.figures.append(
+            add(
+                "behaviour",
+                f"Expected maximum score per attribute (template {template})",
+                "Bars: models; whiskers: bootstrap CI.",
+                ax.figure,
+            )
+        )
     tox = b[b["attribute"] == "toxicity"] if "toxicity" in set(b["attribute"]) else b
-    cols = [c for c in ("model", "template", "attribute", "metric", "subset", "value", "ci_low", "ci_high",
-                        "n_prompts", "k") if c in tox.columns]
+    cols = [
+        c
+        for c in (
+            "model",
+            "template",
+            "attribute",
+            "metric",
+            "subset",
+            "value",
+            "ci_low",
+            "ci_high",
+            "n_prompts",
+            "k",
+        )
+        if c in tox.columns
+    ]
     s.tables.append(_table(tox[cols], "Toxicity metrics"))
     return s
 
 
 def _interplay_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
-    s = _Section("interplay", "Interplay",
-                 "Correlation across models between information strength and behaviour (EMT), per layer "
-                 "(or relative depth when the models differ in depth), with bootstrap CIs over models.",
-                 empty="Not run: interplay needs at least 3 models (see configs/zoo.toml).")
+    s = _Section(
+        "interplay",
+        "Interplay",
+        "Correlation across models between information strength and behaviour (EMT), per layer "
+        "(or relative depth when the models differ in depth), with bootstrap CIs over models.",
+        empty="Not run: interplay needs at least 3 models (see configs/zoo.toml).",
+    )
     d = r.interplay
     if d is None:
         return s
@@ -181,8 +249,14 @@ def _interplay_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
     d = d[d["attribute"] == attribute]
     x = "layer" if (d["depth_axis"] == "layer").all() else "relative_depth"
     ax = plots.interplay_curve(d, x=x)
-    s.figures.append(add("interplay", f"Information strength vs {_first(d, 'metric')} across models ({attribute})",
-                         f"Pearson r over {int(_first(d, 'n_models'))} models, per scenario.", ax.figure))
+    s.figures.append(
+        add(
+            "interplay",
+            f"Information strength vs {_first(d, 'metric')} across models ({attribute})",
+            f"Pearson r over {int(_first(d, 'n_models'))} models, per scenario.",
+            ax.figure,
+        )
+    )
     best = d.loc[d.groupby("scenario")["value"].idxmin()]
     cols = ["scenario", "attribute", x, "value", "p_value", "ci_low", "ci_high", "n_models"]
     s.tables.append(_table(best[cols], "Most negative correlation per scenario"))
@@ -190,16 +264,25 @@ def _interplay_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
 
 
 def _causal_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
-    s = _Section("causal", "Causal evidence",
-                 "Interventions on one model, each a paired change against the unmodified model on the same "
-                 "prompts and sampling seeds, with bootstrap CIs over prompts (or prompt pairs).")
+    s = _Section(
+        "causal",
+        "Causal evidence",
+        "Interventions on one model, each a paired change against the unmodified model on the same "
+        "prompts and sampling seeds, with bootstrap CIs over prompts (or prompt pairs).",
+    )
     skip, patch, steer = r.layer_skipping, r.patching, r.steering
     if skip is not None and len(skip):
         d = skip[skip["metric"] == "emt"]
         ax = plots.layer_skipping_curve(d)
         ax.set_ylabel("change in EMT")
-        s.figures.append(add("skipping", f"Layer skipping ({_first(d, 'model')})",
-                             "Change in EMT when the block writing each residual layer is bypassed.", ax.figure))
+        s.figures.append(
+            add(
+                "skipping",
+                f"Layer skipping ({_first(d, 'model')})",
+                "Change in EMT when the block writing each residual layer is bypassed.",
+                ax.figure,
+            )
+        )
     if patch is not None and len(patch):
         readout = patch[patch["measure"] == "readout"]
         if len(readout):
@@ -207,25 +290,45 @@ def _causal_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
             d = readout[readout["readout_layer"] == last]
             ax = plots.patching_curve(d)
             ax.set_ylabel(f"change in probe read-out at layer {last}")
-            s.figures.append(add("patching", "Activation patching: probe read-out",
-                                 "Patching the last prompt position at each layer, toxic -> non-toxic prompt and "
-                                 "the reverse.", ax.figure))
+            s.figures.append(
+                add(
+                    "patching",
+                    "Activation patching: probe read-out",
+                    "Patching the last prompt position at each layer, toxic -> non-toxic prompt and "
+                    "the reverse.",
+                    ax.figure,
+                )
+            )
         d = patch[patch["measure"] == "emt"]
         if len(d):
             ax = plots.patching_curve(d)
             ax.set_ylabel("change in EMT")
-            s.figures.append(add("patching_emt", "Activation patching: continuation toxicity",
-                                 "Change in EMT of the target prompt's continuations.", ax.figure))
+            s.figures.append(
+                add(
+                    "patching_emt",
+                    "Activation patching: continuation toxicity",
+                    "Change in EMT of the target prompt's continuations.",
+                    ax.figure,
+                )
+            )
     if steer is not None and len(steer):
         d = steer[steer["metric"] == "emt"]
         ax = plots.steering_curve(d)
         ax.set_ylabel("change in EMT")
-        s.figures.append(add("steering", f"Steering along the probe direction (layer {_first(d, 'layer')})",
-                             "Unit probe direction times alpha added at every position while generating.", ax.figure))
+        s.figures.append(
+            add(
+                "steering",
+                f"Steering along the probe direction (layer {_first(d, 'layer')})",
+                "Unit probe direction times alpha added at every position while generating.",
+                ax.figure,
+            )
+        )
         fl = steer[steer["metric"] == "log_perplexity"]
         if len(fl):
             cols = ["alpha", "value", "baseline", "delta", "ci_low", "ci_high"]
-            s.tables.append(_table(fl[cols], "Fluency under steering (log perplexity under the unmodified model)"))
+            s.tables.append(
+                _table(fl[cols], "Fluency under steering (log perplexity under the unmodified model)")
+            )
     return s
 
 
@@ -256,13 +359,28 @@ def render_report(
 
     summary = summarize(results.probing) if results.probing is not None else None
     cfg = results.config
-    models = pd.DataFrame([{k: m.get(k) or "-" for k in ("name", "spec", "dtype", "quantization")}
-                           for m in cfg.get("models", [])])
+    models = pd.DataFrame(
+        [
+            {k: m.get(k) or "-" for k in ("name", "spec", "dtype", "quantization")}
+            for m in cfg.get("models", [])
+        ]
+    )
     overview = _Section("overview", "Overview", tables=[_table(models, "Models")])
     if results.prompts is not None:
-        overview.tables.append(_table(pd.DataFrame([{"prompts": len(results.prompts),
-                                                     "continuations per prompt": cfg["generation"]["k"],
-                                                     "templates": str(cfg["generation"]["templates"])}]), "Data"))
+        overview.tables.append(
+            _table(
+                pd.DataFrame(
+                    [
+                        {
+                            "prompts": len(results.prompts),
+                            "continuations per prompt": cfg["generation"]["k"],
+                            "templates": str(cfg["generation"]["templates"]),
+                        }
+                    ]
+                ),
+                "Data",
+            )
+        )
     timings = results.timings
     sections = [
         overview,
@@ -271,18 +389,34 @@ def render_report(
         _behaviour_section(results, add),
         _interplay_section(results, add),
         _causal_section(results, add),
-        _Section("timings", "Timings", "Compute time of each stage when it ran (cached stages keep theirs).",
-                 tables=[_table(timings, "Stages")] if len(timings) else []),
+        _Section(
+            "timings",
+            "Timings",
+            "Compute time of each stage when it ran (cached stages keep theirs).",
+            tables=[_table(timings, "Stages")] if len(timings) else [],
+        ),
         _Section("config", "Configuration", pre=results.config_text or _json(cfg)),
-        _Section("versions", "Library versions",
-                 tables=[_table(pd.DataFrame(list(library_versions().items()), columns=["library", "version"]),
-                                "Installed")]),
+        _Section(
+            "versions",
+            "Library versions",
+            tables=[
+                _table(
+                    pd.DataFrame(list(library_versions().items()), columns=["library", "version"]),
+                    "Installed",
+                )
+            ],
+        ),
     ]
-    env = jinja2.Environment(loader=jinja2.PackageLoader("aligned_probing", "resources"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("aligned_probing", "resources"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+    )
     text = env.get_template("report.html.j2").render(
-        title=cfg.get("name", "run"), description=cfg.get("description", ""), run_dir=str(results.run_dir),
-        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), version=library_versions()["aligned-probing"],
+        title=cfg.get("name", "run"),
+        description=cfg.get("description", ""),
+        run_dir=str(results.run_dir),
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        version=library_versions()["aligned-probing"],
         sections=sections,
     )
     path = Path(path)
@@ -303,7 +437,7 @@ def build_report(
     out_path: str | Path | None = None,
     figure_dir: str | Path | None = None,
 ) -> Path:
-    """Load a run directory and write its report (default: `RUN_DIR/report.html`, figures in `RUN_DIR/figures`).
+    """Load a run directory and write its report (default `RUN_DIR/report.html`, figures in RUN_DIR/figures).
 
     Args:
         run_dir: A directory written by `aligned_probing.pipeline.run`.
@@ -316,5 +450,9 @@ def build_report(
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     formats = tuple(results.config.get("output", {}).get("figure_formats", ("png", "svg")))
-    return render_report(results, out_path or run_dir / "report.html",
-                         figure_dir=figure_dir if figure_dir is not None else run_dir / "figures", formats=formats)
+    return render_report(
+        results,
+        out_path or run_dir / "report.html",
+        figure_dir=figure_dir if figure_dir is not None else run_dir / "figures",
+        formats=formats,
+    )

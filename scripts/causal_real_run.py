@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_and_score,
         layer_skipping,
         match_pairs,
-        steering,
+        steering_sweep,
     )
     from aligned_probing.data import embedded_prompts
     from aligned_probing.models import load_model
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             else int(usable.loc[usable.cv_pearson.idxmax(), "layer"])
         )
         scale = float(norms[layer])
-        steer = steering(
+        steer = steering_sweep(
             model,
             beh_set.df,
             scorer,

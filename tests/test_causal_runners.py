@@ -19,7 +19,7 @@ from aligned_probing.causal import (
     generate_and_score,
     layer_skipping,
     match_pairs,
-    steering,
+    steering_sweep,
 )
 from aligned_probing.templates import render_prompt
 
@@ -125,7 +125,7 @@ def test_steering_towards_a_token_raises_its_score_and_alpha_zero_is_null(tiny_m
     tok = tiny_model.tokenizer
     t = tok.convert_tokens_to_ids("Ġidiot")
     direction = tiny_model.hf_model.get_output_embeddings().weight[t].detach().numpy()
-    out = steering(
+    out = steering_sweep(
         tiny_model,
         PROMPTS,
         WordScorer("idiot"),

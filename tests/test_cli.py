@@ -8,8 +8,21 @@ from aligned_probing import cli
 from aligned_probing.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "generate", "score", "encode", "probe", "behaviour", "interplay", "causal", "report", "models",
-            "doctor", "finetune", "config-docs"]
+COMMANDS = [
+    "run",
+    "generate",
+    "score",
+    "encode",
+    "probe",
+    "behaviour",
+    "interplay",
+    "causal",
+    "report",
+    "models",
+    "doctor",
+    "finetune",
+    "config-docs",
+]
 
 
 @pytest.fixture
@@ -30,11 +43,21 @@ def test_help_everywhere(command, capsys):
 
 
 def test_dry_run_lists_stages_and_runs_nothing(config, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("aligned_probing.models.load_model", lambda *a, **k: pytest.fail("dry run loads no model"))
+    monkeypatch.setattr(
+        "aligned_probing.models.load_model", lambda *a, **k: pytest.fail("dry run loads no model")
+    )
     assert main(["run", str(config), "--dry-run", "--set", "causal.enabled=false"]) == 0
     out = capsys.readouterr().out
     keys = [line.split()[0] for line in out.splitlines()[:-1]]
-    assert keys == ["prompts", "generate/m/t0", "score/m/t0", "encode/m/t0", "probe/m/t0", "behaviour/m/t0", "report"]
+    assert keys == [
+        "prompts",
+        "generate/m/t0",
+        "score/m/t0",
+        "encode/m/t0",
+        "probe/m/t0",
+        "behaviour/m/t0",
+        "report",
+    ]
     assert "dry run: 7 of 7 stages would run" in out
     assert not (tmp_path / "run").exists()
 
@@ -73,7 +96,7 @@ def test_run_dispatches_to_the_pipeline(config, monkeypatch, capsys, tmp_path):
 
 def test_report_command_on_a_non_run_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert "is it a run directory" in capsys.readouterr().err.replace("?", "")
+    assert "config.json does not exist: is" in capsys.readouterr().err
 
 
 def test_models_lists_registry_and_cache(capsys, monkeypatch, tmp_path):
@@ -103,16 +126,25 @@ def test_doctor_fails_with_the_reason(monkeypatch, capsys):
     monkeypatch.setattr("aligned_probing.scoring.verify_embedded_scorer", lambda: 0.5)
     assert main(["doctor", "--no-models"]) == 1
     out = capsys.readouterr().out
-    assert "[FAIL] wheel not_a_real_module_xyz: ModuleNotFoundError: not installed; run `pip install --no-deps xyz==1`" in out
-    assert "[FAIL] embedded scorer reproduces its Keras fixture: ValueError: max |torch - keras| = 5.00e-01" in out
+    assert (
+        "[FAIL] wheel not_a_real_module_xyz: ModuleNotFoundError: not installed; "
+        "run `pip install --no-deps xyz==1`"
+        in out
+    )
+    assert (
+        "[FAIL] embedded scorer reproduces its Keras fixture: ValueError: max |torch - keras| = 5.00e-01"
+        in out
+    )
 
 
 def test_finetune_dispatches(monkeypatch, capsys, config):
     import pandas as pd
 
     calls = []
-    monkeypatch.setattr("aligned_probing.training.run_finetune",
-                        lambda path: calls.append(path) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}))
+    monkeypatch.setattr(
+        "aligned_probing.training.run_finetune",
+        lambda path: calls.append(path) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}),
+    )
     assert main(["finetune", str(config)]) == 0
     assert calls == [config] and "probe_dpo" in capsys.readouterr().out
 

@@ -38,20 +38,27 @@ def test_tiny_config_resolves_relative_model_paths():
 
 
 def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(ConfigError, match=r"Unknown key 'generation\.topp'; valid keys in \[generation\]: "
-                                          r"templates, k, max_new_tokens, temperature, top_p"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Unknown key 'generation\.topp'; valid keys in \[generation\]: "
+        r"templates, k, max_new_tokens, temperature, top_p",
+    ):
         RunConfig.from_dict({**BASE, "generation": {"topp": 0.9}})
 
 
 def test_unknown_top_level_and_nested_list_keys():
-    with pytest.raises(ConfigError, match=r"Unknown key 'models\[0\]\.variants\[0\]\.dtyp'.*dtype, quantization"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown key 'models\[0\]\.variants\[0\]\.dtyp'.*dtype, quantization"
+    ):
         RunConfig.from_dict({"models": [{"spec": "x", "variants": [{"dtyp": "float16"}]}]})
     with pytest.raises(ConfigError, match=r"Unknown key 'probes'; valid keys in \[top level\]:.*probing"):
         RunConfig.from_dict({**BASE, "probes": {}})
 
 
 def test_bad_value_names_key_allowed_values_and_received_value():
-    with pytest.raises(ConfigError, match=r"encoding\.poolings\[0\]: Input should be 'mean' or 'last'; got 'avg'"):
+    with pytest.raises(
+        ConfigError, match=r"encoding\.poolings\[0\]: Input should be 'mean' or 'last'; got 'avg'"
+    ):
         RunConfig.from_dict({**BASE, "encoding": {"poolings": ["avg"]}})
     with pytest.raises(ConfigError, match=r"generation\.k: Input should be greater than 0; got 0"):
         RunConfig.from_dict({**BASE, "generation": {"k": 0}})
@@ -66,11 +73,18 @@ def test_missing_models_is_named():
     ("update", "pattern"),
     [
         ({"interplay": {"enabled": True}}, r"interplay\.enabled = true needs at least 3 models, got 1"),
-        ({"data": {"n_prompts": 3}, "probing": {"n_folds": 4}},
-         r"probing\.n_folds \(4\) must be <= data\.n_prompts \(3\)"),
-        ({"data": {"n_prompts": 10}, "causal": {"n_prompts": 16}},
-         r"causal\.n_prompts \(16\) must be <= data\.n_prompts \(10\)"),
-        ({"causal": {"model": "nope"}}, r"causal\.model must be one of \['smollm2-135m-instruct'\], got 'nope'"),
+        (
+            {"data": {"n_prompts": 3}, "probing": {"n_folds": 4}},
+            r"probing\.n_folds \(4\) must be <= data\.n_prompts \(3\)",
+        ),
+        (
+            {"data": {"n_prompts": 10}, "causal": {"n_prompts": 16}},
+            r"causal\.n_prompts \(16\) must be <= data\.n_prompts \(10\)",
+        ),
+        (
+            {"causal": {"model": "nope"}},
+            r"causal\.model must be one of \['smollm2-135m-instruct'\], got 'nope'",
+        ),
     ],
 )
 def test_cross_field_checks_quote_both_values(update, pattern):
@@ -84,11 +98,27 @@ def test_duplicate_model_names_are_rejected():
 
 
 def test_variants_expand_with_suffixed_names():
-    cfg = RunConfig.from_dict({"models": [{"spec": "gemma-3-270m", "variants": [
-        {"dtype": "float16"}, {"quantization": "4bit"}, {"quantization": "int8", "name": "g8"}]}]})
+    cfg = RunConfig.from_dict(
+        {
+            "models": [
+                {
+                    "spec": "gemma-3-270m",
+                    "variants": [
+                        {"dtype": "float16"},
+                        {"quantization": "4bit"},
+                        {"quantization": "int8", "name": "g8"},
+                    ],
+                }
+            ]
+        }
+    )
     got = [(v.name, v.dtype, v.quantization) for v in cfg.model_variants()]
-    assert got == [("gemma-3-270m", "float32", None), ("gemma-3-270m@float16", "float16", None),
-                   ("gemma-3-270m@4bit", "float32", "4bit"), ("g8", "float32", "int8")]
+    assert got == [
+        ("gemma-3-270m", "float32", None),
+        ("gemma-3-270m@float16", "float16", None),
+        ("gemma-3-270m@4bit", "float32", "4bit"),
+        ("g8", "float32", "int8"),
+    ]
     assert cfg.interplay_active()  # auto with 4 models
 
 
@@ -101,7 +131,9 @@ def test_config_is_frozen():
 def test_overrides_are_parsed_as_toml_and_validated(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[[models]]\nspec = "x"\n[generation]\nk = 5\n')
-    cfg = RunConfig.from_toml(path, overrides=["generation.k=2", "output.run_dir=runs/o", "probing.seeds=[3, 4]"])
+    cfg = RunConfig.from_toml(
+        path, overrides=["generation.k=2", "output.run_dir=runs/o", "probing.seeds=[3, 4]"]
+    )
     assert (cfg.generation.k, cfg.output.run_dir, cfg.probing.seeds) == (2, "runs/o", [3, 4])
     with pytest.raises(ConfigError, match=r"Unknown key 'generation\.kk'"):
         RunConfig.from_toml(path, overrides=["generation.kk=2"])
@@ -120,7 +152,9 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 def test_docs_config_reference_matches_the_field_descriptions():
     docs = (ROOT / "docs" / "config.md").read_text()
-    assert config_reference() in docs, "docs/config.md is stale: regenerate it with `aligned-probing config-docs`"
+    assert config_reference() in docs, (
+        "docs/config.md is stale: regenerate it with `aligned-probing config-docs`"
+    )
 
 
 def test_reference_lists_every_field_of_every_section():

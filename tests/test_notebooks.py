@@ -6,8 +6,6 @@ one-model copy of tests/data/tiny.toml next to a tiny random model, so CI runs t
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import nbformat
@@ -37,7 +35,9 @@ def tiny_config(tmp_path_factory) -> Path:
     build_tiny_model(root / "tiny-a", seed=0)
     text = (ROOT / "tests" / "data" / "tiny.toml").read_text()
     # One model (no interplay) keeps the run short; the notebooks need nothing more.
-    text = text.replace('[[models]]\nspec = "./tiny-b"\n\n', "").replace('[[models]]\nspec = "./tiny-c"\n\n', "")
+    text = text.replace('[[models]]\nspec = "./tiny-b"\n\n', "").replace(
+        '[[models]]\nspec = "./tiny-c"\n\n', ""
+    )
     text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{root / "run"}"')
     path = root / "tiny.toml"
     path.write_text(text)
@@ -46,16 +46,22 @@ def tiny_config(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_and_draws(path, tiny_config, monkeypatch, tmp_path):
+def test_notebook_runs_and_draws(path, tiny_config, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ALIGNED_PROBING_NOTEBOOK_CONFIG", str(tiny_config))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "display_data" and "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 3, f"{path.name} drew {len(images)} figures"

@@ -15,8 +15,10 @@ from tests._tiny import build_tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# --------------------------------------------------------------------------- the caching machinery, stub stages
-def _stub_plan(calls: list[str], settings: dict[str, dict], fail: dict[str, int] | None = None) -> list[Stage]:
+# ---------------------------------------------------------------------- the caching machinery, stub stages
+def _stub_plan(
+    calls: list[str], settings: dict[str, dict], fail: dict[str, int] | None = None
+) -> list[Stage]:
     """a -> b -> c and a -> d; each stage appends its key to `calls` and writes one number per item."""
     fail = fail or {}
 
@@ -36,6 +38,7 @@ def _stub_plan(calls: list[str], settings: dict[str, dict], fail: dict[str, int]
             value = total + ctx.settings["n"] * ctx.settings.get("scale", 1)
             (ctx.out_dir / "out.json").write_text(json.dumps({"value": value}))
             return {"value": value}
+
         return Stage(key.split("/")[0], key, settings.get(key, {"n": 2}), deps, func, resumable=resumable)
 
     return [make("a", ()), make("b", ("a",), resumable=True), make("c", ("b",)), make("d", ("a",))]
@@ -60,7 +63,9 @@ def test_changing_a_setting_recomputes_only_downstream(tmp_path):
     calls: list[str] = []
     execute(_stub_plan(calls, {}), tmp_path, load_model=_load, progress=False)
     calls.clear()
-    records = execute(_stub_plan(calls, {"b": {"n": 2, "scale": 10}}), tmp_path, load_model=_load, progress=False)
+    records = execute(
+        _stub_plan(calls, {"b": {"n": 2, "scale": 10}}), tmp_path, load_model=_load, progress=False
+    )
     assert calls == ["b", "c"]
     assert {r.key: r.status for r in records} == {"a": "cached", "b": "ran", "c": "ran", "d": "cached"}
     # The old outputs stay (switching back is free) and the new ones have their own directories.
@@ -87,7 +92,12 @@ def test_interrupted_stage_resumes_and_matches_uninterrupted(tmp_path):
     b_dir = next((tmp_path / "x" / "stages").glob("b-*"))
     assert (b_dir / "parts" / "0.json").exists() and not (b_dir / _runner.STAGE_FILE).exists()
     dry = execute(_stub_plan([], {}), tmp_path / "x", load_model=_load, dry_run=True)
-    assert {r.key: r.status for r in dry} == {"a": "cached", "b": "would resume", "c": "would run", "d": "would run"}
+    assert {r.key: r.status for r in dry} == {
+        "a": "cached",
+        "b": "would resume",
+        "c": "would run",
+        "d": "would run",
+    }
     part0 = (b_dir / "parts" / "0.json").read_text()
     calls.clear()
     execute(_stub_plan(calls, {}), tmp_path / "x", load_model=_load, progress=False)
@@ -114,7 +124,9 @@ def test_select_adds_dependencies_and_rejects_unknown_names():
     plan = _stub_plan([], {})
     assert [s.key for s in select(plan, ["c"])] == ["a", "b", "c"]
     assert [s.key for s in select(plan, None)] == ["a", "b", "c", "d"]
-    with pytest.raises(ValueError, match=r"Unknown stage name\(s\) \['probe'\]; this plan has \['a', 'b', 'c', 'd'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown stage name\(s\) \['probe'\]; this plan has \['a', 'b', 'c', 'd'\]"
+    ):
         select(plan, ["probe"])
 
 
@@ -145,7 +157,13 @@ def test_behaviour_setting_leaves_generation_and_probing_cached(tmp_path):
     a = stage_hashes(pipeline.build_plan(_config(tmp_path)))
     b = stage_hashes(pipeline.build_plan(_config(tmp_path, behaviour={"attributes": ["toxicity"]})))
     changed = {k for k in a if a[k] != b[k]}
-    assert changed == {"behaviour/tiny-a/t0", "behaviour/tiny-b/t0", "behaviour/tiny-c/t0", "interplay", "report"}
+    assert changed == {
+        "behaviour/tiny-a/t0",
+        "behaviour/tiny-b/t0",
+        "behaviour/tiny-c/t0",
+        "interplay",
+        "report",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +177,13 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 def _one_model(root: Path, run_dir: Path, **overrides) -> RunConfig:
-    sets = [f'output.run_dir="{run_dir}"', "causal.enabled=false"] + [f"{k}={v}" for k, v in overrides.items()]
+    sets = [f'output.run_dir="{run_dir}"', "causal.enabled=false"] + [
+        f"{k}={v}" for k, v in overrides.items()
+    ]
     cfg = RunConfig.from_toml(root / "tiny.toml", overrides=sets)
-    return RunConfig.from_dict({**cfg.model_dump(mode="json"), "models": [cfg.model_dump(mode="json")["models"][0]]})
+    return RunConfig.from_dict(
+        {**cfg.model_dump(mode="json"), "models": [cfg.model_dump(mode="json")["models"][0]]}
+    )
 
 
 STAGES = ["probe", "behaviour"]
@@ -173,8 +195,13 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
 
     res = load_results(run_dir)
     gen_dir = next((run_dir / "stages").glob("generate--*"))
-    return {"prompts": res.prompts, "continuations": read_continuations(gen_dir), "scores": res.scores,
-            "probing": res.probing, "behaviour": res.behaviour}
+    return {
+        "prompts": res.prompts,
+        "continuations": read_continuations(gen_dir),
+        "scores": res.scores,
+        "probing": res.probing,
+        "behaviour": res.behaviour,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +216,14 @@ def reference_run(tiny_models, tmp_path_factory):
 @pytest.mark.slow
 def test_real_rerun_does_no_work(reference_run, monkeypatch):
     cfg, first = reference_run
-    assert first.executed == ["prompts", "generate/tiny-a/t0", "score/tiny-a/t0", "encode/tiny-a/t0",
-                              "probe/tiny-a/t0", "behaviour/tiny-a/t0"]
+    assert first.executed == [
+        "prompts",
+        "generate/tiny-a/t0",
+        "score/tiny-a/t0",
+        "encode/tiny-a/t0",
+        "probe/tiny-a/t0",
+        "behaviour/tiny-a/t0",
+    ]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a cached run must not load a model")
@@ -205,9 +238,12 @@ def test_real_rerun_does_no_work(reference_run, monkeypatch):
 @pytest.mark.slow
 def test_real_downstream_change_recomputes_only_downstream(reference_run, monkeypatch):
     cfg, _ = reference_run
-    changed = RunConfig.from_dict({**cfg.model_dump(mode="json"),
-                                   "probing": {**cfg.probing.model_dump(mode="json"), "seeds": [0, 1]}})
-    monkeypatch.setattr("aligned_probing.models.load_model", lambda *a, **k: pytest.fail("probing needs no model"))
+    changed = RunConfig.from_dict(
+        {**cfg.model_dump(mode="json"), "probing": {**cfg.probing.model_dump(mode="json"), "seeds": [0, 1]}}
+    )
+    monkeypatch.setattr(
+        "aligned_probing.models.load_model", lambda *a, **k: pytest.fail("probing needs no model")
+    )
     result = pipeline.run(changed, stages=STAGES, progress=False)
     assert result.executed == ["probe/tiny-a/t0"]
     probing = pd.read_parquet(next(r.dir for r in result.records if r.name == "probe") / "probing.parquet")
@@ -219,7 +255,9 @@ def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_
     from aligned_probing import encoding, generation
 
     ref_cfg, _ = reference_run
-    assert pipeline.run(ref_cfg, stages=STAGES, progress=False).executed == []  # (re)selects the reference config
+    assert (
+        pipeline.run(ref_cfg, stages=STAGES, progress=False).executed == []
+    )  # (re)selects the reference config
     cfg = _one_model(tiny_models, tmp_path / "run")
     real_generate, real_encode = generation._generate_batch, encoding._encode_batch
 
@@ -231,6 +269,7 @@ def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_
                 raise KeyboardInterrupt("simulated kill")
             calls["n"] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     # 1) killed during generation, after one batch of part files was written
@@ -255,8 +294,10 @@ def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_
     # The activation stores are bitwise equal too.
     from aligned_probing.store import ActivationStore
 
-    stores = [ActivationStore.open(next((Path(d) / "stages").glob("encode--*")) / "store")
-              for d in (tmp_path / "run", ref_cfg.output.run_dir)]
+    stores = [
+        ActivationStore.open(next((Path(d) / "stages").glob("encode--*")) / "store")
+        for d in (tmp_path / "run", ref_cfg.output.run_dir)
+    ]
     for layer in range(stores[0].n_layers + 1):
         assert (stores[0].layer(layer, "output") == stores[1].layer(layer, "output")).all()
 
@@ -267,8 +308,17 @@ def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
     result = pipeline.run(cfg, progress=False, config_text=(tiny_models / "tiny.toml").read_text())
     assert result.report == tmp_path / "run" / "report.html"
     html = result.report.read_text()
-    for fig in ("information", "heatmap", "selectivity", "mdl", "behaviour", "interplay", "skipping", "patching",
-                "steering"):
+    for fig in (
+        "information",
+        "heatmap",
+        "selectivity",
+        "mdl",
+        "behaviour",
+        "interplay",
+        "skipping",
+        "patching",
+        "steering",
+    ):
         assert f'id="fig-{fig}"' in html, fig
         assert (tmp_path / "run" / "figures" / f"{fig}.svg").is_file()
     assert 'name = "tiny"' in html  # the config text

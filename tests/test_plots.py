@@ -23,9 +23,20 @@ def summary(rng) -> pd.DataFrame:
         for scenario in SCENARIOS:
             for layer in range(5):
                 r = float(rng.uniform(0, 1))
-                rows.append({"model": "m", "attribute": attribute, "scenario": scenario, "layer": layer,
-                             "metric": "pearson", "mean": r, "ci_low": r - 0.1, "ci_high": r + 0.05,
-                             "selectivity": r / 2, "compression": 1 + r})
+                rows.append(
+                    {
+                        "model": "m",
+                        "attribute": attribute,
+                        "scenario": scenario,
+                        "layer": layer,
+                        "metric": "pearson",
+                        "mean": r,
+                        "ci_low": r - 0.1,
+                        "ci_high": r + 0.05,
+                        "selectivity": r / 2,
+                        "compression": 1 + r,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -72,11 +83,14 @@ def test_given_ax_is_used_and_pyplot_current_figure_untouched(summary):
 
 def test_new_figure_when_ax_is_none(summary):
     before = plt.gcf()
-    ax = plots.mdl_compression(summary[summary["attribute"] == "threat"], y="compression", ci_low=None,
-                               ci_high=None)
+    ax = plots.mdl_compression(
+        summary[summary["attribute"] == "threat"], y="compression", ci_low=None, ci_high=None
+    )
     assert ax.figure is not before
-    np.testing.assert_allclose(_line(ax, "output").get_ydata(),
-                               summary.query("attribute == 'threat' and scenario == 'output'")["compression"])
+    np.testing.assert_allclose(
+        _line(ax, "output").get_ydata(),
+        summary.query("attribute == 'threat' and scenario == 'output'")["compression"],
+    )
     assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
 
 
@@ -84,8 +98,10 @@ def test_information_grid_has_one_panel_per_attribute(summary):
     fig = plots.information_grid(summary, col_wrap=2)
     assert [ax.get_title() for ax in fig.axes] == ["toxicity", "insult", "threat"]
     assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
-    np.testing.assert_allclose(_line(fig.axes[2], "backward").get_ydata(),
-                               summary.query("attribute == 'threat' and scenario == 'backward'")["mean"])
+    np.testing.assert_allclose(
+        _line(fig.axes[2], "backward").get_ydata(),
+        summary.query("attribute == 'threat' and scenario == 'backward'")["mean"],
+    )
 
 
 def test_attribute_heatmap_values(summary):
@@ -93,15 +109,23 @@ def test_attribute_heatmap_values(summary):
     ax = plots.attribute_heatmap(one)
     mesh = next(c for c in ax.collections if isinstance(c, QuadMesh))
     values = np.asarray(mesh.get_array()).reshape(3, 5)
-    expected = one.pivot(index="attribute", columns="layer", values="mean").loc[["toxicity", "insult", "threat"]]
+    expected = one.pivot(index="attribute", columns="layer", values="mean").loc[
+        ["toxicity", "insult", "threat"]
+    ]
     np.testing.assert_allclose(values, expected.to_numpy())
     assert [t.get_text() for t in ax.get_yticklabels()] == ["toxicity", "insult", "threat"]
 
 
 def test_behaviour_bars_heights_and_error_bars():
-    data = pd.DataFrame({"attribute": ["toxicity", "insult", "toxicity", "insult"], "model": ["a", "a", "b", "b"],
-                         "value": [0.3, 0.2, 0.5, 0.1], "ci_low": [0.25, 0.1, 0.4, 0.05],
-                         "ci_high": [0.35, 0.3, 0.6, 0.2]})
+    data = pd.DataFrame(
+        {
+            "attribute": ["toxicity", "insult", "toxicity", "insult"],
+            "model": ["a", "a", "b", "b"],
+            "value": [0.3, 0.2, 0.5, 0.1],
+            "ci_low": [0.25, 0.1, 0.4, 0.05],
+            "ci_high": [0.35, 0.3, 0.6, 0.2],
+        }
+    )
     ax = plots.behaviour_bars(data)
     heights = [p.get_height() for p in ax.patches]
     assert heights == pytest.approx([0.3, 0.2, 0.5, 0.1])
@@ -122,7 +146,9 @@ def test_behaviour_bars_heights_and_error_bars():
     ],
 )
 def test_curves_draw_their_data(func, x, y, hue, rng):
-    levels = ["input", "output"] if hue == "scenario" else (["toxic->clean", "clean->toxic"] if hue else [None])
+    levels = (
+        ["input", "output"] if hue == "scenario" else (["toxic->clean", "clean->toxic"] if hue else [None])
+    )
     if hue == "layer":
         levels = [3, 7]
     rows = [{x: xv, y: float(rng.normal()), **({hue: h} if hue else {})} for h in levels for xv in range(4)]

@@ -25,10 +25,25 @@ def _probing(rng, model: str, n_layers: int = 4) -> pd.DataFrame:
                 for fold in range(3):
                     for seed in range(2):
                         r = 0.2 + 0.1 * layer + rng.normal(0, 0.02)
-                        rows.append({"model": model, "template": 0, "scenario": scenario, "attribute": attribute,
-                                     "layer": layer, "n_layers": n_layers, "relative_depth": layer / n_layers,
-                                     "fold": fold, "seed": seed, "pearson": r, "r2": r * r, "rmse": 0.1,
-                                     "control_pearson": 0.01, "selectivity": r - 0.01, "compression": 1 + r})
+                        rows.append(
+                            {
+                                "model": model,
+                                "template": 0,
+                                "scenario": scenario,
+                                "attribute": attribute,
+                                "layer": layer,
+                                "n_layers": n_layers,
+                                "relative_depth": layer / n_layers,
+                                "fold": fold,
+                                "seed": seed,
+                                "pearson": r,
+                                "r2": r * r,
+                                "rmse": 0.1,
+                                "control_pearson": 0.01,
+                                "selectivity": r - 0.01,
+                                "compression": 1 + r,
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
@@ -38,9 +53,20 @@ def _behaviour(models) -> pd.DataFrame:
         for attribute in ATTRIBUTES:
             for metric in ("emt", "toxicity_probability", "mean_score"):
                 v = 0.1 * (i + 1)
-                rows.append({"model": model, "template": 0, "attribute": attribute, "metric": metric,
-                             "subset": "all", "value": v, "ci_low": v - 0.02, "ci_high": v + 0.02,
-                             "n_prompts": 20, "k": 4})
+                rows.append(
+                    {
+                        "model": model,
+                        "template": 0,
+                        "attribute": attribute,
+                        "metric": metric,
+                        "subset": "all",
+                        "value": v,
+                        "ci_low": v - 0.02,
+                        "ci_high": v + 0.02,
+                        "n_prompts": 20,
+                        "k": 4,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -50,11 +76,33 @@ def _interplay() -> pd.DataFrame:
         for layer in range(5):
             for stat in ("pearson", "spearman"):
                 v = -0.5 + 0.1 * layer
-                rows.append({"template": 0, "scenario": scenario, "attribute": "toxicity",
-                             "behaviour_attribute": "toxicity", "metric": "emt", "subset": "all",
-                             "depth_axis": "layer", "layer": layer, "relative_depth": layer / 4, "statistic": stat,
-                             "value": v, "p_value": 0.3, "ci_low": v - 0.2, "ci_high": v + 0.2, "n_models": 3})
+                rows.append(
+                    {
+                        "template": 0,
+                        "scenario": scenario,
+                        "attribute": "toxicity",
+                        "behaviour_attribute": "toxicity",
+                        "metric": "emt",
+                        "subset": "all",
+                        "depth_axis": "layer",
+                        "layer": layer,
+                        "relative_depth": layer / 4,
+                        "statistic": stat,
+                        "value": v,
+                        "p_value": 0.3,
+                        "ci_low": v - 0.2,
+                        "ci_high": v + 0.2,
+                        "n_models": 3,
+                    }
+                )
     return pd.DataFrame(rows)
+
+
+def _effects(keys: dict, delta: np.ndarray) -> pd.DataFrame:
+    """Causal effect rows (metric emt) shaped like `aligned_probing.causal` output."""
+    frame = pd.DataFrame({**keys, "metric": "emt", "model": "model-a", "delta": delta})
+    frame["ci_low"], frame["ci_high"] = frame["delta"] - 0.05, frame["delta"] + 0.05
+    return frame
 
 
 @pytest.fixture
@@ -63,22 +111,34 @@ def results(tmp_path, rng) -> RunResults:
     layers = np.arange(5)
     return RunResults(
         run_dir=tmp_path,
-        config={"name": "synthetic <run>", "description": "hand-made tables",
-                "models": [{"spec": m, "name": m, "dtype": "float32", "quantization": None} for m in models],
-                "generation": {"k": 4, "templates": [0]}},
+        config={
+            "name": "synthetic <run>",
+            "description": "hand-made tables",
+            "models": [{"spec": m, "name": m, "dtype": "float32", "quantization": None} for m in models],
+            "generation": {"k": 4, "templates": [0]},
+        },
         config_text='name = "synthetic"\n[generation]\nk = 4\n',
         prompts=pd.DataFrame({"prompt_id": ["a", "b"], "text": ["x", "y"]}),
         probing=pd.concat([_probing(rng, m) for m in models], ignore_index=True),
         behaviour=_behaviour(models),
         interplay=_interplay(),
-        layer_skipping=pd.DataFrame({"layer": layers, "delta_emt": 0.01 * layers, "ci_low": 0.01 * layers - 0.01,
-                                     "ci_high": 0.01 * layers + 0.01}),
-        patching=pd.DataFrame({"layer": np.tile(layers, 2), "direction": np.repeat(["toxic->clean", "clean->toxic"], 5),
-                               "effect": np.r_[-0.1 * layers, 0.1 * layers], "ci_low": np.nan, "ci_high": np.nan}),
-        steering=pd.DataFrame({"alpha": [-4.0, 0.0, 4.0], "layer": 2, "value": [0.1, 0.2, 0.4],
-                               "ci_low": [0.05, 0.15, 0.3], "ci_high": [0.15, 0.25, 0.5]}),
-        timings=pd.DataFrame({"key": ["prompts", "generate/model-a/t0"], "name": ["prompts", "generate"],
-                              "status": ["complete", "complete"], "seconds": [1.5, 30.25]}),
+        layer_skipping=_effects({"block": layers, "layer": layers + 1}, 0.01 * layers),
+        patching=pd.concat(
+            [
+                _effects({"layer": layers, "direction": d, "measure": "readout", "readout_layer": 4}, s * layers)
+                for d, s in (("toxic_to_nontoxic", -0.1), ("nontoxic_to_toxic", 0.1))
+            ],
+            ignore_index=True,
+        ),
+        steering=_effects({"alpha": [-4.0, 0.0, 4.0, 8.0, -8.0], "layer": 2}, np.array([0.1, 0.2, 0.4, 0.5, 0.0])),
+        timings=pd.DataFrame(
+            {
+                "key": ["prompts", "generate/model-a/t0"],
+                "name": ["prompts", "generate"],
+                "status": ["complete", "complete"],
+                "seconds": [1.5, 30.25],
+            }
+        ),
     )
 
 
@@ -89,8 +149,17 @@ def _images(html: str) -> list[bytes]:
 def test_report_is_self_contained_with_every_section(results, tmp_path):
     path = render_report(results, tmp_path / "out" / "report.html", figure_dir=tmp_path / "figs")
     html = path.read_text()
-    for section in ("overview", "information", "reliability", "behaviour", "interplay", "causal", "timings",
-                    "config", "versions"):
+    for section in (
+        "overview",
+        "information",
+        "reliability",
+        "behaviour",
+        "interplay",
+        "causal",
+        "timings",
+        "config",
+        "versions",
+    ):
         assert f'<section id="{section}">' in html
     images = _images(html)
     # main figure, heatmap, selectivity, MDL, behaviour, interplay, skipping, patching, steering
@@ -125,9 +194,21 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
     path = render_report(results, tmp_path / "report.html")
     shot = tmp_path / "shot.png"
     profile = tmp_path / "profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1280,2000", path.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        path.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = shot.read_bytes()

@@ -101,7 +101,8 @@ def test_a_few_steps_lower_the_frozen_probe_score(tiny_llama_dir, tmp_path):
             _, before = _probe_scores(model, tok, _fit(model, tok))
         probes = _fit(model, tok)
         args = ProbeSFTConfig(output_dir=str(tmp_path / str(lam)), probe_lambda=lam, learning_rate=5e-3,
-                              max_steps=8, per_device_train_batch_size=10, report_to="none", save_strategy="no",
+                              max_steps=8, per_device_train_batch_size=10, report_to="none",
+                              save_strategy="no",
                               use_cpu=True, bf16=False, max_length=64, gradient_checkpointing=False,
                               logging_steps=1, disable_tqdm=True, seed=0)
         texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})

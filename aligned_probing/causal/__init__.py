@@ -22,7 +22,7 @@ from aligned_probing.causal.interventions import (
 )
 from aligned_probing.causal.patching import activation_patching, match_pairs
 from aligned_probing.causal.skipping import layer_skipping
-from aligned_probing.causal.steering import steering
+from aligned_probing.causal.steering import steering_sweep
 
 __all__ = [
     "Compose",
@@ -41,5 +41,5 @@ __all__ = [
     "paired_effects",
     "probe_readout",
     "record_residuals",
-    "steering",
+    "steering_sweep",
 ]

@@ -49,7 +49,7 @@ def _fluency(a: pd.Series, b: pd.Series, gen: GenerationSettings, stat: StatSett
     )
 
 
-def steering(
+def steering_sweep(
     model: Any,
     prompts: pd.DataFrame,
     scorer: Any,
@@ -82,7 +82,7 @@ def steering(
         log_perplexity}; `delta` is the paired change from the unsteered model with a bootstrap CI.
 
     Example:
-        >>> steering(model, prompts.df, scorer, probe.direction("toxicity"), layer=10,
+        >>> steering_sweep(model, prompts.df, scorer, probe.direction("toxicity"), layer=10,
         ...          alphas=[-8, -4, 0, 4, 8])  # doctest: +SKIP
     """
     gen = generation or GenerationSettings()
