@@ -124,6 +124,8 @@ def compare_reference(
     out = {
         "ours_s": 0.0,
         "reference_s": 0.0,
+        "ours_cpu_s": 0.0,
+        "reference_cpu_s": 0.0,
         "ours_pearson": [],
         "reference_pearson": [],
         "reference_epochs": [],

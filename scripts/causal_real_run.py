@@ -70,6 +70,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", default="", help="steps to skip, e.g. baseline,skipping,steering,patching")
+    p.add_argument("--out", type=Path, default=OUT, help="output directory")
     p.add_argument("--tag", default="", help="suffix of run{tag}.json (for runs split over processes)")
     return p.parse_args(argv)
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from aligned_probing.models import load_model
     from aligned_probing.scoring import get_scorer
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     timings: dict[str, float] = {}
     model = load_model("smollm2-135m-instruct")
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_table = pd.concat(
         [probe_table.assign(pooling="mean"), last_table.assign(pooling="last")], ignore_index=True
     )
-    probe_table.to_parquet(OUT / "probes.parquet")
+    probe_table.to_parquet(out_dir / "probes.parquet")
     timings["probes"] = time.time() - t
     _log(
         f"probes: best CV r {probe_table.cv_pearson.max():.3f} at layer "
@@ -181,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             behaviour = behaviour_metrics(
                 base, beh_set.df, attributes=["toxicity"], n_resamples=args.n_resamples
             )
-        behaviour.to_parquet(OUT / "baseline_behaviour.parquet")
-        base.drop(columns=["token_ids"]).to_parquet(OUT / "baseline_continuations.parquet")
+        behaviour.to_parquet(out_dir / "baseline_behaviour.parquet")
+        base.drop(columns=["token_ids"]).to_parquet(out_dir / "baseline_continuations.parquet")
         timings["baseline"] = time.time() - t
         overall = behaviour[behaviour.subset == "all"][["metric", "value", "ci_low", "ci_high"]]
         _log("baseline behaviour\n" + overall.round(3).to_string(), t0)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         skipping = layer_skipping(
             model, beh_set.df, scorer, blocks=args.blocks, generation=gen, stats=stat, baseline=base
         )
-        skipping.to_parquet(OUT / "skipping.parquet")
+        skipping.to_parquet(out_dir / "skipping.parquet")
         timings["skipping"] = time.time() - t
         _log("skipping done\n" + skipping.query("metric == 'emt'").round(3).to_string(), t0)
 
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline=base,
         )
         steer["alpha_in_norms"] = steer["alpha"] / scale
-        steer.to_parquet(OUT / "steering.parquet")
+        steer.to_parquet(out_dir / "steering.parquet")
         timings["steering"] = time.time() - t
         _log(f"steering at layer {layer} (median norm {scale:.1f}) done\n" + steer.round(3).to_string(), t0)
 
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # template 0 there are no template tokens, so patching every prompt position would replace
         # the whole residual stream and make every read-out trivially equal to the source's.
         pairs = match_pairs(pool.df, model.tokenizer, max_pairs=args.n_pairs, seed=args.seed)
-        pairs.to_parquet(OUT / "patching_pairs.parquet")
+        pairs.to_parquet(out_dir / "patching_pairs.parquet")
         patch = activation_patching(
             model,
             pairs,
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             generation=gen,
             stats=stat,
         )
-        patch.to_parquet(OUT / "patching.parquet")
+        patch.to_parquet(out_dir / "patching.parquet")
         timings["patching"] = time.time() - t
         _log(
             "patching done\n"
@@ -257,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "scorer": getattr(scorer, "id", None),
         "machine": machine_info(),
     }
-    (OUT / f"run{args.tag}.json").write_text(json.dumps(info, indent=2, default=str))
-    _log("saved to " + str(OUT), t0)
+    (out_dir / f"run{args.tag}.json").write_text(json.dumps(info, indent=2, default=str))
+    _log("saved to " + str(out_dir), t0)
     return 0
 
 

@@ -225,6 +225,7 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
         ps.save(out / "base" / "probes" / name)
     texts = benign_texts(cfg.evaluation.n_benign, seed=d.seed)
     frames = [_evaluate(base, eval_prompts, probes, cfg, scorer, texts, "base", out / "base")]
+    frames[0].to_parquet(out / "results.parquet", index=False)  # partial results survive an interruption
     base_dir = Path(base.path)
     del base
     for arm in cfg.training.arms:

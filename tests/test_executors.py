@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aligned_probing.executors import (
+    EXECUTORS,
+    Executor,
+    LocalExecutor,
+    RayExecutor,
+    Resources,
+    get_executor,
+)
+
+
+# ------------------------------------------------------------------- task functions (module level: picklable)
+def _square(x: int) -> int:
+    return x * x
+
+
+def _die_once(task: tuple[str, int]) -> int:
+    """Kill the worker process on the first attempt (a marker file remembers it), succeed on the retry."""
+    marker, value = Path(task[0]), task[1]
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os._exit(1)  # a hard kill: no exception, no cleanup, the worker process is gone
+    return value * 10
+
+
+def _raise_once(task: tuple[str, int]) -> int:
+    marker, value = Path(task[0]), task[1]
+    if not marker.exists():
+        marker.write_text("raised")
+        raise RuntimeError("transient failure")
+    return value + 1
+
+
+def _always_raise(_: int) -> int:
+    raise ValueError("bad task 7")
+
+
+def _rendezvous(task: tuple[str, int]) -> int:
+    """Wait until every task of the map has started: only returns if the tasks run at the same time."""
+    directory, i = Path(task[0]), task[1]
+    (directory / f"started-{i}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while len(list(directory.glob("started-*"))) < 2:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other task never started: tasks did not run concurrently")
+        time.sleep(0.05)
+    return os.getpid()
+
+
+# ------------------------------------------------------------------------------------------ local
+def test_local_executor_maps_in_order_in_this_process():
+    ex = get_executor("local")
+    assert isinstance(ex, LocalExecutor) and isinstance(ex, Executor) and ex.name == "local"
+    assert ex.map(_square, [3, 1, 2], resources=Resources(num_gpus=1)) == [9, 1, 4]
+    assert ex.map(_square, []) == []
+
+
+def test_local_executor_stops_at_the_failing_task():
+    seen: list[int] = []
+
+    def task(x: int) -> int:
+        seen.append(x)
+        if x == 2:
+            raise ValueError("task 2 failed")
+        return x
+
+    with pytest.raises(ValueError, match="task 2 failed"):
+        LocalExecutor().map(task, [1, 2, 3])
+    assert seen == [1, 2]
+
+
+def test_get_executor_errors_name_the_parameter_and_the_choices():
+    assert EXECUTORS == ("local", "ray")
+    with pytest.raises(ValueError, match=r"executor must be one of \('local', 'ray'\), got 'dask'"):
+        get_executor("dask")
+    with pytest.raises(ValueError, match=r"only used with executor='ray', got address='auto'"):
+        get_executor("local", address="auto")
+    with pytest.raises(ValueError, match=r"max_retries must be an int >= 0, got -1"):
+        RayExecutor(max_retries=-1)
+
+
+def test_resources_are_validated_and_become_ray_options():
+    assert Resources(num_cpus=0.5, num_gpus=1).ray_options() == {"num_cpus": 0.5, "num_gpus": 1}
+    assert Resources(memory=2**30).ray_options()["memory"] == 2**30
+    with pytest.raises(ValueError, match=r"Resources.num_gpus must be a number >= 0, got -1"):
+        Resources(num_gpus=-1)
+    with pytest.raises(ValueError, match=r"Resources.memory must be a positive int"):
+        Resources(memory=0)
+
+
+def test_ray_without_ray_installed_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'aligned-probing\[ray\]'"):
+        get_executor("ray")
+    # Building the executor object itself never imports Ray; the first dispatch does.
+    lazy = RayExecutor()
+    with pytest.raises(ImportError, match=r"pip install 'aligned-probing\[ray\]'"):
+        lazy.map(_square, [1])
+
+
+# -------------------------------------------------------------------------------------------- ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local two-CPU Ray cluster for this module's tests (shut down afterwards)."""
+    import cloudpickle
+    import ray
+
+    # The task functions live in this test module, which Ray workers cannot import by name.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.slow
+def test_ray_gives_the_local_results_in_task_order(ray_cluster):
+    tasks = list(range(7))
+    ex = get_executor("ray")
+    assert isinstance(ex, RayExecutor) and isinstance(ex, Executor)
+    assert ex.map(_square, tasks) == LocalExecutor().map(_square, tasks)
+    assert ex.map(_square, []) == []
+
+
+@pytest.mark.slow
+def test_ray_runs_tasks_concurrently(ray_cluster, tmp_path):
+    pids = RayExecutor().map(_rendezvous, [(str(tmp_path), 0), (str(tmp_path), 1)], resources=Resources(1))
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+
+
+@pytest.mark.slow
+def test_ray_retries_a_killed_task_and_completes(ray_cluster, tmp_path):
+    tasks = [(str(tmp_path / f"attempt-{i}"), i) for i in range(2)]
+    assert RayExecutor(max_retries=2).map(_die_once, tasks) == [0, 10]
+    assert all(Path(m).exists() for m, _ in tasks)  # every task really died once
+
+
+@pytest.mark.slow
+def test_ray_without_retries_reports_the_killed_task(ray_cluster, tmp_path):
+    from ray.exceptions import WorkerCrashedError
+
+    with pytest.raises(WorkerCrashedError):
+        RayExecutor(max_retries=0).map(_die_once, [(str(tmp_path / "attempt"), 1)])
+
+
+@pytest.mark.slow
+def test_ray_retries_exceptions_only_when_asked(ray_cluster, tmp_path):
+    assert RayExecutor(max_retries=1).map(_raise_once, [(str(tmp_path / "a"), 1)]) == [2]
+    with pytest.raises(RuntimeError, match="transient failure"):
+        RayExecutor(max_retries=1, retry_exceptions=False).map(_raise_once, [(str(tmp_path / "b"), 1)])
+    # A task that fails on every attempt surfaces as its own exception type.
+    with pytest.raises(ValueError, match="bad task 7"):
+        RayExecutor(max_retries=1).map(_always_raise, [7])
