@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -30,6 +31,7 @@ __all__ = [
     "LocalExecutor",
     "RayExecutor",
     "Resources",
+    "TaskResources",
     "get_executor",
     "import_ray",
 ]
@@ -72,21 +74,41 @@ class Resources:
         return options
 
 
+#: `Resources` for every task, one per task, or None (one CPU each).
+TaskResources = Resources | Sequence[Resources] | None
+
+
+def per_task(resources: TaskResources, n_tasks: int) -> list[Resources]:
+    """`resources` as one `Resources` per task.
+
+    Raises:
+        ValueError: A sequence whose length is not `n_tasks`.
+    """
+    if resources is None or isinstance(resources, Resources):
+        return [resources or Resources()] * n_tasks
+    resources = list(resources)
+    if len(resources) != n_tasks:
+        raise ValueError(
+            f"resources must be one Resources or one per task ({n_tasks}), "
+            f"got a sequence of {len(resources)}."
+        )
+    return resources
+
+
 @runtime_checkable
 class Executor(Protocol):
     """Maps a function over independent tasks and returns the results in task order."""
 
     name: str
 
-    def map(
-        self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: Resources | None = None
-    ) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: TaskResources = None) -> list[R]:
         """`[fn(t) for t in tasks]`, possibly in parallel and elsewhere.
 
         Args:
             fn: A picklable function of one task (module-level, so that workers can import it).
             tasks: Picklable task descriptions: paths, keys, settings, never large arrays.
-            resources: What each task needs; None = one CPU.
+            resources: What each task needs: one `Resources` for all, one per task (so that model and
+                CPU stages share a wave), or None for one CPU each.
 
         Returns:
             The results, in the order of `tasks`.
@@ -102,10 +124,9 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(
-        self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: Resources | None = None
-    ) -> list[R]:
-        """`[fn(t) for t in tasks]`; `resources` is accepted for interface parity and ignored."""
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: TaskResources = None) -> list[R]:
+        """`[fn(t) for t in tasks]`; `resources` is checked for interface parity, then ignored."""
+        per_task(resources, len(tasks))
         return [fn(task) for task in tasks]
 
     def __repr__(self) -> str:
@@ -172,9 +193,7 @@ class RayExecutor:
             ray.init(address=self.address, **self.init_kwargs)
         return ray
 
-    def map(
-        self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: Resources | None = None
-    ) -> list[R]:
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: TaskResources = None) -> list[R]:
         """Submit one Ray task per item of `tasks`, wait for all, return the results in task order.
 
         Raises:
@@ -182,15 +201,15 @@ class RayExecutor:
                 instance of the task's own exception class, so `except ValueError` works).
         """
         tasks = list(tasks)
+        needs = per_task(resources, len(tasks))
         if not tasks:
             return []
         ray = self._ray()
-        remote = ray.remote(fn).options(
-            max_retries=self.max_retries,
-            retry_exceptions=self.retry_exceptions,
-            **(resources or Resources()).ray_options(),
-        )
-        refs = [remote.remote(task) for task in tasks]
+        remote = ray.remote(_as_function(fn))
+        retries = {"max_retries": self.max_retries, "retry_exceptions": self.retry_exceptions}
+        refs = [
+            remote.options(**retries, **r.ray_options()).remote(t) for t, r in zip(tasks, needs, strict=True)
+        ]
         try:
             return list(ray.get(refs))
         except BaseException:
@@ -203,6 +222,21 @@ class RayExecutor:
             f"RayExecutor(address={self.address!r}, max_retries={self.max_retries}, "
             f"retry_exceptions={self.retry_exceptions})"
         )
+
+
+def _as_function(fn: Callable[[T], R]) -> Callable[[T], R]:
+    """`fn` itself if it is a plain function, else a function calling it (Ray accepts only functions).
+
+    Builtins, `functools.partial` objects and callable instances are wrapped, so that every callable
+    the local executor takes works on Ray too.
+    """
+    if inspect.isfunction(fn):
+        return fn
+
+    def call(task: T) -> R:
+        return fn(task)
+
+    return call
 
 
 def get_executor(

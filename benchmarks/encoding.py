@@ -160,6 +160,7 @@ def throughput(model, rows: int, reps: int, batch_size: int) -> dict:
                 hf(ids, attention_mask=attn, use_cache=False)
 
     timings: dict[str, list[float]] = {
+        "ours_forward": [],
         "ours": [],
         "hf_hidden_states": [],
         "hf_plain": [],

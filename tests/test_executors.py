@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -94,6 +95,8 @@ def test_resources_are_validated_and_become_ray_options():
         Resources(num_gpus=-1)
     with pytest.raises(ValueError, match=r"Resources.memory must be a positive int"):
         Resources(memory=0)
+    with pytest.raises(ValueError, match=r"one per task \(2\), got a sequence of 1"):
+        LocalExecutor().map(_square, [1, 2], resources=[Resources()])
 
 
 def test_ray_without_ray_installed_gives_the_install_hint(monkeypatch):
@@ -128,11 +131,15 @@ def test_ray_gives_the_local_results_in_task_order(ray_cluster):
     assert isinstance(ex, RayExecutor) and isinstance(ex, Executor)
     assert ex.map(_square, tasks) == LocalExecutor().map(_square, tasks)
     assert ex.map(_square, []) == []
+    # Any callable, not only plain functions: builtins and partials are wrapped for Ray.
+    assert ex.map(abs, [-2, 3]) == [2, 3]
+    assert ex.map(functools.partial(pow, 2), [3, 4]) == [8, 16]
 
 
 @pytest.mark.slow
 def test_ray_runs_tasks_concurrently(ray_cluster, tmp_path):
-    pids = RayExecutor().map(_rendezvous, [(str(tmp_path), 0), (str(tmp_path), 1)], resources=Resources(1))
+    tasks = [(str(tmp_path), 0), (str(tmp_path), 1)]
+    pids = RayExecutor().map(_rendezvous, tasks, resources=[Resources(1), Resources(0.5)])
     assert len(set(pids)) == 2 and os.getpid() not in pids
 
 

@@ -74,9 +74,13 @@ def test_files_round_trip_atomically_on_every_backend(kind, tmp_path, request):
     assert _fs.exists(target, options) and _fs.read_text(target, options) == '{"hash": "def"}'
     table = pd.DataFrame({"layer": [0, 1, 2], "pearson": [0.1, 0.5, np.nan], "model": ["m"] * 3})
     _fs.write_parquet_atomic(table, _fs.join(run, "stages", "probing.parquet"), options)
-    pd.testing.assert_frame_equal(_fs.read_parquet(_fs.join(run, "stages", "probing.parquet"), options), table)
+    pd.testing.assert_frame_equal(
+        _fs.read_parquet(_fs.join(run, "stages", "probing.parquet"), options), table
+    )
     found = _fs.glob(_fs.join(run, "stages"), "*.json", options)
-    assert found == [target] if kind != "file-url" else [str(tmp_path / "run" / "stages" / "stage.json")]
+    # A file:// location lists as local paths (the protocol adds nothing there).
+    expected = str(tmp_path / "run" / "stages" / "stage.json") if kind == "file-url" else target
+    assert found == [expected]
     with pytest.raises(FileNotFoundError):
         _fs.read_text(_fs.join(run, "missing.json"), options)
     _fs.rmtree(run, options)
@@ -113,7 +117,115 @@ def test_zarr_arrays_round_trip_on_s3_and_a_layer_reads_only_its_chunks(bucket):
     np.testing.assert_array_equal(layer2, values[2])
     chunks = [k for k in RecordingStore.keys if "/c/" in k]
     assert chunks and all(k.startswith("input/mean/c/2/") for k in chunks), chunks
-    with pytest.raises(Exception):  # noqa: B017 - zarr raises its own read-only error type
+    with pytest.raises(ValueError, match="read-only"):
         zarr.open_group(_fs.zarr_store(_fs.join(url, "store"), options, read_only=True), mode="r")[
             "input/mean"
         ][0, 0, 0] = 1.0
+
+
+# ------------------------------------------------------------------------------ the activation store
+L, D = 3, 8
+KEYS = [("input", "mean"), ("output", "mean")]
+
+
+def _batch(rng, prompt_ids: list[str]) -> tuple[pd.DataFrame, dict]:
+    index = pd.DataFrame({"prompt_id": prompt_ids, "continuation_idx": 0})
+    return index, {key: rng.standard_normal((L + 1, len(prompt_ids), D)).astype(np.float32) for key in KEYS}
+
+
+def _create(location, options=None):
+    from aligned_probing.store import ActivationStore
+
+    return ActivationStore.create(
+        location,
+        model="tiny",
+        template=0,
+        n_layers=L,
+        d_model=D,
+        positions=("input", "output"),
+        chunk_rows=4,
+        storage_options=options,
+    )
+
+
+def test_activation_store_round_trips_on_s3_like_a_local_one(bucket, tmp_path, rng):
+    from aligned_probing.store import ActivationStore
+
+    url, options = bucket
+    location = _fs.join(url, "run", "stages", "encode--tiny--t0", "store")
+    batches = [_batch(rng, [f"p{i}" for i in range(j, j + 5)]) for j in (0, 5)]
+    for store in (_create(location, options), _create(tmp_path / "store")):
+        for index, vectors in batches:
+            store.append(index, vectors)
+    remote = ActivationStore.open(location, expect={"model": "tiny", "template": 0}, storage_options=options)
+    local = ActivationStore.open(tmp_path / "store")
+    assert remote.path == location and len(remote) == 10 and remote.committed() == local.committed()
+    pd.testing.assert_frame_equal(remote.index, local.index)
+    for layer in range(L + 1):
+        for key in KEYS:
+            expected = np.concatenate([v[key][layer] for _, v in batches])
+            np.testing.assert_array_equal(remote.layer(layer, *key), expected)
+            np.testing.assert_array_equal(local.layer(layer, *key), expected)
+    with pytest.raises(FileExistsError, match="already holds an activation store"):
+        _create(location, options)
+    with pytest.raises(ValueError, match=r"was written for model='tiny', but model='other' was expected"):
+        ActivationStore.open(location, expect={"model": "other"}, storage_options=options)
+    with pytest.raises(FileNotFoundError, match="No activation store"):
+        ActivationStore.open(_fs.join(url, "nowhere"), storage_options=options)
+
+
+def test_uncommitted_rows_on_s3_roll_back_and_resume(bucket, rng, monkeypatch):
+    from aligned_probing import store as store_module
+    from aligned_probing.store import ActivationStore
+
+    url, options = bucket
+    location = _fs.join(url, "store")
+    store = _create(location, options)
+    i1, v1 = _batch(rng, ["a", "b", "c"])
+    store.append(i1, v1)
+    real_commit = store_module._commit
+
+    def die_on_index(location, write, storage_options):
+        if str(location).endswith("index.parquet"):
+            raise KeyboardInterrupt("worker killed between the vectors and the index")
+        real_commit(location, write, storage_options)
+
+    monkeypatch.setattr(store_module, "_commit", die_on_index)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(*_batch(rng, ["d", "e"]))
+    monkeypatch.setattr(store_module, "_commit", real_commit)
+    reopened = ActivationStore.open(location, storage_options=options)  # what a retried task does
+    assert reopened.committed() == {("a", 0), ("b", 0), ("c", 0)}
+    assert all(reopened.array(*key).shape == (L + 1, 3, D) for key in KEYS)
+    i3, v3 = _batch(rng, ["d", "e"])
+    reopened.append(i3, v3)
+    again = ActivationStore.open(location, storage_options=options)
+    assert list(again.index["prompt_id"]) == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(again.layer(2, "output")[3:], v3[("output", "mean")][2])
+    np.testing.assert_array_equal(again.layer(2, "output")[:3], v1[("output", "mean")][2])
+
+
+def test_probing_reads_the_s3_store_to_the_same_table(bucket, tmp_path):
+    from aligned_probing.probing import run_probing
+
+    url, options = bucket
+    rng = np.random.default_rng(1)
+    n = 24
+    index = pd.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(n)], "continuation_idx": 0})
+    latent = rng.standard_normal(n)
+    vectors = {
+        key: (latent[None, :, None] * rng.standard_normal((L + 1, 1, D)) + rng.standard_normal((L + 1, n, D)))
+        .astype(np.float32)
+        for key in KEYS
+    }
+    targets = index.assign(prompt_toxicity=1 / (1 + np.exp(-latent)), toxicity=1 / (1 + np.exp(-latent)))
+    remote, local = _create(_fs.join(url, "store"), options), _create(tmp_path / "store")
+    remote.append(index, vectors)
+    local.append(index, vectors)
+    settings = {"n_folds": 3, "seeds": (0,), "alphas": (1.0, 10.0)}
+    on_s3 = pd.concat(  # two layer blocks, as two probing tasks would read them
+        [run_probing(remote, targets, layers=block, **settings) for block in ([0, 1], [2, 3])],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(on_s3, run_probing(local, targets, **settings), check_exact=True)
+    assert on_s3.query("scenario == 'input'")["pearson"].mean() > 0.5  # the planted signal is found
