@@ -196,6 +196,9 @@ class RayExecutor:
     def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, resources: TaskResources = None) -> list[R]:
         """Submit one Ray task per item of `tasks`, wait for all, return the results in task order.
 
+        A failing task does not stop its siblings: every task runs to its end (so that a re-run finds
+        their committed output), then the first failure is raised.
+
         Raises:
             ray.exceptions.RayTaskError: A task still failed after its retries (it is also an
                 instance of the task's own exception class, so `except ValueError` works).
@@ -211,17 +214,29 @@ class RayExecutor:
             remote.options(**retries, **r.ray_options()).remote(t) for t, r in zip(tasks, needs, strict=True)
         ]
         try:
-            return list(ray.get(refs))
-        except BaseException:
-            for ref in refs:  # do not leave siblings of a failed task running on the cluster
-                ray.cancel(ref, force=False)
+            outcomes = [_outcome(ray, ref) for ref in refs]
+        except KeyboardInterrupt:
+            for ref in refs:  # the driver was interrupted: do not leave the tasks running on the cluster
+                ray.cancel(ref)
             raise
+        failed = [value for ok, value in outcomes if not ok]
+        if failed:
+            raise failed[0]
+        return [value for _, value in outcomes]
 
     def __repr__(self) -> str:
         return (
             f"RayExecutor(address={self.address!r}, max_retries={self.max_retries}, "
             f"retry_exceptions={self.retry_exceptions})"
         )
+
+
+def _outcome(ray: ModuleType, ref: Any) -> tuple[bool, Any]:
+    """`(True, result)` of a finished Ray task, or `(False, error)` when it failed after its retries."""
+    try:
+        return True, ray.get(ref)
+    except ray.exceptions.RayError as err:
+        return False, err
 
 
 def _as_function(fn: Callable[[T], R]) -> Callable[[T], R]:

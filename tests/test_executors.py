@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from aligned_probing.executors import (
@@ -16,6 +17,8 @@ from aligned_probing.executors import (
     Resources,
     get_executor,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------- task functions (module level: picklable)
@@ -166,3 +169,143 @@ def test_ray_retries_exceptions_only_when_asked(ray_cluster, tmp_path):
     # A task that fails on every attempt surfaces as its own exception type.
     with pytest.raises(ValueError, match="bad task 7"):
         RayExecutor(max_retries=1).map(_always_raise, [7])
+
+
+# ------------------------------------------------------------------------------- the pipeline on Ray
+def _stub_plan(marker_dir: Path):
+    """a -> b -> c and a -> d; b is resumable and its worker is killed once after its first part file."""
+    import json
+
+    from aligned_probing._runner import Stage
+
+    def make(key: str, deps: tuple[str, ...], resumable: bool = False):
+        def func(ctx):
+            total = sum(json.loads((ctx.inputs[d] / "out.json").read_text())["value"] for d in deps)
+            parts = ctx.out_dir / "parts"
+            parts.mkdir(exist_ok=True)
+            for i in range(3):
+                part = parts / f"{i}.json"
+                if resumable and part.exists():
+                    continue  # resume: keep what the killed attempt committed
+                if key == "b" and i == 1 and not (marker_dir / "killed").exists():
+                    (marker_dir / "killed").write_text(str(os.getpid()))
+                    os._exit(1)
+                part.write_text(json.dumps({"i": i, "pid": os.getpid()}))
+            value = total + 3 * len(key)
+            (ctx.out_dir / "out.json").write_text(json.dumps({"value": value}))
+            return {"value": value}
+
+        return Stage(key, key, {"n": 3}, deps, func, resumable=resumable)
+
+    return [make("a", ()), make("b", ("a",), resumable=True), make("c", ("b",)), make("d", ("a",))]
+
+
+def _no_model(name: str):
+    raise AssertionError(f"stub stages load no model, asked for {name}")
+
+
+@pytest.mark.slow
+def test_runner_on_ray_resumes_a_killed_stage_to_the_local_outputs(ray_cluster, tmp_path):
+    from ray.exceptions import WorkerCrashedError
+
+    from aligned_probing._runner import _waves, execute, read_stage
+
+    plan = _stub_plan(tmp_path)
+    assert [[s.key for s in w] for w in _waves(plan)] == [["a"], ["b", "d"], ["c"]]
+    (tmp_path / "killed").write_text("the local run is not killed")
+    local = execute(plan, tmp_path / "local", load_model=_no_model, progress=False)
+    (tmp_path / "killed").unlink()
+    # Without retries the killed worker fails the run, after its sibling d has finished.
+    with pytest.raises(WorkerCrashedError):
+        execute(
+            plan, tmp_path / "ray", load_model=_no_model, progress=False, executor=RayExecutor(max_retries=0)
+        )
+    b_dir = next((tmp_path / "ray" / "stages").glob("b-*"))
+    assert read_stage(b_dir) is None and (b_dir / "parts" / "0.json").exists()
+    assert read_stage(next((tmp_path / "ray" / "stages").glob("d-*"))) is not None
+    # A re-run resumes: b picks up its part file, c runs, a and d are cached.
+    records = execute(
+        plan, tmp_path / "ray", load_model=_no_model, progress=False, executor=RayExecutor(max_retries=2)
+    )
+    assert [r.status for r in records] == ["cached", "ran", "ran", "cached"]
+    assert {r.key: r.status for r in local} == {k: "ran" for k in "abcd"}
+    assert [r.summary for r in records] == [r.summary for r in local]
+    killed_pid = (tmp_path / "killed").read_text()
+    assert (b_dir / "parts" / "0.json").read_text().endswith(f"{killed_pid}}}")  # kept, not redone
+    for key in "abcd":
+        ours = next((tmp_path / "ray" / "stages").glob(f"{key}-*"))
+        theirs = next((tmp_path / "local" / "stages").glob(f"{key}-*"))
+        assert ours.name == theirs.name  # same layout: same content hashes
+        assert (ours / "out.json").read_text() == (theirs / "out.json").read_text()
+    # With retries, the killed task is retried within the run, which completes in one go.
+    (tmp_path / "killed").unlink()
+    again = execute(
+        plan, tmp_path / "retried", load_model=_no_model, progress=False, executor=RayExecutor(max_retries=2)
+    )
+    assert (tmp_path / "killed").exists()  # b's worker really died once
+    assert [r.status for r in again] == ["ran"] * 4
+    assert [r.summary for r in again] == [r.summary for r in local]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_config(tmp_path_factory):
+    """tests/data/tiny.toml with one tiny random Llama, causal stage off."""
+    import shutil
+
+    from aligned_probing.config import RunConfig
+    from tests._tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_ray")
+    shutil.copy(ROOT / "tests" / "data" / "tiny.toml", root / "tiny.toml")
+    build_tiny_model(root / "tiny-a", seed=0)
+    cfg = RunConfig.from_toml(root / "tiny.toml", overrides=["causal.enabled=false"])
+    data = cfg.model_dump(mode="json")
+    return root, {**data, "models": data["models"][:1]}
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_config):
+    from aligned_probing import pipeline
+    from aligned_probing._results import load_results
+    from aligned_probing._stages import read_continuations
+    from aligned_probing.config import RunConfig
+
+    root, data = tiny_run_config
+    runs = {}
+    for executor in ("local", "ray"):
+        runtime = {**data["runtime"], "executor": executor, "probe_layer_block": 2}
+        cfg = RunConfig.from_dict(
+            {**data, "output": {**data["output"], "run_dir": str(root / executor)}, "runtime": runtime}
+        )
+        result = pipeline.run(cfg, stages=["probe", "behaviour"], progress=False)
+        assert {r.status for r in result.records} == {"ran"}
+        runs[executor] = result
+    local, ray_run = (load_results(root / name) for name in ("local", "ray"))
+    for table in ("prompts", "scores", "probing", "behaviour"):
+        pd.testing.assert_frame_equal(
+            getattr(ray_run, table), getattr(local, table), check_exact=True, obj=table
+        )
+    conts = [read_continuations(next((root / n / "stages").glob("generate--*"))) for n in ("local", "ray")]
+    pd.testing.assert_frame_equal(conts[1], conts[0], check_exact=True)
+    # Same run directory layout; probing ran as one task per block of two layers (4 residual layers).
+    assert sorted(p.name for p in (root / "ray" / "stages").iterdir()) == sorted(
+        p.name for p in (root / "local" / "stages").iterdir()
+    )
+    probe_dir = next(r.dir for r in runs["ray"].records if r.name == "probe")
+    assert sorted(p.name for p in (probe_dir / "blocks").iterdir()) == [
+        "layers-000-001.parquet",
+        "layers-002-003.parquet",
+    ]
+    # A re-run through Ray is fully cached.
+    again = pipeline.run(
+        RunConfig.from_dict(
+            {
+                **data,
+                "output": {**data["output"], "run_dir": str(root / "ray")},
+                "runtime": {**data["runtime"], "executor": "ray"},
+            }
+        ),
+        stages=["probe", "behaviour"],
+        progress=False,
+    )
+    assert again.executed == []

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from html import unescape
 from pathlib import Path
 
 import pandas as pd
@@ -321,6 +322,6 @@ def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
     ):
         assert f'id="fig-{fig}"' in html, fig
         assert (tmp_path / "run" / "figures" / f"{fig}.svg").is_file()
-    assert 'name = "tiny"' in html  # the config text
+    assert 'name = "tiny"' in unescape(html)  # the config text
     timings = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
     assert {t["status"] for t in timings} == {"ran"} and len(timings) == 19
