@@ -23,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # One style everywhere: seaborn's whitegrid, a fixed colour per scenario, colourblind palette otherwise.
 AXES_STYLE = "whitegrid"
@@ -108,6 +109,8 @@ def _line_band(
                 alpha=0.2,
                 linewidth=0,
             )
+    if pd.api.types.is_integer_dtype(data[x]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if hue is not None:

@@ -309,3 +309,41 @@ def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_
         progress=False,
     )
     assert again.executed == []
+
+
+# -------------------------------------------------------------------------------------- the CLI
+@pytest.fixture
+def cli_config(tmp_path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f'name = "t"\n[[models]]\nspec = "m"\n[output]\nrun_dir = "{tmp_path / "run"}"\n')
+    return path
+
+
+def test_cli_executor_options_reach_the_config(cli_config, monkeypatch):
+    from aligned_probing import pipeline
+    from aligned_probing.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, **kwargs):
+        seen["runtime"] = cfg.runtime
+        raise ValueError("stop after parsing")
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    assert main(["probe", str(cli_config), "--executor", "ray", "--ray-address", "ray://head:10001"]) == 2
+    assert seen["runtime"].executor == "ray" and seen["runtime"].ray_address == "ray://head:10001"
+    assert main(["run", str(cli_config)]) == 2
+    assert seen["runtime"].executor == "local" and seen["runtime"].ray_address is None
+
+
+def test_cli_executor_errors(cli_config, tmp_path, monkeypatch, capsys):
+    from aligned_probing.cli import main
+
+    assert main(["run", str(cli_config), "--executor", "dask"]) == 2
+    assert "runtime.executor: Input should be 'local' or 'ray'; got 'dask'" in capsys.readouterr().err
+    assert main(["run", str(cli_config), "--ray-address", "auto"]) == 2
+    assert 'runtime.ray_address is only used with runtime.executor = "ray"' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert main(["run", str(cli_config), "--executor", "ray"]) == 2
+    assert "pip install 'aligned-probing[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # failed before touching the run directory
