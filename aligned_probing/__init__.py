@@ -1,3 +1,99 @@
-"""aligned-probing: relate toxic behaviour to model internals."""
+"""aligned-probing: relate what language models say (toxicity) to what they encode, and test it causally.
+
+The public API is declared once here. Names resolve lazily (PEP 562), so `import aligned_probing`
+is instant and does not import torch or transformers until a name that needs them is used.
+
+Example:
+    >>> from aligned_probing import load_model, embedded_prompts, get_scorer  # doctest: +SKIP
+    >>> model = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # models
+    **dict.fromkeys(
+        ["load_model", "LoadedModel", "list_registry", "registry_names", "DEFAULT_MODEL", "list_cache",
+         "clear_cache", "CacheEntry", "CorruptCacheWarning", "HubUnavailableError", "QUANTIZATIONS",
+         "resid_hook_name"],
+        "aligned_probing.models",
+    ),
+    # scoring
+    **dict.fromkeys(
+        ["ATTRIBUTES", "Scorer", "get_scorer", "ScoreCache", "CachedScorer", "JigsawScorer",
+         "EnsembleScorer", "DetoxifyScorer", "PerspectiveScorer", "ScoringWarning",
+         "verify_embedded_scorer"],
+        "aligned_probing.scoring",
+    ),
+    # prompts, templates, generation
+    **dict.fromkeys(
+        ["PromptSet", "PromptDataWarning", "embedded_prompts", "load_prompts", "load_rtp_jsonl",
+         "load_hf_dataset", "load_text", "load_csv"],
+        "aligned_probing.data",
+    ),
+    **dict.fromkeys(
+        ["render_prompt", "RenderedPrompt", "TemplateTruncationWarning", "TEMPLATES"],
+        "aligned_probing.templates",
+    ),
+    **dict.fromkeys(
+        ["generate_continuations", "read_continuations", "CONTINUATION_COLUMNS"],
+        "aligned_probing.generation",
+    ),
+    # encoding and the store
+    **dict.fromkeys(["encode", "EmptyContinuationWarning"], "aligned_probing.encoding"),
+    "ActivationStore": "aligned_probing.store",
+    **dict.fromkeys(
+        ["Aggregator", "mean_aggregator", "last_aggregator", "max_aggregator", "get_aggregator"],
+        "aligned_probing.pooling",
+    ),
+    # probing
+    **dict.fromkeys(
+        ["RidgeProbe", "run_probing", "summarize", "peak_layers", "SCENARIOS", "ProbeFingerprint",
+         "save_probe", "load_probe", "LayerwiseProbe", "online_codelength"],
+        "aligned_probing.probing",
+    ),
+    # behaviour, interplay, causal
+    **dict.fromkeys(
+        ["behaviour_metrics", "per_prompt_metrics", "UnstableEMTWarning"], "aligned_probing.behaviour"
+    ),
+    **dict.fromkeys(["interplay", "information_strength"], "aligned_probing.interplay"),
+    **dict.fromkeys(
+        ["LayerSkip", "ResidualPatch", "Steering", "Compose", "InterventionHandle", "layer_skipping",
+         "activation_patching", "match_pairs", "steering_sweep"],
+        "aligned_probing.causal",
+    ),
+    # probe-based fine-tuning
+    **dict.fromkeys(
+        ["run_finetune", "results_wide", "FinetuneConfig", "load_finetune_config", "LogisticProbe",
+         "ProbeSet", "fit_probe_set", "ProbePenalty", "ProbeSFTConfig", "ProbePenaltySFTTrainer",
+         "build_preference_pairs", "save_finetuned"],
+        "aligned_probing.training",
+    ),
+    # experiment config and pipeline
+    "RunConfig": "aligned_probing.config",
+    "run_pipeline": "aligned_probing.pipeline",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+# names whose attribute differs from the public name
+_ALIASES: dict[str, str] = {"run_pipeline": "run"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aligned_probing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
