@@ -36,6 +36,7 @@ __all__ = [
     "join",
     "local_path",
     "makedirs",
+    "open_file",
     "read_bytes",
     "read_parquet",
     "read_text",
@@ -137,6 +138,18 @@ def glob(location: Location, pattern: str, storage_options: StorageOptions = Non
     fs.invalidate_cache(path)
     protocol = _protocol(location)
     return sorted(f"{protocol}://{p}" for p in fs.glob(posixpath.join(path, pattern)))
+
+
+def open_file(location: Location, mode: str = "rb", storage_options: StorageOptions = None) -> Any:
+    """A file object for `location`, streamed from object storage (use it in a `with` block).
+
+    For reading large files piecewise; use `write_bytes_atomic` to write, since a file object being
+    written on object storage is not atomic until it is closed and locally not at all.
+    """
+    if is_local(location):
+        return open(local_path(location), mode)  # returned to the caller's `with`
+    fs, path = filesystem(location, storage_options)
+    return fs.open(path, mode)
 
 
 def read_bytes(location: Location, storage_options: StorageOptions = None) -> bytes:

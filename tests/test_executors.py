@@ -271,13 +271,15 @@ def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_
     from aligned_probing.config import RunConfig
 
     root, data = tiny_run_config
+
+    def config(executor: str) -> RunConfig:
+        output = {**data["output"], "run_dir": str(root / executor)}
+        runtime = {**data["runtime"], "executor": executor, "probe_layer_block": 2}
+        return RunConfig.from_dict({**data, "output": output, "runtime": runtime})
+
     runs = {}
     for executor in ("local", "ray"):
-        runtime = {**data["runtime"], "executor": executor, "probe_layer_block": 2}
-        cfg = RunConfig.from_dict(
-            {**data, "output": {**data["output"], "run_dir": str(root / executor)}, "runtime": runtime}
-        )
-        result = pipeline.run(cfg, stages=["probe", "behaviour"], progress=False)
+        result = pipeline.run(config(executor), stages=["probe", "behaviour"], progress=False)
         assert {r.status for r in result.records} == {"ran"}
         runs[executor] = result
     local, ray_run = (load_results(root / name) for name in ("local", "ray"))
@@ -297,18 +299,7 @@ def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_
         "layers-002-003.parquet",
     ]
     # A re-run through Ray is fully cached.
-    again = pipeline.run(
-        RunConfig.from_dict(
-            {
-                **data,
-                "output": {**data["output"], "run_dir": str(root / "ray")},
-                "runtime": {**data["runtime"], "executor": "ray"},
-            }
-        ),
-        stages=["probe", "behaviour"],
-        progress=False,
-    )
-    assert again.executed == []
+    assert pipeline.run(config("ray"), stages=["probe", "behaviour"], progress=False).executed == []
 
 
 # -------------------------------------------------------------------------------------- the CLI

@@ -72,6 +72,8 @@ def test_files_round_trip_atomically_on_every_backend(kind, tmp_path, request):
     _fs.write_text_atomic(target, '{"hash": "abc"}', options)
     _fs.write_text_atomic(target, '{"hash": "def"}', options)  # replaces, never appends
     assert _fs.exists(target, options) and _fs.read_text(target, options) == '{"hash": "def"}'
+    with _fs.open_file(target, "rb", options) as f:
+        assert f.read(2) == b'{"' and f.read() == b'hash": "def"}'
     table = pd.DataFrame({"layer": [0, 1, 2], "pearson": [0.1, 0.5, np.nan], "model": ["m"] * 3})
     _fs.write_parquet_atomic(table, _fs.join(run, "stages", "probing.parquet"), options)
     pd.testing.assert_frame_equal(
@@ -214,8 +216,9 @@ def test_probing_reads_the_s3_store_to_the_same_table(bucket, tmp_path):
     index = pd.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(n)], "continuation_idx": 0})
     latent = rng.standard_normal(n)
     vectors = {
-        key: (latent[None, :, None] * rng.standard_normal((L + 1, 1, D)) + rng.standard_normal((L + 1, n, D)))
-        .astype(np.float32)
+        key: (
+            latent[None, :, None] * rng.standard_normal((L + 1, 1, D)) + rng.standard_normal((L + 1, n, D))
+        ).astype(np.float32)
         for key in KEYS
     }
     targets = index.assign(prompt_toxicity=1 / (1 + np.exp(-latent)), toxicity=1 / (1 + np.exp(-latent)))
