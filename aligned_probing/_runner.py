@@ -8,7 +8,10 @@ half-way leaves its directory without `stage.json`; a resumable stage (generatio
 up its partial output there, any other stage starts again from an empty directory.
 
 Stage functions are pure functions of (settings, input directories) plus a model loader: no global
-state, so a later scheduler can dispatch them anywhere.
+state, so an executor can dispatch them anywhere. With the local executor stages run one after another
+in plan order; with a distributed one (`aligned_probing.executors.RayExecutor`) the stages that are not
+cached run in waves, every stage of a wave (all of whose dependencies are complete) as one task, and
+a task that fails or is killed is retried by the executor and resumes from what it committed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aligned_probing._hashing import stable_hash
+from aligned_probing.executors import Executor, LocalExecutor, Resources
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -44,6 +48,8 @@ class StageContext:
         settings: The stage's settings (exactly what its hash covers).
         load_model: Callable returning a loaded model for a model display name.
         progress: Whether to show progress bars.
+        executor: Where a stage dispatches its own independent pieces (probing layer blocks).
+        runtime: How to run, not what to compute (e.g. `probe_layer_block`); never hashed.
     """
 
     out_dir: Path
@@ -51,6 +57,8 @@ class StageContext:
     settings: dict[str, Any]
     load_model: Callable[[str], Any]
     progress: bool = True
+    executor: Executor = field(default_factory=LocalExecutor)
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 StageFunc = Callable[[StageContext], dict[str, Any] | None]
@@ -155,19 +163,29 @@ def execute(
     load_model: Callable[[str], Any],
     dry_run: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
+    resources: Callable[[Stage], Resources] | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> list[StageRecord]:
     """Run (or, with `dry_run`, list) the stages of `plan` that are not complete yet.
 
     Args:
         plan: Stages in dependency order.
         run_dir: Run directory; outputs go to `run_dir/stages/`.
-        load_model: Model loader handed to stage functions.
+        load_model: Model loader handed to stage functions (pickled to workers by a distributed executor).
         dry_run: Only report which stages are cached and which would run.
         progress: Show a progress bar over stages (and let stages show theirs).
+        executor: None or a `LocalExecutor` runs the stages here, in plan order; another executor
+            (`RayExecutor`) runs each wave of independent stages as parallel tasks.
+        resources: What each stage's task needs (GPUs for model stages); None = one CPU each.
+        runtime: Run settings handed to stages (`StageContext.runtime`); never part of a hash.
 
     Returns:
         One record per stage, in plan order; `run_dir/run.json` lists them too.
     """
+    executor = executor or LocalExecutor()
+    if not dry_run and not isinstance(executor, LocalExecutor):
+        return _execute_waves(plan, Path(run_dir), load_model, executor, resources, dict(runtime or {}))
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -199,10 +217,74 @@ def execute(
             )
             continue
         bar.set_postfix_str(stage.key)
-        records.append(_run_stage(stage, digest, out, dirs, load_model, progress))
+        records.append(_run_stage(stage, digest, out, dirs, load_model, progress, executor, runtime or {}))
         _write_run_file(run_dir, records, plan, dirs, hashes)
     if not dry_run:
         _write_run_file(run_dir, records, plan, dirs, hashes)
+    return records
+
+
+def _waves(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """`stages` grouped by dependency depth among themselves: each wave needs only earlier waves."""
+    depth: dict[str, int] = {}
+    for stage in stages:  # plan order: dependencies come first
+        depth[stage.key] = 1 + max((depth[d] for d in stage.deps if d in depth), default=-1)
+    waves: list[list[Stage]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for stage in stages:
+        waves[depth[stage.key]].append(stage)
+    return waves
+
+
+def _stage_task(task: tuple[Any, ...]) -> StageRecord:
+    """One stage as an executor task (module level, so that workers can unpickle it)."""
+    stage, digest, out, dirs, load_model, executor, runtime = task
+    if runtime.get("threads") is not None:
+        import torch
+
+        torch.set_num_threads(runtime["threads"])  # the worker's own process: nothing to restore
+    return _run_stage(stage, digest, out, dirs, load_model, False, executor, runtime)
+
+
+def _execute_waves(
+    plan: Sequence[Stage],
+    run_dir: Path,
+    load_model: Callable[[str], Any],
+    executor: Executor,
+    resources: Callable[[Stage], Resources] | None,
+    runtime: dict[str, Any],
+) -> list[StageRecord]:
+    """Run the incomplete stages of `plan` wave by wave, each wave's stages as parallel tasks."""
+    hashes = stage_hashes(plan)
+    dirs = {s.key: stage_dir(run_dir, s.key, hashes[s.key]) for s in plan}
+    status: dict[str, StageRecord] = {}
+    todo = []
+    for stage in plan:
+        done = read_stage(dirs[stage.key])
+        if done is not None and done.get("hash") == hashes[stage.key]:
+            status[stage.key] = StageRecord(
+                stage.key,
+                stage.name,
+                hashes[stage.key],
+                dirs[stage.key],
+                "cached",
+                done.get("seconds"),
+                done.get("summary") or {},
+            )
+            logger.info("stage %s: cached (%s)", stage.key, dirs[stage.key].name)
+        else:
+            todo.append(stage)
+    for wave in _waves(todo):
+        logger.info("dispatching %d stage(s) to %r: %s", len(wave), executor, [s.key for s in wave])
+        tasks = [
+            (s, hashes[s.key], dirs[s.key], {d: dirs[d] for d in s.deps}, load_model, executor, runtime)
+            for s in wave
+        ]
+        needs = [resources(s) if resources else Resources() for s in wave]
+        for record in executor.map(_stage_task, tasks, resources=needs):
+            status[record.key] = record
+        _write_run_file(run_dir, [status[s.key] for s in plan if s.key in status], plan, dirs, hashes)
+    records = [status[s.key] for s in plan]
+    _write_run_file(run_dir, records, plan, dirs, hashes)
     return records
 
 
@@ -213,6 +295,8 @@ def _run_stage(
     dirs: dict[str, Path],
     load_model: Callable[[str], Any],
     progress: bool,
+    executor: Executor | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> StageRecord:
     if out.exists() and not stage.resumable:
         shutil.rmtree(out)  # a non-resumable stage restarts from nothing after an interruption
@@ -221,7 +305,15 @@ def _run_stage(
     logger.info("stage %s: %s in %s", stage.key, "resuming" if resumed else "running", out.name)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    ctx = StageContext(out, {d: dirs[d] for d in stage.deps}, stage.settings, load_model, progress)
+    ctx = StageContext(
+        out,
+        {d: dirs[d] for d in stage.deps},
+        stage.settings,
+        load_model,
+        progress,
+        executor or LocalExecutor(),
+        dict(runtime or {}),
+    )
     try:
         summary = stage.func(ctx) or {}
     except BaseException:

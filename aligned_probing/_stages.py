@@ -8,6 +8,7 @@ keeps global state, so a scheduler can run them in other processes.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,22 +143,33 @@ def probe_targets(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     return scores.merge(prompts[prompt_cols], on="prompt_id", how="left", validate="many_to_one")
 
 
-def probe_stage(ctx: StageContext) -> dict[str, Any]:
-    """Layer-wise ridge probes for every scenario and attribute, with control tasks and MDL."""
+def layer_blocks(n_layers: int, block: int | None) -> list[list[int]]:
+    """Residual layers 0..n_layers in contiguous blocks of `block` layers (None: one block)."""
+    size = n_layers + 1 if block is None else block
+    return [list(range(i, min(i + size, n_layers + 1))) for i in range(0, n_layers + 1, size)]
+
+
+def probe_block(task: dict[str, Any]) -> int:
+    """Probe one block of layers and write its rows to `task["out"]` (one executor task).
+
+    The task names locations only: the worker opens the store itself and `run_probing` reads one
+    layer at a time, so no activations pass through the driver. The output is written atomically
+    and a block already written is skipped, so a retried or resumed task does no work twice.
+    """
     from aligned_probing.probing import run_probing
     from aligned_probing.store import ActivationStore
 
-    p = ctx.settings["probing"]
-    store = ActivationStore.open(input_dir(ctx, "encode") / "store")
-    targets = probe_targets(
-        read_prompts(input_dir(ctx, "prompts")), pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
-    )
+    out = Path(task["out"])
+    if out.is_file():
+        return len(pd.read_parquet(out))
+    p = task["probing"]
+    store = ActivationStore.open(task["store"])
     with warnings.catch_warnings():
         # Constant test folds (NaN r) and empty continuations are reported in the table; keep the log quiet.
         warnings.simplefilter("ignore", UserWarning)
         table = run_probing(
             store,
-            targets,
+            pd.read_parquet(task["targets"]),
             scenarios=p["scenarios"],
             attributes=p["attributes"],
             n_folds=p["n_folds"],
@@ -166,7 +178,42 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
             mdl=p["mdl"],
             pooling=p["pooling"],
             alphas=p["alphas"],
+            layers=task["layers"],
         )
+    tmp = out.with_name(f".{out.name}.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    return len(table)
+
+
+def probe_stage(ctx: StageContext) -> dict[str, Any]:
+    """Layer-wise ridge probes for every scenario and attribute, with control tasks and MDL.
+
+    One task per block of `runtime["probe_layer_block"]` layers (all layers in one block by
+    default), dispatched through `ctx.executor`; the blocks' rows are concatenated in layer order,
+    which gives the same table as one sweep over all layers.
+    """
+    from aligned_probing.store import ActivationStore
+
+    store_dir = input_dir(ctx, "encode") / "store"
+    n_layers = ActivationStore.open(store_dir).n_layers
+    targets = probe_targets(
+        read_prompts(input_dir(ctx, "prompts")), pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
+    )
+    targets.to_parquet(ctx.out_dir / "targets.parquet", index=False)  # the tasks read it, not the driver
+    (ctx.out_dir / "blocks").mkdir(exist_ok=True)
+    tasks = [
+        {
+            "store": str(store_dir),
+            "targets": str(ctx.out_dir / "targets.parquet"),
+            "probing": ctx.settings["probing"],
+            "layers": block,
+            "out": str(ctx.out_dir / "blocks" / f"layers-{block[0]:03d}-{block[-1]:03d}.parquet"),
+        }
+        for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
+    ]
+    ctx.executor.map(probe_block, tasks, resources=ctx.runtime.get("probe_resources"))
+    table = pd.concat([pd.read_parquet(t["out"]) for t in tasks], ignore_index=True)
     table.to_parquet(ctx.out_dir / "probing.parquet", index=False)
     return {"n_rows": len(table), "mean_pearson": float(table["pearson"].mean())}
 

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 import sys
@@ -45,6 +46,18 @@ SetOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="List the stages that would run; run nothing.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--executor",
+        help="Where stages run: local (default) or ray (needs pip install 'aligned-probing[ray]'); "
+        "overrides runtime.executor.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="Ray cluster address (auto, ray://head:10001); with --executor ray."),
+]
 
 # Embedded wheels `doctor` looks for (module located with find_spec, never imported).
 EMBEDDED_PACKAGES: dict[str, str] = {
@@ -65,19 +78,32 @@ def _setup_logging() -> None:
     logging.getLogger().addHandler(handler)
 
 
+def _executor_overrides(executor: str | None, ray_address: str | None) -> list[str]:
+    """`--executor` and `--ray-address` as `--set` overrides of the runtime section."""
+    sets = [f"runtime.executor={json.dumps(executor)}"] if executor is not None else []
+    return sets + ([f"runtime.ray_address={json.dumps(ray_address)}"] if ray_address is not None else [])
+
+
 def _run_stages(
-    config: Path, overrides: list[str] | None, stages: list[str] | None, dry_run: bool, progress: bool
+    config: Path,
+    overrides: list[str] | None,
+    stages: list[str] | None,
+    dry_run: bool,
+    progress: bool,
+    executor: str | None = None,
+    ray_address: str | None = None,
 ) -> None:
     from aligned_probing import pipeline
     from aligned_probing.config import ConfigError, RunConfig
 
     _setup_logging()
     try:
-        cfg = RunConfig.from_toml(config, overrides=overrides or [])
+        sets = [*(overrides or []), *_executor_overrides(executor, ray_address)]
+        cfg = RunConfig.from_toml(config, overrides=sets)
         result = pipeline.run(
             cfg, stages=stages, dry_run=dry_run, progress=progress, config_text=config.read_text()
         )
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     width = max((len(r.key) for r in result.records), default=10)
@@ -95,17 +121,27 @@ def _run_stages(
 
 @app.command()
 def run(
-    config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True
+    config: ConfigArg,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    progress: ProgressOpt = True,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run every stage of CONFIG that is not cached yet, then write the HTML report."""
-    _run_stages(config, set_, None, dry_run, progress)
+    _run_stages(config, set_, None, dry_run, progress, executor, ray_address)
 
 
 def _stage_command(name: str, doc: str) -> Callable[..., None]:
     def command(
-        config: ConfigArg, set_: SetOpt = None, dry_run: DryRunOpt = False, progress: ProgressOpt = True
+        config: ConfigArg,
+        set_: SetOpt = None,
+        dry_run: DryRunOpt = False,
+        progress: ProgressOpt = True,
+        executor: ExecutorOpt = None,
+        ray_address: RayAddressOpt = None,
     ) -> None:
-        _run_stages(config, set_, [name], dry_run, progress)
+        _run_stages(config, set_, [name], dry_run, progress, executor, ray_address)
 
     command.__doc__ = f"{doc} (and any stage it needs that is not cached yet)."
     command.__name__ = name

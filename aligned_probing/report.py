@@ -25,6 +25,7 @@ import pandas as pd
 
 from aligned_probing import plots
 from aligned_probing._results import RunResults, load_results
+from aligned_probing.behaviour import BEHAVIOUR_COLUMNS
 from aligned_probing.data import CANONICAL_ATTRIBUTES
 from aligned_probing.probing import peak_layers, summarize
 
@@ -215,18 +216,7 @@ def _behaviour_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
     tox = b[b["attribute"] == "toxicity"] if "toxicity" in set(b["attribute"]) else b
     cols = [
         c
-        for c in (
-            "model",
-            "template",
-            "attribute",
-            "metric",
-            "subset",
-            "value",
-            "ci_low",
-            "ci_high",
-            "n_prompts",
-            "k",
-        )
+        for c in BEHAVIOUR_COLUMNS
         if c in tox.columns
     ]
     s.tables.append(_table(tox[cols], "Toxicity metrics"))

@@ -10,16 +10,24 @@ One store directory holds the encodings of one (model, template):
 
 Arrays are chunked `(1, chunk_rows, d_model)`, so `store.layer(l)` reads only layer l's chunks.
 
+Location: a local directory (the default) or an fsspec URL (`s3://bucket/run/store`, `gs://...`,
+`file://...`) with `storage_options` (credentials, `endpoint_url`), so that workers on several machines
+share one store. Each worker reads one layer's chunks at a time; no whole array travels anywhere.
+
 Crash safety: `append` writes the vectors first and the index last, by an atomic rename. The
 index is the commit record: on open, arrays longer than the index (a kill between the two
 writes) are truncated back to it, so rows and vectors always stay aligned and a resumed run
-simply skips the (prompt_id, continuation_idx) pairs already in the index.
+simply skips the (prompt_id, continuation_idx) pairs already in the index. Locally a file lock
+serialises writers; on object storage there is no lock, so a store has one writer at a time (the
+pipeline runs one encoding task per store), while any number of readers may open it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -30,6 +38,8 @@ import numpy as np
 import pandas as pd
 import zarr
 from filelock import FileLock
+
+from aligned_probing import _fs
 
 FORMAT_VERSION = 1
 POSITIONS: tuple[str, ...] = ("input", "output")
@@ -56,6 +66,34 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _commit(location: Path | str, write: Any, storage_options: Mapping[str, Any] | None) -> None:
+    """`write(tmp_path)` and publish the file atomically: renamed locally, one PUT on object storage."""
+    if isinstance(location, Path):
+        _atomic_write(location, write)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / "upload"
+        write(tmp)
+        _fs.write_bytes_atomic(location, tmp.read_bytes(), storage_options)
+
+
+def _location(path: str | os.PathLike[str]) -> Path | str:
+    """A local store's `Path`, or a URL string for object storage."""
+    return _fs.local_path(path) if _fs.is_local(path) else os.fspath(path).rstrip("/")
+
+
+def _child(location: Path | str, name: str) -> Path | str:
+    """`location/name`, a `Path` for a local store (what tests and callers see) or a URL string."""
+    return location / name if isinstance(location, Path) else _fs.join(location, name)
+
+
+def _lock(location: Path | str) -> contextlib.AbstractContextManager[Any]:
+    """The writers' lock: a file lock locally, none on object storage (one writer per store there)."""
+    if isinstance(location, Path):
+        return FileLock(location / _LOCK)
+    return contextlib.nullcontext()
 
 
 def _empty_index() -> pd.DataFrame:
@@ -89,12 +127,23 @@ class ActivationStore:
         >>> store.index.head()  # prompt_id, continuation_idx of each row of X
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], group: zarr.Group, index: pd.DataFrame):
+    def __init__(
+        self,
+        path: Path | str,
+        manifest: dict[str, Any],
+        group: zarr.Group,
+        index: pd.DataFrame,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
         # Private: use open / create / open_or_create.
         self.path = path
+        self.storage_options = dict(storage_options or {})
         self._manifest = manifest
         self._group = group
         self._index = index
+
+    def _read_index(self) -> pd.DataFrame:
+        return _fs.read_parquet(_child(self.path, _INDEX), self.storage_options)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -113,11 +162,12 @@ class ActivationStore:
         layer_names: list[str] | None = None,
         chunk_rows: int = 256,
         extra: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> ActivationStore:
         """Create an empty store at `path` (which must not hold a store yet).
 
         Args:
-            path: Store directory.
+            path: Store directory, or an fsspec URL (`s3://bucket/run/store`).
             model: Model name recorded in the manifest and checked on open.
             template: Prompt template 0-4.
             n_layers: Number of blocks L; arrays hold residual layers 0..L.
@@ -129,12 +179,13 @@ class ActivationStore:
             layer_names: Hook name of each residual layer (length n_layers + 1).
             chunk_rows: Rows per chunk; a chunk is `(1, chunk_rows, d_model)`.
             extra: More JSON-ready manifest fields (spec, revision, tokenizer_hash, ...).
+            storage_options: fsspec options for a URL `path` (`key`, `secret`, `endpoint_url`, ...).
 
         Returns:
             The empty store.
         """
-        path = Path(path)
-        if (path / _MANIFEST).exists():
+        path = _location(path)
+        if _fs.exists(_fs.join(path, _MANIFEST), storage_options):
             raise FileExistsError(
                 f"{path} already holds an activation store; use ActivationStore.open or open_or_create."
             )
@@ -166,9 +217,9 @@ class ActivationStore:
             "library_versions": _library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        path.mkdir(parents=True, exist_ok=True)
-        with FileLock(path / _LOCK):
-            group = zarr.open_group(path, mode="a")
+        _fs.makedirs(path, storage_options)
+        with _lock(path):
+            group = zarr.open_group(_fs.zarr_store(path, storage_options), mode="a")
             for position in positions:
                 for pooling in poolings:
                     group.create_array(
@@ -183,20 +234,35 @@ class ActivationStore:
                         dimension_names=("layer", "sample", "d_model"),
                         overwrite=True,  # leftovers of a create that died before its manifest
                     )
-            _atomic_write(path / _INDEX, lambda p: _empty_index().to_parquet(p, index=False))
+            _commit(
+                _child(path, _INDEX),
+                lambda p: _empty_index().to_parquet(p, index=False),
+                storage_options,
+            )
             # The manifest goes last: its presence marks a complete, openable store.
-            _atomic_write(path / _MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-        return cls(path, manifest, group, _empty_index())
+            _commit(
+                _child(path, _MANIFEST),
+                lambda p: p.write_text(json.dumps(manifest, indent=2)),
+                storage_options,
+            )
+        return cls(path, manifest, group, _empty_index(), storage_options)
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> ActivationStore:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        expect: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> ActivationStore:
         """Open an existing store, check it against `expect`, and roll back uncommitted rows.
 
         Args:
-            path: Store directory.
+            path: Store directory, or an fsspec URL (`s3://bucket/run/store`).
             expect: Manifest fields that must match, e.g. {"model": ..., "revision": ...,
                 "tokenizer_hash": ..., "template": 0}. A store written for another model or
                 template is an error, not a silent mix.
+            storage_options: fsspec options for a URL `path`.
 
         Returns:
             The store, with every array exactly as long as the committed index.
@@ -205,35 +271,41 @@ class ActivationStore:
             FileNotFoundError: No store at `path`.
             ValueError: A field of `expect` differs from the manifest.
         """
-        path = Path(path)
-        if not (path / _MANIFEST).exists():
+        path = _location(path)
+        if not _fs.exists(_fs.join(path, _MANIFEST), storage_options):
             raise FileNotFoundError(
                 f"No activation store at {path} (no {_MANIFEST}); create one with "
                 "ActivationStore.create or encode(..., store=path)."
             )
-        manifest = json.loads((path / _MANIFEST).read_text())
+        manifest = json.loads(_fs.read_text(_fs.join(path, _MANIFEST), storage_options))
         _check_expected(manifest, expect or {}, path)
-        with FileLock(path / _LOCK):
-            group = zarr.open_group(path, mode="r+")
-            index = pd.read_parquet(path / _INDEX)
-            store = cls(path, manifest, group, index)
+        with _lock(path):
+            group = zarr.open_group(_fs.zarr_store(path, storage_options), mode="r+")
+            index = _fs.read_parquet(_fs.join(path, _INDEX), storage_options)
+            store = cls(path, manifest, group, index, storage_options)
             store._rollback_uncommitted()
         return store
 
     @classmethod
     def open_or_create(
-        cls, path: str | Path, *, expect: Mapping[str, Any] | None = None, **create_kwargs: Any
+        cls,
+        path: str | Path,
+        *,
+        expect: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        **create_kwargs: Any,
     ) -> ActivationStore:
         """Open the store at `path` if there is one (checking `expect`), else create it.
 
         Args:
-            path: Store directory.
+            path: Store directory or fsspec URL.
             expect: Manifest fields an existing store must match.
+            storage_options: fsspec options for a URL `path`.
             **create_kwargs: Arguments of `create`, used when there is no store yet.
         """
-        if (Path(path) / _MANIFEST).exists():
-            return cls.open(path, expect=expect)
-        return cls.create(path, **create_kwargs)
+        if _fs.exists(_fs.join(_location(path), _MANIFEST), storage_options):
+            return cls.open(path, expect=expect, storage_options=storage_options)
+        return cls.create(path, storage_options=storage_options, **create_kwargs)
 
     def _rollback_uncommitted(self) -> None:
         n = len(self._index)
@@ -353,9 +425,9 @@ class ActivationStore:
                 raise ValueError(f"vectors[{key}] must have shape {shape}, got {tuple(np.shape(values))}.")
         if m == 0:
             return
-        with FileLock(self.path / _LOCK):
+        with _lock(self.path):
             # Another writer may have committed since we opened: start from the index on disk.
-            self._index = pd.read_parquet(self.path / _INDEX)
+            self._index = self._read_index()
             self._rollback_uncommitted()
             already = self.committed().intersection(
                 zip(new["prompt_id"], new["continuation_idx"], strict=True)
@@ -372,7 +444,11 @@ class ActivationStore:
                 array[:, n : n + m, :] = np.asarray(values, dtype=self.dtype)
             committed = pd.concat([self._index, new], ignore_index=True)
             # The index is the commit record: written last, atomically.
-            _atomic_write(self.path / _INDEX, lambda p: committed.to_parquet(p, index=False))
+            _commit(
+                _child(self.path, _INDEX),
+                lambda p: committed.to_parquet(p, index=False),
+                self.storage_options,
+            )
             self._index = committed
 
 
@@ -395,7 +471,7 @@ def _normalise_index(index: pd.DataFrame) -> pd.DataFrame:
     return new
 
 
-def _check_expected(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: Path) -> None:
+def _check_expected(manifest: Mapping[str, Any], expect: Mapping[str, Any], path: Path | str) -> None:
     for field, expected in expect.items():
         if field not in manifest:
             raise ValueError(

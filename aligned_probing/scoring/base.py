@@ -14,16 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-ATTRIBUTES: tuple[str, ...] = (
-    "toxicity",
-    "severe_toxicity",
-    "profanity",
-    "insult",
-    "threat",
-    "identity_attack",
-    "sexually_explicit",
-)
-"""Canonical (Perspective-style) attribute names, in the order every scorer reports them."""
+from aligned_probing.attributes import ATTRIBUTES
 
 # Label spellings used by the Jigsaw data sets, Detoxify and Perspective, mapped to canonical names.
 LABEL_ALIASES: dict[str, str] = {
