@@ -4,29 +4,30 @@ Run once, outside the test suite; the torch port in `aligned_probing.scoring.jig
 the JSON this writes (tests/fixtures/keras_reference.json, copied to
 aligned_probing/scoring/resources/keras_reference.json).
 
-Each model needs the Keras it was saved with, so there are three steps in three environments:
+Each model needs the Keras it was saved with, so there are three steps in three environments
+(`SCRATCH` is any throwaway directory, e.g. `SCRATCH=$(mktemp -d)`):
 
 1. tox-block 0.1.2 (an h5 *model* saved by tf.keras 2.2.4-tf, LSTM with tf.keras 2 `hard_sigmoid`),
    in a throwaway TensorFlow 2 venv::
 
-       python3.11 -m venv /tmp/kref_tf
-       /tmp/kref_tf/bin/pip install "tensorflow-cpu==2.15.1" "Keras-Preprocessing==1.1.2" "numpy<2" h5py
-       /tmp/kref_tf/bin/python scripts/make_keras_reference.py tox-block \
-           --site-packages .venv/lib/python3.11/site-packages --out /tmp/ref_tox_block.json
+       python3.11 -m venv "$SCRATCH"/kref_tf
+       "$SCRATCH"/kref_tf/bin/pip install "tensorflow-cpu==2.15.1" "Keras-Preprocessing==1.1.2" "numpy<2" h5py
+       "$SCRATCH"/kref_tf/bin/python scripts/make_keras_reference.py tox-block \
+           --site-packages .venv/lib/python3.11/site-packages --out "$SCRATCH"/ref_tox_block.json
 
 2. toxic-comment-classifier 0.3.0 (Keras 3 weights + a Keras 3 tokenizer pickle), with Keras 3 on
    the torch backend (no TensorFlow), installed into a side directory::
 
-       .venv/bin/python -m pip install --target /tmp/k3 --no-deps keras absl-py namex optree ml-dtypes
-       KERAS_BACKEND=torch PYTHONPATH=/tmp/k3 .venv/bin/python scripts/make_keras_reference.py \
+       .venv/bin/python -m pip install --target "$SCRATCH"/k3 --no-deps keras absl-py namex optree ml-dtypes
+       KERAS_BACKEND=torch PYTHONPATH="$SCRATCH"/k3 .venv/bin/python scripts/make_keras_reference.py \
            toxic-comment-classifier --site-packages .venv/lib/python3.11/site-packages \
-           --out /tmp/ref_tcc.json
+           --out "$SCRATCH"/ref_tcc.json
 
    (Keras 3's `hard_sigmoid` has slope 1/6, so Keras 3 is *not* a reference for tox-block.)
 
 3. Merge into the fixture and the packaged copy::
 
-       .venv/bin/python scripts/make_keras_reference.py merge /tmp/ref_tox_block.json /tmp/ref_tcc.json
+       .venv/bin/python scripts/make_keras_reference.py merge "$SCRATCH"/ref_tox_block.json "$SCRATCH"/ref_tcc.json
 
 The tokenizers are the real Keras ones (keras_preprocessing 1.1.2 and keras.src.legacy), so the
 recorded `input_ids` check our tokenizer port too. tox-block's pickle wraps its tokenizer in a
