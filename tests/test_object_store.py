@@ -51,7 +51,7 @@ def bucket(s3_server):
 # ------------------------------------------------------------------------------------- locations
 def test_join_keeps_the_protocol_and_local_paths_stay_paths(tmp_path):
     assert _fs.join("s3://b/runs/", "stages", "x.json") == "s3://b/runs/stages/x.json"
-    assert _fs.join("file:///tmp/r", "a") == "file:///tmp/r/a"
+    assert _fs.join("file:///data/r", "a") == "file:///data/r/a"
     assert _fs.join(tmp_path, "a", "b") == str(tmp_path / "a" / "b")
     assert _fs.is_local(tmp_path) and _fs.is_local(f"file://{tmp_path}") and not _fs.is_local("s3://b/x")
     assert _fs.local_path(f"file://{tmp_path}/x") == tmp_path / "x"
