@@ -72,7 +72,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["run_finetune", "results_wide", "FinetuneConfig", "load_finetune_config", "LogisticProbe",
          "ProbeSet", "fit_probe_set", "ProbePenalty", "ProbeSFTConfig", "ProbePenaltySFTTrainer",
-         "build_preference_pairs", "save_finetuned"],
+         "build_preference_pairs", "save_finetuned", "checkpoint_aurocs"],
         "aligned_probing.training",
     ),
     # experiment config and pipeline

@@ -467,6 +467,33 @@ def steering_curve(
     return ax
 
 
+def retention_curve(
+    data: pd.DataFrame,
+    *,
+    x: str = "step",
+    y: str = "auroc",
+    hue: str | None = "arm",
+    ax: Axes | None = None,
+) -> Axes:
+    """Frozen-probe AUROC over fine-tuning steps, one line per arm (`training.checkpoint_aurocs`).
+
+    Args:
+        data: One row per (hue, x), e.g. the checkpoint table filtered to one probe.
+        x: Optimizer step (0 = the base model).
+        y: AUROC.
+        hue: Line grouping (arm).
+        ax: Axes to draw on; None makes a new figure.
+
+    Returns:
+        The Axes, with chance level (0.5) dashed.
+    """
+    ax = _line_band(data, x=x, y=y, hue=hue, ci_low=None, ci_high=None, ax=ax, marker="o")
+    ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("frozen-probe AUROC" if y == "auroc" else y)
+    return ax
+
+
 def save_figure(
     fig: Figure,
     path_stem: str | Path,

@@ -1,7 +1,9 @@
 """Every notebook in notebooks/ runs top to bottom on a tiny config, and is committed without outputs.
 
-Notebooks read `ALIGNED_PROBING_NOTEBOOK_CONFIG` (default: configs/quickstart.toml); here it points at a
-one-model copy of tests/data/tiny.toml next to a tiny random model, so CI runs them in about a minute.
+Notebooks read `ALIGNED_PROBING_NOTEBOOK_CONFIG` (default: configs/quickstart.toml) and
+`ALIGNED_PROBING_FINETUNE_CONFIG` (default: configs/finetune_quick.toml); here they point at a one-model
+copy of tests/data/tiny.toml and a tiny fine-tuning config next to a tiny random model, so CI runs them
+in minutes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"01_quickstart.ipynb", "02_causal.ipynb"}
+    expected = {"01_quickstart.ipynb", "02_causal.ipynb", "03_probe_finetuning.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= expected
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -41,7 +44,41 @@ def tiny_config(tmp_path_factory) -> Path:
     text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{root / "run"}"')
     path = root / "tiny.toml"
     path.write_text(text)
+    # Fine-tuning on the same tiny model with the real embedded scorer: these seeds give both classes
+    # in the probe-training and held-out halves (the run fails loudly on a single class).
+    (root / "finetune.toml").write_text(TINY_FINETUNE.format(model=root / "tiny-a", out=root / "finetune"))
     return path
+
+
+TINY_FINETUNE = """
+output_dir = "{out}"
+scorer = "embedded"
+[model]
+spec = "{model}"
+[data]
+n_train = 16
+n_eval = 12
+[generation]
+k = 3
+max_new_tokens = 8
+batch_size = 48
+[probes]
+layer = 2
+n_ensemble = 2
+n_heldout = 2
+[training]
+arms = ["probe_dpo", "classifier_dpo", "probe_sft"]
+max_steps = 2
+per_device_batch_size = 4
+gradient_accumulation_steps = 1
+max_length = 48
+checkpoint_every = 1
+learning_rate = 1e-3
+[evaluation]
+n_benign = 4
+ppl_max_length = 32
+n_boot = 50
+"""
 
 
 @pytest.mark.slow
@@ -50,6 +87,7 @@ def test_notebook_runs_and_draws(path, tiny_config, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("ALIGNED_PROBING_NOTEBOOK_CONFIG", str(tiny_config))
+    monkeypatch.setenv("ALIGNED_PROBING_FINETUNE_CONFIG", str(tiny_config.parent / "finetune.toml"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(

@@ -171,3 +171,16 @@ def test_save_figure_writes_png_and_svg(tmp_path, summary):
     assert "<svg" in paths[1].read_text()[:500]
     with pytest.raises(ValueError, match=r"formats must be among \('png', 'svg', 'pdf'\), got \['jpg'\]"):
         plots.save_figure(ax.figure, tmp_path / "x", formats=["jpg"])
+
+
+def test_retention_curve_draws_one_line_per_arm_and_chance():
+    data = pd.DataFrame(
+        {"arm": ["a", "a", "a", "b", "b", "b"], "step": [0, 4, 8, 0, 4, 8],
+         "auroc": [0.9, 0.8, 0.7, 0.9, 0.9, 0.85]}
+    )
+    ax = plots.retention_curve(data)
+    lines = ax.get_lines()
+    np.testing.assert_allclose(lines[0].get_ydata(), [0.9, 0.8, 0.7])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.9, 0.9, 0.85])
+    assert [line.get_label() for line in lines[:2]] == ["a", "b"]
+    assert any(np.allclose(line.get_ydata(), 0.5) for line in lines[2:]), "chance level is drawn"

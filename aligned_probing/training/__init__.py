@@ -14,16 +14,17 @@ _EXPORTS: dict[str, str] = {
     "capture_residual": "activations", "pooled_response_activations": "activations",
     "ARMS": "config", "FinetuneConfig": "config", "load_finetune_config": "config",
     "LabelledSamples": "data", "benign_texts": "data", "label_continuations": "data",
-    "split_by_prompt": "data",
+    "save_samples": "data", "split_by_prompt": "data",
     "build_preference_pairs": "dpo", "train_dpo": "dpo",
     "AdapterCheckpointCallback": "finetuned", "load_trainable": "finetuned", "lora_config": "finetuned",
-    "save_finetuned": "finetuned",
+    "save_finetuned": "finetuned", "TrainingLogCallback": "finetuned",
     "ProbePenalty": "penalty",
     "LogisticProbe": "probes", "ProbeSet": "probes", "auroc": "probes", "fit_probe_set": "probes",
     "perplexity": "retention", "probe_aurocs": "retention", "retrained_auroc": "retention",
     "toxicity_summary": "retention",
-    "results_wide": "run", "run_finetune": "run",
+    "completed_results": "run", "results_wide": "run", "run_finetune": "run",
     "ProbePenaltySFTTrainer": "sft", "ProbeSFTConfig": "sft", "train_probe_sft": "sft",
+    "auroc_change": "trajectory", "checkpoint_aurocs": "trajectory", "list_checkpoints": "trajectory",
 }
 __all__ = sorted(_EXPORTS)
 

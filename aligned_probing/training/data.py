@@ -50,6 +50,19 @@ class LabelledSamples:
         )
 
 
+def save_samples(samples: LabelledSamples, path: str | Path) -> Path:
+    """Write the samples' table with prompt and response token ids (`prompt_token_ids`, `token_ids`).
+
+    Token ids make the exact teacher-forced context reproducible: re-tokenizing the decoded text
+    would not always give the generated ids back.
+    """
+    table = samples.table.assign(prompt_token_ids=[list(map(int, p)) for p in samples.prompt_ids])
+    table = table.assign(token_ids=[list(map(int, t)) for t in table["token_ids"]])
+    path = Path(path)
+    table.to_parquet(path, index=False)
+    return path
+
+
 def score_texts(scorer: Any, texts: Sequence[str]) -> np.ndarray:
     """Toxicity in [0, 1] per text from a `Scorer` (`.score(texts)` with a `toxicity` column)."""
     frame = scorer.score(list(texts))

@@ -98,3 +98,19 @@ class AdapterCheckpointCallback(TrainerCallback):
             facts = {"step": state.global_step, "epoch": state.epoch, "log_history": state.log_history[-3:]}
             (directory / "checkpoint.json").write_text(json.dumps(facts, indent=2, default=str))
         return control
+
+
+class TrainingLogCallback(TrainerCallback):
+    """Keep the final optimizer step and the Trainer's log history (losses), for `finetune.json`.
+
+    The Trainer itself only writes these into its pickled checkpoints, which we never save.
+    """
+
+    def __init__(self) -> None:
+        self.global_step = 0
+        self.log_history: list[dict[str, Any]] = []
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        self.global_step = int(state.global_step)
+        self.log_history = [dict(entry) for entry in state.log_history]
+        return control

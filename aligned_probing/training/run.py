@@ -5,6 +5,9 @@ Layout of `output_dir`:
     {arm}/adapter/      LoRA adapter (safetensors) + tokenizer + finetune.json
     {arm}/merged/       merged HF model, loadable by `load_model` (joins the model zoo)
     {arm}/checkpoints/  adapters every `training.checkpoint_every` steps (if > 0)
+    {arm}/eval_samples.parquet, base/{train,eval}_samples.parquet
+                        continuations with scores, labels and token ids (prompt and response), so
+                        activations can be re-read later through any checkpoint (`trajectory.py`)
     {arm}/pairs.parquet DPO pairs (DPO arms)
     results.parquet     tidy rows: arm, metric, value, ci_low, ci_high, n
     results_wide.csv    the paper-style table (one row per arm)
@@ -22,7 +25,13 @@ import numpy as np
 import pandas as pd
 
 from aligned_probing.training.config import FinetuneConfig, load_finetune_config
-from aligned_probing.training.data import LabelledSamples, benign_texts, label_continuations, split_by_prompt
+from aligned_probing.training.data import (
+    LabelledSamples,
+    benign_texts,
+    label_continuations,
+    save_samples,
+    split_by_prompt,
+)
 from aligned_probing.training.probes import ProbeSet, fit_probe_set
 from aligned_probing.training.retention import perplexity, probe_aurocs, retrained_auroc, toxicity_summary
 
@@ -86,6 +95,7 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
     from aligned_probing.training.dpo import build_preference_pairs, train_dpo
     from aligned_probing.training.finetuned import (
         AdapterCheckpointCallback,
+        TrainingLogCallback,
         load_trainable,
         lora_config,
         save_finetuned,
@@ -96,8 +106,9 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
     t = cfg.training
     model, tokenizer = load_trainable(base_dir)
     peft_cfg = lora_config(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
-    callbacks = ([AdapterCheckpointCallback(arm_dir / "checkpoints", t.checkpoint_every, tokenizer)]
-                 if t.checkpoint_every else [])
+    log = TrainingLogCallback()
+    callbacks = [log] + ([AdapterCheckpointCallback(arm_dir / "checkpoints", t.checkpoint_every, tokenizer)]
+                         if t.checkpoint_every else [])
     # No Trainer checkpoints (they pickle optimizer state and training_args.bin); see finetuned.py.
     common = dict(
         output_dir=str(arm_dir / "trainer"), learning_rate=t.learning_rate,
@@ -129,7 +140,8 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
                          **common)
         trained = train_dpo(model, tokenizer, pairs, args, peft_config=peft_cfg, callbacks=callbacks)
         info_extra = {"n_pairs": len(pairs)}
-    info = {"arm": arm, "base": str(base_dir), "config": cfg.model_dump(), **info_extra}
+    info = {"arm": arm, "base": str(base_dir), "config": cfg.model_dump(), "global_step": log.global_step,
+            "log_history": log.log_history, **info_extra}
     return save_finetuned(trained, tokenizer, arm_dir, info=info)["merged"]
 
 
@@ -138,7 +150,7 @@ def _evaluate(model: Any, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet
     """Toxicity, probe AUROCs (frozen, ensemble, held-out, retrained) and perplexity of one model."""
     ev = cfg.evaluation
     samples = _sample(model, eval_prompts, cfg, scorer)
-    samples.table.drop(columns=["token_ids"]).to_parquet(out_dir / "eval_samples.parquet", index=False)
+    save_samples(samples, out_dir / "eval_samples.parquet")
     fit_mask = split_by_prompt(samples.table, test_size=ev.retrain_fraction, seed=cfg.probes.seed + 7)
     fit, test = samples.subset(fit_mask), samples.subset(~fit_mask)
     y_test = test.table["label"].to_numpy()
@@ -175,6 +187,22 @@ def results_wide(results: pd.DataFrame) -> pd.DataFrame:
             "ppl_before": base.get("perplexity"), "ppl_after": v.loc["perplexity", "value"],
         })
     return pd.DataFrame(rows)
+
+
+def completed_results(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame | None:
+    """The tidy results of a finished run of exactly this config in its `output_dir`, else None.
+
+    A run counts as finished when `results_wide.csv` exists (written last) and the saved
+    `config.json` equals this config, so a notebook can load instead of re-training.
+    """
+    cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config)
+    out = Path(cfg.output_dir)
+    if not (out / "results_wide.csv").exists() or not (out / "config.json").exists():
+        return None
+    saved = json.loads((out / "config.json").read_text())
+    if saved != json.loads(json.dumps(cfg.model_dump())):
+        return None
+    return pd.read_parquet(out / "results.parquet")
 
 
 def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
@@ -217,7 +245,7 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
     train_prompts, eval_prompts = prompts[~is_eval], prompts[is_eval]
 
     train = _sample(base, train_prompts, cfg, scorer)
-    train.table.drop(columns=["token_ids"]).to_parquet(out / "base" / "train_samples.parquet", index=False)
+    save_samples(train, out / "base" / "train_samples.parquet")
     meta = {"model": base.name, "revision": base.revision, "hook_name": base.hook_names[cfg.probes.layer],
             "layer": cfg.probes.layer, "pooling": "mean_response", "d_model": base.d_model}
     probes = fit_run_probes(train, cfg, meta)
