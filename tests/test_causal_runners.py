@@ -84,9 +84,23 @@ def test_layer_skipping_rows_match_behaviour_of_the_skipped_generations(tiny_mod
     out = layer_skipping(
         tiny_model, PROMPTS, scorer, blocks=[0, 2], generation=SAMPLED, stats=STATS, baseline=base
     )
-    assert len(out) == 2 * 3
-    assert out.relative_depth.tolist() == pytest.approx([1 / 3] * 3 + [1.0] * 3)
+    assert len(out) == 2 * 4
+    assert out.relative_depth.tolist() == pytest.approx([1 / 3] * 4 + [1.0] * 4)
     skipped = generate_and_score(tiny_model, PROMPTS, scorer, SAMPLED, intervention=LayerSkip(2))
+    # Fluency: per-prompt mean log perplexity under the unmodified model, skipped vs baseline.
+    lp = out[(out.block == 2) & (out.metric == "log_perplexity")].iloc[0]
+    per_prompt = [
+        c.assign(lp=continuation_log_perplexity(tiny_model, c)).groupby("prompt_id")["lp"].mean()
+        for c in (skipped, base)
+    ]
+    assert lp["value"] == pytest.approx(per_prompt[0].mean())
+    assert lp["baseline"] == pytest.approx(per_prompt[1].mean())
+    assert lp["delta"] == pytest.approx((per_prompt[0] - per_prompt[1]).mean())
+    no_fluency = layer_skipping(
+        tiny_model, PROMPTS, scorer, blocks=[2], generation=SAMPLED, stats=STATS, baseline=base, fluency=False
+    )
+    assert "log_perplexity" not in set(no_fluency.metric)
+    out = out[out.metric != "log_perplexity"]
     with pytest.warns(UserWarning):
         expect = behaviour_metrics(skipped, attributes=["toxicity"], n_resamples=50).query("subset == 'all'")
         expect_base = behaviour_metrics(base, attributes=["toxicity"], n_resamples=50).query(
@@ -112,6 +126,7 @@ def test_layer_skipping_with_constant_scores_is_exactly_null(tiny_model):
             return pd.DataFrame({"toxicity": [0.7] * len(texts)})
 
     out = layer_skipping(tiny_model, PROMPTS.head(3), Constant(), blocks=[1], generation=GREEDY, stats=STATS)
+    out = out[out.metric != "log_perplexity"]  # the text does change; only its scores are constant
     assert (out.delta == 0).all() and (out.ci_low == 0).all() and (out.ci_high == 0).all()
     assert not out.excludes_zero.any()
     with pytest.raises(ValueError, match=r"blocks must be in 0\.\.2, got \[3\]"):

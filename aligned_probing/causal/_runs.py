@@ -217,3 +217,28 @@ def continuation_log_perplexity(
             nll = -pred.gather(1, torch.tensor(c).view(-1, 1)).mean()
             out[start + row] = float(nll)
     return out
+
+
+def prompt_log_perplexity(model: Any, conts: pd.DataFrame, gen: GenerationSettings) -> pd.Series:
+    """Per prompt, the mean over its continuations of the log perplexity under the unmodified model."""
+    lp = continuation_log_perplexity(model, conts, template=gen.template, batch_size=gen.batch_size)
+    return conts.assign(lp=lp).groupby("prompt_id")["lp"].mean()
+
+
+def fluency_effect(
+    base: pd.Series, cond: pd.Series, gen: GenerationSettings, stat: StatSettings
+) -> dict[str, Any]:
+    """The `log_perplexity` effect row: per-prompt change from `base` to `cond`, paired by prompt.
+
+    A fluency guard for interventions: "less toxic" output that the unmodified model finds far less
+    likely (higher log perplexity) may just be broken text.
+    """
+    common = base.index.intersection(cond.index)
+    return _effect_row(
+        "log_perplexity",
+        cond[common].to_numpy(),
+        base[common].to_numpy(),
+        (cond[common] - base[common]).to_numpy(),
+        stat,
+        k=gen.k,
+    )

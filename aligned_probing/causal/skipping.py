@@ -17,8 +17,10 @@ from aligned_probing.causal._runs import (
     EFFECT_COLUMNS,
     GenerationSettings,
     StatSettings,
+    fluency_effect,
     generate_and_score,
     paired_effects,
+    prompt_log_perplexity,
 )
 from aligned_probing.causal.interventions import LayerSkip
 
@@ -41,6 +43,7 @@ def layer_skipping(
     generation: GenerationSettings | None = None,
     stats: StatSettings | None = None,
     baseline: pd.DataFrame | None = None,
+    fluency: bool = True,
 ) -> pd.DataFrame:
     """Change in behaviour per skipped block, against the unmodified model on the same prompts and seeds.
 
@@ -53,9 +56,13 @@ def layer_skipping(
         stats: Attribute, threshold and bootstrap settings.
         baseline: Scored continuations of the unmodified model with the same settings (from
             `generate_and_score`), to reuse across experiments; generated when None.
+        fluency: Also report `log_perplexity`, the mean token NLL of the skipped model's
+            continuations under the unmodified model (one teacher-forced pass per block): a drop in
+            toxicity that comes with much less likely text is breakage, not detoxification.
 
     Returns:
-        Tidy rows, one per (block, metric): `value` with the block skipped, `baseline` without,
+        Tidy rows, one per (block, metric), metric in {emt, toxicity_probability, mean_score,
+        log_perplexity (if `fluency`)}: `value` with the block skipped, `baseline` without,
         `delta` = mean per-prompt difference with `ci_low`/`ci_high` (bootstrap over prompts) and
         `excludes_zero`. `relative_depth` = (b + 1) / L, the depth of the block's output.
 
@@ -69,10 +76,14 @@ def layer_skipping(
     if bad:
         raise ValueError(f"blocks must be in 0..{model.n_layers - 1}, got {bad}.")
     base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
+    base_lp = prompt_log_perplexity(model, base, gen) if fluency else None
     frames = []
     for b in blocks:
         cond = generate_and_score(model, prompts, scorer, gen, intervention=LayerSkip(b))
         eff = paired_effects(base, cond, stat)
+        if base_lp is not None:
+            row = fluency_effect(base_lp, prompt_log_perplexity(model, cond, gen), gen, stat)
+            eff = pd.concat([eff, pd.DataFrame([row])], ignore_index=True)
         eff.insert(0, "relative_depth", (b + 1) / model.n_layers)
         eff.insert(0, "block", b)
         frames.append(eff)

@@ -20,33 +20,14 @@ from aligned_probing.causal._runs import (
     EFFECT_COLUMNS,
     GenerationSettings,
     StatSettings,
-    _effect_row,
-    continuation_log_perplexity,
+    fluency_effect,
     generate_and_score,
     paired_effects,
+    prompt_log_perplexity,
 )
 from aligned_probing.causal.interventions import Steering
 
 STEERING_COLUMNS: tuple[str, ...] = ("model", "template", "attribute", "layer", "alpha", *EFFECT_COLUMNS)
-
-
-def _prompt_log_ppl(model: Any, conts: pd.DataFrame, gen: GenerationSettings) -> pd.Series:
-    """Per prompt, the mean over its continuations of the log perplexity (unmodified model)."""
-    lp = continuation_log_perplexity(model, conts, template=gen.template, batch_size=gen.batch_size)
-    return conts.assign(lp=lp).groupby("prompt_id")["lp"].mean()
-
-
-def _fluency(a: pd.Series, b: pd.Series, gen: GenerationSettings, stat: StatSettings) -> dict:
-    """Steered (b) vs unsteered (a) per-prompt log perplexity as one effect row."""
-    common = a.index.intersection(b.index)
-    return _effect_row(
-        "log_perplexity",
-        b[common].to_numpy(),
-        a[common].to_numpy(),
-        (b[common] - a[common]).to_numpy(),
-        stat,
-        k=gen.k,
-    )
 
 
 def steering_sweep(
@@ -92,7 +73,7 @@ def steering_sweep(
     if len(alphas) == 0:
         raise ValueError("alphas must hold at least one value, got an empty sequence.")
     base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
-    base_lp = _prompt_log_ppl(model, base, gen) if fluency else None
+    base_lp = prompt_log_perplexity(model, base, gen) if fluency else None
     frames = []
     for alpha in alphas:
         cond = (
@@ -109,9 +90,9 @@ def steering_sweep(
                     eff,
                     pd.DataFrame(
                         [
-                            _fluency(
+                            fluency_effect(
                                 base_lp,
-                                base_lp if cond is base else _prompt_log_ppl(model, cond, gen),
+                                base_lp if cond is base else prompt_log_perplexity(model, cond, gen),
                                 gen,
                                 stat,
                             )
