@@ -79,7 +79,9 @@ _EXPORTS: dict[str, str] = {
     "RunConfig": "aligned_probing.config",
     "run_pipeline": "aligned_probing.pipeline",
     # executors (local by default; Ray is an optional extra)
-    **dict.fromkeys(["get_executor", "LocalExecutor", "RayExecutor", "Resources"], "aligned_probing.executors"),
+    **dict.fromkeys(
+        ["get_executor", "LocalExecutor", "RayExecutor", "Resources"], "aligned_probing.executors"
+    ),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

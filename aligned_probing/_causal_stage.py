@@ -4,36 +4,67 @@ Probes for the patching read-out and the steering direction are ridge probes on 
 encodings (prompt score targets, one row per prompt), refitted here on every prompt: the probing
 stage's probes are cross-validated fold models, and we want one probe per layer. Steering acts at
 the layer where input information peaks in the probing stage's results.
+
+The stage runs as tasks through `ctx.executor`, like probing's layer blocks:
+
+1. one *setup* task generates the unmodified model's scored continuations (`baseline.parquet`,
+   shared by layer skipping and steering), matches the patching pairs (`pairs.parquet`) and
+   generates their unpatched continuations (`pairs_clean.parquet`, shared by the patching blocks);
+2. one task per block of `runtime["causal_layer_block"]` intervention layers runs layer skipping
+   and patching for those layers (`blocks/skipping-layers-XXX-YYY.parquet`,
+   `blocks/patching-layers-XXX-YYY.parquet`), and one task runs the steering sweep
+   (`blocks/steering.parquet`).
+
+Every file is written atomically and a task skips what is already written, so a killed run keeps
+its finished blocks and resumes. The final tables are the blocks' rows in layer order (patching's
+re-sorted as one `activation_patching` call sorts them): every row depends only on its own layer,
+the shared baseline and per-row seeds (generation) and fixed bootstrap seeds, so they equal the
+tables of one unsplit run number for number. Each task loads the model itself (`ctx.load_model`,
+one load per task on a cluster) and takes `runtime["causal_resources"]`.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from aligned_probing import _fs
 from aligned_probing._runner import StageContext
-from aligned_probing._stages import _scorer, input_dir, read_prompts
+from aligned_probing._stages import _scorer, input_dir, read_prompts, read_table, write_table
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
+BASELINE_FILE = "baseline.parquet"
+PAIRS_FILE = "pairs.parquet"
+PAIRS_CLEAN_FILE = "pairs_clean.parquet"
+OUTPUT_FILES = {
+    "skipping": "layer_skipping.parquet",
+    "patching": "patching.parquet",
+    "steering": "steering.parquet",
+}
+# Patching rows in the order one `activation_patching` call gives them: read-outs, then behaviour,
+# each sorted by its group keys (its `groupby(..., sort=True)`).
+_READOUT_ORDER = ["direction", "layer", "readout_layer"]
+_BEHAVIOUR_ORDER = ["direction", "layer", "measure"]
+
 
 def _fit_probes(
-    store_dir: Path,
+    store_dir: _fs.Resolved,
     prompts: pd.DataFrame,
     attribute: str,
     layers: list[int],
     pooling: str,
     alphas: list[float],
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[int, Any]:
     """One `RidgeProbe` per layer on the input encodings (first row of each prompt) -> prompt score."""
     from aligned_probing.probing import RidgeProbe
     from aligned_probing.store import ActivationStore
 
-    store = ActivationStore.open(store_dir)
+    store = ActivationStore.open(store_dir, storage_options=storage_options)
     index = store.index.reset_index(drop=True)
     first = ~index["prompt_id"].duplicated()
     target = index.loc[first, "prompt_id"].map(prompts.set_index("prompt_id")[f"prompt_{attribute}"])
@@ -46,109 +77,289 @@ def _fit_probes(
     }
 
 
-def _steering_layer(probe_dir: Path, attribute: str, n_layers: int) -> int:
+def _steering_layer(
+    probe_dir: _fs.Resolved, attribute: str, n_layers: int, storage_options: dict[str, Any] | None = None
+) -> int:
     """Layer of peak input-scenario information for `attribute` (the middle layer if unknown)."""
     from aligned_probing.probing import peak_layers, summarize
 
-    path = probe_dir / "probing.parquet"
-    if path.is_file():
-        peak = peak_layers(summarize(pd.read_parquet(path), metrics=["pearson"]))
+    path = _fs.child(probe_dir, "probing.parquet")
+    if _fs.exists(path, storage_options):
+        peak = peak_layers(summarize(_fs.read_parquet(path, storage_options), metrics=["pearson"]))
         row = peak[(peak["scenario"] == "input") & (peak["attribute"] == attribute)]
         if len(row):
             return int(row["layer"].iloc[0])
     return n_layers // 2
 
 
+def causal_blocks(layers: list[int], block: int | None) -> list[list[int]]:
+    """The intervention `layers` in consecutive blocks of `block` layers (None: one block)."""
+    size = len(layers) if block is None else block
+    return [layers[i : i + size] for i in range(0, len(layers), max(size, 1))]
+
+
+# ------------------------------------------------------------------------------------- the tasks
+class _Task:
+    """What every causal task needs: locations and settings only (picklable, no arrays)."""
+
+    def __init__(self, task: dict[str, Any]) -> None:
+        self.task = task
+        self.so: dict[str, Any] = task["storage_options"]
+        self.settings: dict[str, Any] = task["settings"]
+        self.c: dict[str, Any] = self.settings["causal"]
+        self.out: _fs.Resolved = task["out_dir"]
+
+    def path(self, *parts: str) -> _fs.Resolved:
+        return _fs.child(self.out, *parts)
+
+    def done(self, *parts: str) -> bool:
+        return _fs.exists(self.path(*parts), self.so)
+
+    def write(self, table: pd.DataFrame, *parts: str) -> None:
+        _fs.write_parquet_atomic(table, self.path(*parts), self.so)
+
+    def model(self) -> Any:
+        return self.task["load_model"](self.settings["model"]["name"])
+
+    def prompts(self) -> pd.DataFrame:
+        return read_prompts(self.task["prompts_dir"], self.so)
+
+    def subset(self, prompts: pd.DataFrame) -> pd.DataFrame:
+        """The prompts the interventions run on (skipping, steering): a stratified sample."""
+        from aligned_probing.data import PromptSet
+
+        return (
+            PromptSet.from_frame(prompts)
+            .sample(self.c["n_prompts"], stratify_by=f"prompt_{self.c['attribute']}", seed=self.c["seed"])
+            .df
+        )
+
+    def generation(self) -> Any:
+        from aligned_probing.causal import GenerationSettings
+
+        g = self.settings["generation"]
+        return GenerationSettings(
+            k=self.c["k"],
+            seed=self.c["seed"],
+            max_new_tokens=self.c["max_new_tokens"],
+            temperature=g["temperature"],
+            top_p=g["top_p"],
+            template=self.settings["template"],
+            batch_size=g["batch_size"],
+        )
+
+    def stats(self) -> Any:
+        from aligned_probing.causal import StatSettings
+
+        return StatSettings(
+            attribute=self.c["attribute"],
+            threshold=self.settings["threshold"],
+            n_resamples=self.settings["n_bootstrap"],
+            seed=self.c["seed"],
+        )
+
+    def probes(self, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
+        return _fit_probes(
+            self.task["store_dir"],
+            prompts,
+            self.c["attribute"],
+            sorted(set(layers)),
+            self.settings["pooling"],
+            self.settings["alphas"],
+            self.so,
+        )
+
+    def pairs(self) -> pd.DataFrame:
+        """The patching pairs matched by `setup_task`."""
+        return _fs.read_parquet(self.path(PAIRS_FILE), self.so)
+
+    def continuations(self, name: str) -> pd.DataFrame:
+        """Shared scored continuations (baseline, pairs' clean runs) as `generate_and_score` gave them."""
+        table = _fs.read_parquet(self.path(name), self.so)
+        table["token_ids"] = table["token_ids"].map(lambda ids: [int(i) for i in ids])  # Parquet: arrays
+        return table
+
+
+def setup_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Generate the shared baseline and match the patching pairs (one executor task; skips what exists).
+
+    The baseline is generated once and read by every block, so all of them compare against the
+    same continuations an unsplit run would have generated in memory.
+    """
+    from aligned_probing.causal import clean_pair_continuations, generate_and_score, match_pairs
+
+    t = _Task(task)
+    need_base = (t.c["layer_skipping"] or t.c["steering"]) and not t.done(BASELINE_FILE)
+    need_pairs = t.c["patching"] and not t.done(PAIRS_FILE)
+    need_clean = t.c["patching"] and not t.done(PAIRS_CLEAN_FILE)
+    if need_base or need_pairs or need_clean:
+        model, prompts = t.model(), t.prompts()
+        if need_base:
+            scorer = _scorer(t.settings["scoring"])
+            t.write(generate_and_score(model, t.subset(prompts), scorer, t.generation()), BASELINE_FILE)
+        if need_pairs:
+            pairs = match_pairs(
+                prompts,
+                model.tokenizer,
+                attribute=t.c["attribute"],
+                threshold=t.settings["threshold"],
+                template=t.settings["template"],
+                max_pairs=max(1, t.c["n_prompts"] // 2),
+                seed=t.c["seed"],
+            )
+            t.write(pairs, PAIRS_FILE)
+        if need_clean:  # the pairs' unpatched continuations, shared by every patching block
+            pairs = t.pairs()
+            t.write(clean_pair_continuations(model, pairs, _scorer(t.settings["scoring"]), t.generation()),
+                    PAIRS_CLEAN_FILE)
+    return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c["patching"] else {}
+
+
+def _part_name(kind: str, layers: list[int]) -> str:
+    return f"{kind}-layers-{layers[0]:03d}-{layers[-1]:03d}.parquet"
+
+
+def block_parts(c: dict[str, Any], layers: list[int]) -> list[str]:
+    """File names (under `blocks/`) a block of intervention `layers` writes, given the causal settings."""
+    parts = []
+    if c["layer_skipping"] and any(x >= 1 for x in layers):  # residual layer 0 has no block to skip
+        parts.append(_part_name("skipping", layers))
+    if c["patching"]:
+        parts.append(_part_name("patching", layers))
+    return parts
+
+
+def block_task(task: dict[str, Any]) -> list[str]:
+    """Layer skipping and patching at one block of layers (one executor task; skips finished parts).
+
+    Returns:
+        The names of the parts it computed (empty when the block was already complete).
+    """
+    from aligned_probing.causal import activation_patching, layer_skipping
+
+    t = _Task(task)
+    layers: list[int] = task["layers"]
+    todo = [p for p in block_parts(t.c, layers) if not t.done("blocks", p)]
+    if not todo:
+        return []
+    model, prompts = t.model(), t.prompts()
+    scorer, gen, stat = _scorer(t.settings["scoring"]), t.generation(), t.stats()
+    for part in todo:
+        if part.startswith("skipping"):
+            blocks = [x - 1 for x in layers if x >= 1]  # skipping block b changes residual layer b + 1
+            skip = layer_skipping(
+                model,
+                t.subset(prompts),
+                scorer,
+                blocks=blocks,
+                generation=gen,
+                stats=stat,
+                baseline=t.continuations(BASELINE_FILE),
+            )
+            skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
+            t.write(skip, "blocks", part)
+        else:
+            # Read-outs at every intervention layer >= the patched one, as in one unsplit call.
+            readout = [x for x in task["all_layers"] if x >= layers[0]]
+            probes = t.probes(prompts, readout)
+            patch = activation_patching(
+                model,
+                t.pairs(),
+                layers=layers,
+                probes={x: probes[x] for x in readout},
+                pooling=t.settings["pooling"],
+                scorer=scorer,
+                positions="last",
+                generation=gen,
+                stats=stat,
+                clean_continuations=t.continuations(PAIRS_CLEAN_FILE),
+            )
+            t.write(patch, "blocks", part)
+    return todo
+
+
+def steering_task(task: dict[str, Any]) -> bool:
+    """The steering sweep at the peak layer (one executor task); False when it was already written."""
+    from aligned_probing.causal import steering_sweep
+
+    t = _Task(task)
+    if t.done("blocks", "steering.parquet"):
+        return False
+    model, prompts = t.model(), t.prompts()
+    layer = task["steering_layer"]
+    steer = steering_sweep(
+        model,
+        t.subset(prompts),
+        _scorer(t.settings["scoring"]),
+        t.probes(prompts, [layer])[layer].direction(),
+        layer=layer,
+        alphas=t.c["steering_alphas"],
+        generation=t.generation(),
+        stats=t.stats(),
+        baseline=t.continuations(BASELINE_FILE),
+    )
+    t.write(steer, "blocks", "steering.parquet")
+    return True
+
+
+# ------------------------------------------------------------------------------------- the stage
+def _sort_patching(table: pd.DataFrame) -> pd.DataFrame:
+    """Blocks' patching rows in the order of one `activation_patching` call over all their layers."""
+    readout = table["measure"] == "readout"
+    parts = [
+        table[readout].sort_values(_READOUT_ORDER, kind="stable"),
+        table[~readout].sort_values(_BEHAVIOUR_ORDER, kind="stable"),
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
 def run_causal(ctx: StageContext) -> dict[str, Any]:
     """Run the enabled causal experiments and write `layer_skipping`, `patching`, `steering` Parquet files."""
-    from aligned_probing.causal import (
-        GenerationSettings,
-        StatSettings,
-        activation_patching,
-        generate_and_score,
-        layer_skipping,
-        match_pairs,
-        steering_sweep,
-    )
-    from aligned_probing.data import PromptSet
+    from aligned_probing.store import ActivationStore
 
-    c, g, t = ctx.settings["causal"], ctx.settings["generation"], ctx.settings["template"]
-    model = ctx.load_model(ctx.settings["model"]["name"])
-    prompts = read_prompts(input_dir(ctx, "prompts"))
-    scorer = _scorer(ctx.settings["scoring"])
-    sub = (
-        PromptSet.from_frame(prompts)
-        .sample(c["n_prompts"], stratify_by=f"prompt_{c['attribute']}", seed=c["seed"])
-        .df
-    )
-    gen = GenerationSettings(
-        k=c["k"],
-        seed=c["seed"],
-        max_new_tokens=c["max_new_tokens"],
-        temperature=g["temperature"],
-        top_p=g["top_p"],
-        template=t,
-        batch_size=g["batch_size"],
-    )
-    stat = StatSettings(
-        attribute=c["attribute"],
-        threshold=ctx.settings["threshold"],
-        n_resamples=ctx.settings["n_bootstrap"],
-        seed=c["seed"],
-    )
-    layers = sorted({min(int(x), model.n_layers) for x in (c["layers"] or range(model.n_layers + 1))})
-    steer_layer = _steering_layer(input_dir(ctx, "probe"), c["attribute"], model.n_layers)
-    probes = _fit_probes(
-        input_dir(ctx, "encode") / "store",
-        prompts,
-        c["attribute"],
-        sorted(set(layers) | {steer_layer}),
-        ctx.settings["pooling"],
-        ctx.settings["alphas"],
-    )
-    baseline = generate_and_score(model, sub, scorer, gen)
+    c, so = ctx.settings["causal"], ctx.storage_options
+    store_dir = _fs.child(input_dir(ctx, "encode"), "store")
+    # The store was encoded from this model: its depth is the model's, without loading the model here.
+    n_layers = ActivationStore.open(store_dir, storage_options=so).n_layers
+    layers = sorted({min(int(x), n_layers) for x in (c["layers"] or range(n_layers + 1))})
+    steer_layer = _steering_layer(input_dir(ctx, "probe"), c["attribute"], n_layers, so)
+    base = {
+        "settings": ctx.settings,
+        "out_dir": ctx.out_dir,
+        "prompts_dir": input_dir(ctx, "prompts"),
+        "store_dir": store_dir,
+        "load_model": ctx.load_model,
+        "storage_options": so,
+        "all_layers": layers,
+    }
+    resources = ctx.runtime.get("causal_resources")
     summary: dict[str, Any] = {"layers": layers, "steering_layer": steer_layer}
-    if c["layer_skipping"]:
-        blocks = [x - 1 for x in layers if x >= 1]  # skipping block b changes residual layer b + 1
-        skip = layer_skipping(
-            model, sub, scorer, blocks=blocks, generation=gen, stats=stat, baseline=baseline
-        )
-        skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
-        skip.to_parquet(ctx.out_dir / "layer_skipping.parquet", index=False)
-    if c["patching"]:
-        pairs = match_pairs(
-            prompts,
-            model.tokenizer,
-            attribute=c["attribute"],
-            threshold=stat.threshold,
-            template=t,
-            max_pairs=max(1, c["n_prompts"] // 2),
-            seed=c["seed"],
-        )
-        patch = activation_patching(
-            model,
-            pairs,
-            layers=layers,
-            probes={x: probes[x] for x in layers},
-            pooling=ctx.settings["pooling"],
-            scorer=scorer,
-            positions="last",
-            generation=gen,
-            stats=stat,
-        )
-        patch.to_parquet(ctx.out_dir / "patching.parquet", index=False)
-        summary["n_pairs"] = len(pairs)
+    [setup] = ctx.executor.map(setup_task, [base], resources=resources)
+    summary.update(setup)
+    _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
+    blocks = [b for b in causal_blocks(layers, ctx.runtime.get("causal_layer_block")) if block_parts(c, b)]
+    tasks: list[tuple[Any, dict[str, Any]]] = [(block_task, {**base, "layers": b}) for b in blocks]
     if c["steering"]:
-        steer = steering_sweep(
-            model,
-            sub,
-            scorer,
-            probes[steer_layer].direction(),
-            layer=steer_layer,
-            alphas=c["steering_alphas"],
-            generation=gen,
-            stats=stat,
-            baseline=baseline,
-        )
-        steer.to_parquet(ctx.out_dir / "steering.parquet", index=False)
+        tasks.append((steering_task, {**base, "steering_layer": steer_layer}))
+    logger.info("causal: %d block task(s) of layers %s, steering %s", len(blocks), blocks, c["steering"])
+    ctx.executor.map(_dispatch, tasks, resources=resources)
+    parts: dict[str, list[pd.DataFrame]] = {kind: [] for kind in OUTPUT_FILES}
+    for b in blocks:
+        for name in block_parts(c, b):
+            parts[name.split("-")[0]].append(read_table(_fs.child(ctx.out_dir, "blocks"), name, so))
+    if c["steering"]:
+        parts["steering"].append(read_table(_fs.child(ctx.out_dir, "blocks"), "steering.parquet", so))
+    for kind, frames in parts.items():
+        if not frames:
+            continue
+        table = pd.concat(frames, ignore_index=True)
+        if kind == "patching":
+            table = _sort_patching(table)
+        write_table(table, ctx.out_dir, OUTPUT_FILES[kind], so)
     return summary
+
+
+def _dispatch(item: tuple[Any, dict[str, Any]]) -> Any:
+    """Run one (task function, task) pair: lets one executor map mix block and steering tasks."""
+    func, task = item
+    return func(task)

@@ -29,6 +29,9 @@ import pandas as pd
 
 __all__ = [
     "Location",
+    "Resolved",
+    "StorageOptions",
+    "child",
     "exists",
     "filesystem",
     "glob",
@@ -36,11 +39,15 @@ __all__ = [
     "join",
     "local_path",
     "makedirs",
+    "name",
     "open_file",
+    "parent",
     "read_bytes",
     "read_parquet",
     "read_text",
+    "resolve",
     "rmtree",
+    "upload_tree",
     "write_bytes_atomic",
     "write_parquet_atomic",
     "write_text_atomic",
@@ -49,6 +56,8 @@ __all__ = [
 
 #: A local path or an fsspec URL.
 Location = str | os.PathLike[str]
+#: A location as the pipeline carries it: a `Path` when local, the URL string otherwise (see `resolve`).
+Resolved = Path | str
 StorageOptions = Mapping[str, Any] | None
 
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -77,6 +86,34 @@ def local_path(location: Location) -> Path:
         raise ValueError(f"location must be a local path or file:// URL here, got {os.fspath(location)!r}.")
     text = os.fspath(location)
     return Path(text.split("://", 1)[1]) if "://" in text else Path(text)
+
+
+def resolve(location: Location) -> Resolved:
+    """A local location as a `Path` (`file://` stripped), a remote one as its URL string (no trailing `/`).
+
+    Stage code keeps `Path` arithmetic and types for local runs (what callers and tests see) and
+    URL strings only where there is no local path.
+    """
+    return local_path(location) if is_local(location) else os.fspath(location).rstrip("/")
+
+
+def child(base: Resolved, *parts: str) -> Resolved:
+    """`base / parts`: a `Path` below a `Path`, a URL string below a URL (`resolve` gives `base`)."""
+    return base.joinpath(*parts) if isinstance(base, Path) else join(base, *parts)
+
+
+def name(location: Location) -> str:
+    """The last component of a path or URL (`s3://b/runs/x/` -> `x`)."""
+    if is_local(location):
+        return local_path(location).name
+    return posixpath.basename(os.fspath(location).rstrip("/"))
+
+
+def parent(location: Resolved) -> Resolved:
+    """The directory holding `location`: a `Path` for a `Path`, a URL string for a URL."""
+    if isinstance(location, Path):
+        return location.parent
+    return posixpath.dirname(os.fspath(location).rstrip("/"))
 
 
 def join(base: Location, *parts: str) -> str:
@@ -150,6 +187,25 @@ def open_file(location: Location, mode: str = "rb", storage_options: StorageOpti
         return open(local_path(location), mode)  # returned to the caller's `with`
     fs, path = filesystem(location, storage_options)
     return fs.open(path, mode)
+
+
+def upload_tree(local_dir: Location, location: Location, storage_options: StorageOptions = None) -> list[str]:
+    """Copy every file below the local directory `local_dir` to `location` (same relative paths).
+
+    For outputs that must be produced as local files (figures rendered by matplotlib, an HTML
+    report, a log file) and published to a run directory that may live on object storage. Each file
+    is written atomically (`write_bytes_atomic`).
+
+    Returns:
+        The written locations, sorted.
+    """
+    root = local_path(local_dir)
+    written = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        target = join(location, *path.relative_to(root).parts)
+        write_bytes_atomic(target, path.read_bytes(), storage_options)
+        written.append(target)
+    return written
 
 
 def read_bytes(location: Location, storage_options: StorageOptions = None) -> bytes:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from aligned_probing import _fs
 from aligned_probing._runner import read_stage, stage_dir, stage_hashes
 
 # Output file of each stage kind (inside its stage directory).
@@ -27,7 +27,7 @@ class RunResults:
     """The tables of one run, concatenated over models and templates (None when a stage has not run).
 
     Attributes:
-        run_dir: The run directory.
+        run_dir: The run directory (a `Path`, or a URL string on object storage).
         config: The run's config as a dict (`RunConfig.model_dump`).
         config_text: The TOML text the run was started from ("" when unknown).
         prompts: Prompt table with `prompt_{attribute}` scores.
@@ -41,7 +41,7 @@ class RunResults:
         timings: One row per stage: `key`, `name`, `status`, `seconds` (compute time when it ran).
     """
 
-    run_dir: Path
+    run_dir: _fs.Resolved
     config: dict[str, Any]
     config_text: str = ""
     prompts: pd.DataFrame | None = None
@@ -60,29 +60,30 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def load_results(run_dir: str | Path) -> RunResults:
+def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = None) -> RunResults:
     """Load every completed stage output of a run directory.
 
     The stages are found from the run's `config.json` and their content hashes, so a stage whose
     settings changed since it ran is not mixed in.
 
     Args:
-        run_dir: A directory written by `aligned_probing.pipeline.run`.
+        run_dir: A directory written by `aligned_probing.pipeline.run`, or its fsspec URL.
+        storage_options: fsspec options of a URL `run_dir` (`endpoint_url`, ...).
 
     Returns:
         The tables; a stage that has not completed contributes None.
     """
-    from aligned_probing.pipeline import CONFIG_TOML, build_plan, load_config
+    from aligned_probing.pipeline import CONFIG_FILE, CONFIG_TOML, build_plan, load_config
 
-    run_dir = Path(run_dir)
-    config = load_config(run_dir)
+    run_dir = _fs.resolve(run_dir)
+    config = load_config(run_dir, storage_options)
     plan = build_plan(config)
     hashes = stage_hashes(plan)
     tables: dict[str, list[pd.DataFrame]] = {}
     timing_rows = []
     for stage in plan:
         out = stage_dir(run_dir, stage.key, hashes[stage.key])
-        record = read_stage(out)
+        record = read_stage(out, storage_options)
         timing_rows.append(
             {
                 "key": stage.key,
@@ -94,15 +95,17 @@ def load_results(run_dir: str | Path) -> RunResults:
         if record is None:
             continue
         for filename in OUTPUTS.get(stage.name, ()):
-            if (out / filename).is_file():
+            location = _fs.child(out, filename)
+            if _fs.exists(location, storage_options):
                 tables.setdefault(filename.removesuffix(".parquet"), []).append(
-                    pd.read_parquet(out / filename)
+                    _fs.read_parquet(location, storage_options)
                 )
-    toml_path = run_dir / CONFIG_TOML
+    toml_path = _fs.child(run_dir, CONFIG_TOML)
+    config_text = _fs.read_text(toml_path, storage_options) if _fs.exists(toml_path, storage_options) else ""
     return RunResults(
         run_dir=run_dir,
-        config=json.loads((run_dir / "config.json").read_text()),
-        config_text=toml_path.read_text() if toml_path.is_file() else "",
+        config=json.loads(_fs.read_text(_fs.child(run_dir, CONFIG_FILE), storage_options)),
+        config_text=config_text,
         prompts=_concat(tables.get("prompts", [])),
         scores=_concat(tables.get("scores", [])),
         probing=_concat(tables.get("probing", [])),

@@ -12,21 +12,24 @@ state, so an executor can dispatch them anywhere. With the local executor stages
 in plan order; with a distributed one (`aligned_probing.executors.RayExecutor`) the stages that are not
 cached run in waves, every stage of a wave (all of whose dependencies are complete) as one task, and
 a task that fails or is killed is retried by the executor and resumes from what it committed.
+
+The run directory is a local path or an fsspec URL (`s3://bucket/runs/x`): every read and write
+goes through `aligned_probing._fs` with the run's `storage_options`, so completion records are read
+from wherever the run lives and a re-run on the same URL does no work. Locally, directories stay
+`Path`s and the layout is the same either way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+from aligned_probing import _fs
 from aligned_probing._hashing import stable_hash
 from aligned_probing.executors import Executor, LocalExecutor, Resources
 
@@ -43,22 +46,26 @@ class StageContext:
     """What a stage function gets.
 
     Attributes:
-        out_dir: Its output directory (may hold partial output of an interrupted run).
-        inputs: Output directory of each dependency, by stage key.
+        out_dir: Its output directory (may hold partial output of an interrupted run): a `Path`
+            locally, a URL string on object storage; read and write it through `aligned_probing._fs`.
+        inputs: Output directory of each dependency, by stage key (same types as `out_dir`).
         settings: The stage's settings (exactly what its hash covers).
         load_model: Callable returning a loaded model for a model display name.
         progress: Whether to show progress bars.
         executor: Where a stage dispatches its own independent pieces (probing layer blocks).
         runtime: How to run, not what to compute (e.g. `probe_layer_block`); never hashed.
+        storage_options: fsspec options of the run directory (`endpoint_url`, ...); never hashed.
     """
 
-    out_dir: Path
-    inputs: dict[str, Path]
+    out_dir: _fs.Resolved
+    inputs: dict[str, _fs.Resolved]
     settings: dict[str, Any]
     load_model: Callable[[str], Any]
     progress: bool = True
     executor: Executor = field(default_factory=LocalExecutor)
     runtime: dict[str, Any] = field(default_factory=dict)
+    # Not in the repr: programmatic callers may pass credentials here (the config refuses them).
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 StageFunc = Callable[[StageContext], dict[str, Any] | None]
@@ -92,7 +99,7 @@ class StageRecord:
     key: str
     name: str
     hash: str
-    dir: Path
+    dir: _fs.Resolved
     status: str
     seconds: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -118,23 +125,24 @@ def stage_hashes(plan: Sequence[Stage]) -> dict[str, str]:
     return hashes
 
 
-def stage_dir(run_dir: Path, key: str, digest: str) -> Path:
-    """Output directory of a stage: its key (slashes as `--`) plus the first 12 hash digits."""
-    return run_dir / "stages" / f"{key.replace('/', '--')}-{digest[:12]}"
+def stage_dir(run_dir: _fs.Location, key: str, digest: str) -> _fs.Resolved:
+    """Output directory of a stage: its key (slashes as `--`) plus the first 12 hash digits.
+
+    A `Path` for a local run directory, a URL string for one on object storage.
+    """
+    return _fs.child(_fs.resolve(run_dir), "stages", f"{key.replace('/', '--')}-{digest[:12]}")
 
 
-def read_stage(directory: Path) -> dict[str, Any] | None:
+def read_stage(directory: _fs.Location, storage_options: _fs.StorageOptions = None) -> dict[str, Any] | None:
     """The completion record of a stage directory, or None when the stage has not finished."""
     try:
-        return json.loads((directory / STAGE_FILE).read_text())
+        return json.loads(_fs.read_text(_fs.join(directory, STAGE_FILE), storage_options))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _write_json_atomic(location: _fs.Location, obj: Any, storage_options: _fs.StorageOptions) -> None:
+    _fs.write_text_atomic(location, json.dumps(obj, indent=2, default=str), storage_options)
 
 
 def select(plan: Sequence[Stage], names: Sequence[str] | None) -> list[Stage]:
@@ -158,7 +166,7 @@ def select(plan: Sequence[Stage], names: Sequence[str] | None) -> list[Stage]:
 
 def execute(
     plan: Sequence[Stage],
-    run_dir: str | Path,
+    run_dir: _fs.Location,
     *,
     load_model: Callable[[str], Any],
     dry_run: bool = False,
@@ -166,12 +174,13 @@ def execute(
     executor: Executor | None = None,
     resources: Callable[[Stage], Resources] | None = None,
     runtime: dict[str, Any] | None = None,
+    storage_options: _fs.StorageOptions = None,
 ) -> list[StageRecord]:
     """Run (or, with `dry_run`, list) the stages of `plan` that are not complete yet.
 
     Args:
         plan: Stages in dependency order.
-        run_dir: Run directory; outputs go to `run_dir/stages/`.
+        run_dir: Run directory, a local path or an fsspec URL; outputs go to `run_dir/stages/`.
         load_model: Model loader handed to stage functions (pickled to workers by a distributed executor).
         dry_run: Only report which stages are cached and which would run.
         progress: Show a progress bar over stages (and let stages show theirs).
@@ -179,49 +188,55 @@ def execute(
             (`RayExecutor`) runs each wave of independent stages as parallel tasks.
         resources: What each stage's task needs (GPUs for model stages); None = one CPU each.
         runtime: Run settings handed to stages (`StageContext.runtime`); never part of a hash.
+        storage_options: fsspec options of a URL `run_dir` (handed to stages); never part of a hash.
 
     Returns:
         One record per stage, in plan order; `run_dir/run.json` lists them too.
     """
     executor = executor or LocalExecutor()
+    root = _fs.resolve(run_dir)
+    options = dict(storage_options or {})
     if not dry_run and not isinstance(executor, LocalExecutor):
-        return _execute_waves(plan, Path(run_dir), load_model, executor, resources, dict(runtime or {}))
+        return _execute_waves(plan, root, load_model, executor, resources, dict(runtime or {}), options)
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
     hashes = stage_hashes(plan)
     records: list[StageRecord] = []
-    dirs = {s.key: stage_dir(run_dir, s.key, hashes[s.key]) for s in plan}
+    dirs = {s.key: stage_dir(root, s.key, hashes[s.key]) for s in plan}
     bar = tqdm(plan, desc="stages", unit="stage", disable=not progress or dry_run)
     for stage in bar:
         digest, out = hashes[stage.key], dirs[stage.key]
-        done = read_stage(out)
-        if done is not None and done.get("hash") == digest:
-            records.append(
-                StageRecord(
-                    stage.key,
-                    stage.name,
-                    digest,
-                    out,
-                    "cached",
-                    done.get("seconds"),
-                    done.get("summary") or {},
-                )
-            )
-            logger.info("stage %s: cached (%s)", stage.key, out.name)
+        cached = _cached_record(stage, digest, out, options)
+        if cached is not None:
+            records.append(cached)
             continue
         if dry_run:
-            partial = out.exists() and stage.resumable
+            partial = stage.resumable and _fs.exists(out, options)
             records.append(
                 StageRecord(stage.key, stage.name, digest, out, "would resume" if partial else "would run")
             )
             continue
         bar.set_postfix_str(stage.key)
-        records.append(_run_stage(stage, digest, out, dirs, load_model, progress, executor, runtime or {}))
-        _write_run_file(run_dir, records, plan, dirs, hashes)
+        records.append(
+            _run_stage(stage, digest, out, dirs, load_model, progress, executor, runtime or {}, options)
+        )
+        _write_run_file(root, records, plan, dirs, hashes, options)
     if not dry_run:
-        _write_run_file(run_dir, records, plan, dirs, hashes)
+        _write_run_file(root, records, plan, dirs, hashes, options)
     return records
+
+
+def _cached_record(
+    stage: Stage, digest: str, out: _fs.Resolved, storage_options: dict[str, Any]
+) -> StageRecord | None:
+    """The `cached` record of `stage` when its completion record (with this hash) exists, else None."""
+    done = read_stage(out, storage_options)
+    if done is None or done.get("hash") != digest:
+        return None
+    logger.info("stage %s: cached (%s)", stage.key, _fs.name(out))
+    return StageRecord(
+        stage.key, stage.name, digest, out, "cached", done.get("seconds"), done.get("summary") or {}
+    )
 
 
 def _waves(stages: Sequence[Stage]) -> list[list[Stage]]:
@@ -237,21 +252,22 @@ def _waves(stages: Sequence[Stage]) -> list[list[Stage]]:
 
 def _stage_task(task: tuple[Any, ...]) -> StageRecord:
     """One stage as an executor task (module level, so that workers can unpickle it)."""
-    stage, digest, out, dirs, load_model, executor, runtime = task
+    stage, digest, out, dirs, load_model, executor, runtime, storage_options = task
     if runtime.get("threads") is not None:
         import torch
 
         torch.set_num_threads(runtime["threads"])  # the worker's own process: nothing to restore
-    return _run_stage(stage, digest, out, dirs, load_model, False, executor, runtime)
+    return _run_stage(stage, digest, out, dirs, load_model, False, executor, runtime, storage_options)
 
 
 def _execute_waves(
     plan: Sequence[Stage],
-    run_dir: Path,
+    run_dir: _fs.Resolved,
     load_model: Callable[[str], Any],
     executor: Executor,
     resources: Callable[[Stage], Resources] | None,
     runtime: dict[str, Any],
+    storage_options: dict[str, Any],
 ) -> list[StageRecord]:
     """Run the incomplete stages of `plan` wave by wave, each wave's stages as parallel tasks."""
     hashes = stage_hashes(plan)
@@ -259,50 +275,53 @@ def _execute_waves(
     status: dict[str, StageRecord] = {}
     todo = []
     for stage in plan:
-        done = read_stage(dirs[stage.key])
-        if done is not None and done.get("hash") == hashes[stage.key]:
-            status[stage.key] = StageRecord(
-                stage.key,
-                stage.name,
-                hashes[stage.key],
-                dirs[stage.key],
-                "cached",
-                done.get("seconds"),
-                done.get("summary") or {},
-            )
-            logger.info("stage %s: cached (%s)", stage.key, dirs[stage.key].name)
+        cached = _cached_record(stage, hashes[stage.key], dirs[stage.key], storage_options)
+        if cached is not None:
+            status[stage.key] = cached
         else:
             todo.append(stage)
     for wave in _waves(todo):
         logger.info("dispatching %d stage(s) to %r: %s", len(wave), executor, [s.key for s in wave])
         tasks = [
-            (s, hashes[s.key], dirs[s.key], {d: dirs[d] for d in s.deps}, load_model, executor, runtime)
+            (
+                s,
+                hashes[s.key],
+                dirs[s.key],
+                {d: dirs[d] for d in s.deps},
+                load_model,
+                executor,
+                runtime,
+                storage_options,
+            )
             for s in wave
         ]
         needs = [resources(s) if resources else Resources() for s in wave]
         for record in executor.map(_stage_task, tasks, resources=needs):
             status[record.key] = record
-        _write_run_file(run_dir, [status[s.key] for s in plan if s.key in status], plan, dirs, hashes)
+        records = [status[s.key] for s in plan if s.key in status]
+        _write_run_file(run_dir, records, plan, dirs, hashes, storage_options)
     records = [status[s.key] for s in plan]
-    _write_run_file(run_dir, records, plan, dirs, hashes)
+    _write_run_file(run_dir, records, plan, dirs, hashes, storage_options)
     return records
 
 
 def _run_stage(
     stage: Stage,
     digest: str,
-    out: Path,
-    dirs: dict[str, Path],
+    out: _fs.Resolved,
+    dirs: dict[str, _fs.Resolved],
     load_model: Callable[[str], Any],
     progress: bool,
     executor: Executor | None = None,
     runtime: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> StageRecord:
-    if out.exists() and not stage.resumable:
-        shutil.rmtree(out)  # a non-resumable stage restarts from nothing after an interruption
-    resumed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    logger.info("stage %s: %s in %s", stage.key, "resuming" if resumed else "running", out.name)
+    options = dict(storage_options or {})
+    if not stage.resumable and _fs.exists(out, options):
+        _fs.rmtree(out, options)  # a non-resumable stage restarts from nothing after an interruption
+    resumed = _fs.exists(out, options)
+    _fs.makedirs(out, options)
+    logger.info("stage %s: %s in %s", stage.key, "resuming" if resumed else "running", _fs.name(out))
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     ctx = StageContext(
@@ -313,6 +332,7 @@ def _run_stage(
         progress,
         executor or LocalExecutor(),
         dict(runtime or {}),
+        options,
     )
     try:
         summary = stage.func(ctx) or {}
@@ -321,29 +341,31 @@ def _run_stage(
         raise
     seconds = time.perf_counter() - t0
     _write_json_atomic(
-        out / STAGE_FILE,
+        _fs.child(out, STAGE_FILE),
         {
             "key": stage.key,
             "name": stage.name,
             "hash": digest,
             "settings": stage.settings,
-            "inputs": {d: dirs[d].name for d in stage.deps},
+            "inputs": {d: _fs.name(dirs[d]) for d in stage.deps},
             "started": started.isoformat(),
             "seconds": seconds,
             "resumed": resumed,
             "summary": summary,
         },
+        options,
     )
     logger.info("stage %s: done in %.1f s", stage.key, seconds)
     return StageRecord(stage.key, stage.name, digest, out, "ran", seconds, summary)
 
 
 def _write_run_file(
-    run_dir: Path,
+    run_dir: _fs.Resolved,
     records: list[StageRecord],
     plan: Sequence[Stage],
-    dirs: dict[str, Path],
+    dirs: dict[str, _fs.Resolved],
     hashes: dict[str, str],
+    storage_options: dict[str, Any],
 ) -> None:
     status = {r.key: r for r in records}
     stages = []
@@ -354,10 +376,14 @@ def _write_run_file(
                 "key": s.key,
                 "name": s.name,
                 "hash": hashes[s.key],
-                "dir": str(dirs[s.key].relative_to(run_dir)),
+                "dir": f"stages/{_fs.name(dirs[s.key])}",  # relative to the run directory
                 "status": rec.status if rec else "pending",
                 "seconds": rec.seconds if rec else None,
             }
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_dir / RUN_FILE, {"updated": datetime.now(UTC).isoformat(), "stages": stages})
+    _fs.makedirs(run_dir, storage_options)
+    _write_json_atomic(
+        _fs.child(run_dir, RUN_FILE),
+        {"updated": datetime.now(UTC).isoformat(), "stages": stages},
+        storage_options,
+    )

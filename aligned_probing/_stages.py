@@ -3,24 +3,27 @@
 Every function takes a `StageContext` (settings, input directories, output directory, model loader)
 and returns a small JSON summary; it calls the same library functions a notebook would. None
 keeps global state, so a scheduler can run them in other processes.
+
+Directories are `Path`s locally and URL strings on object storage; every read and write goes
+through `aligned_probing._fs` with `ctx.storage_options`, and every table is written atomically.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
+from aligned_probing import _fs
 from aligned_probing._runner import StageContext
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
 
-def input_dir(ctx: StageContext, name: str, *, index: int | None = None) -> Path:
+def input_dir(ctx: StageContext, name: str, *, index: int | None = None) -> _fs.Resolved:
     """Directory of the dependency of kind `name` (the unique one, or the `index`-th)."""
     found = [p for key, p in ctx.inputs.items() if key.split("/")[0] == name]
     if index is not None:
@@ -30,7 +33,7 @@ def input_dir(ctx: StageContext, name: str, *, index: int | None = None) -> Path
     return found[0]
 
 
-def input_dirs(ctx: StageContext, name: str) -> list[Path]:
+def input_dirs(ctx: StageContext, name: str) -> list[_fs.Resolved]:
     """Directories of every dependency of kind `name`, in dependency order."""
     return [p for key, p in ctx.inputs.items() if key.split("/")[0] == name]
 
@@ -49,9 +52,23 @@ def _prompt_set(name: str) -> Any:
     return data.load_rtp_jsonl(name)
 
 
-def read_prompts(directory: Path) -> pd.DataFrame:
+def read_table(
+    directory: _fs.Resolved, name: str, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """The Parquet table `name` of a stage directory (local or on object storage)."""
+    return _fs.read_parquet(_fs.child(directory, name), storage_options)
+
+
+def write_table(
+    table: pd.DataFrame, directory: _fs.Resolved, name: str, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Write `table` (no index) as the Parquet file `name` of a stage directory, atomically."""
+    _fs.write_parquet_atomic(table, _fs.child(directory, name), storage_options)
+
+
+def read_prompts(directory: _fs.Resolved, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The prompt table written by `prompts_stage`."""
-    return pd.read_parquet(directory / "prompts.parquet")
+    return read_table(directory, "prompts.parquet", storage_options)
 
 
 def prompts_stage(ctx: StageContext) -> dict[str, Any]:
@@ -65,7 +82,7 @@ def prompts_stage(ctx: StageContext) -> dict[str, Any]:
     else:
         sample = prompts.sample(d["n_prompts"], stratify_by=None, seed=d["seed"])
         sample = sample.score(_scorer(s), overwrite=True, batch_size=s["batch_size"])
-    sample.to_parquet(ctx.out_dir / "prompts.parquet")
+    write_table(sample.df, ctx.out_dir, "prompts.parquet", ctx.storage_options)  # = PromptSet.to_parquet
     return {"n_prompts": len(sample)}
 
 
@@ -75,7 +92,7 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
 
     g = ctx.settings["generation"]
     model = ctx.load_model(ctx.settings["model"]["name"])
-    prompts = read_prompts(input_dir(ctx, "prompts"))
+    prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
     table = generate_continuations(
         model,
         prompts,
@@ -86,17 +103,20 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
         top_p=g["top_p"],
         template=ctx.settings["template"],
         batch_size=g["batch_size"],
-        output_dir=ctx.out_dir / "continuations",
+        output_dir=_fs.child(ctx.out_dir, "continuations"),
         show_progress=ctx.progress,
+        storage_options=ctx.storage_options,
     )
     return {"n_continuations": len(table), "mean_tokens": float(table["n_tokens"].mean())}
 
 
-def read_continuations(directory: Path) -> pd.DataFrame:
+def read_continuations(
+    directory: _fs.Resolved, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """The continuations table written by `generate_stage`."""
     from aligned_probing.generation import read_continuations as _read
 
-    return _read(directory / "continuations")
+    return _read(_fs.child(directory, "continuations"), storage_options)
 
 
 def score_stage(ctx: StageContext) -> dict[str, Any]:
@@ -105,14 +125,14 @@ def score_stage(ctx: StageContext) -> dict[str, Any]:
     Written to `scores.parquet` in the stage directory.
     """
     s = ctx.settings["scoring"]
-    conts = read_continuations(input_dir(ctx, "generate"))
+    conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     scorer = _scorer(s)
     texts = conts["text"].tolist()
     parts = [scorer.score(texts[i : i + s["batch_size"]]) for i in range(0, len(texts), s["batch_size"])]
     scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(scorer.attributes))
     keys = conts[["model", "template", "prompt_id", "continuation_idx"]].reset_index(drop=True)
     table = pd.concat([keys, scores[list(scorer.attributes)].reset_index(drop=True)], axis=1)
-    table.to_parquet(ctx.out_dir / "scores.parquet", index=False)
+    write_table(table, ctx.out_dir, "scores.parquet", ctx.storage_options)
     return {"n_scored": len(table), "attributes": list(scorer.attributes)}
 
 
@@ -122,8 +142,8 @@ def encode_stage(ctx: StageContext) -> dict[str, Any]:
 
     e = ctx.settings["encoding"]
     model = ctx.load_model(ctx.settings["model"]["name"])
-    prompts = read_prompts(input_dir(ctx, "prompts"))
-    conts = read_continuations(input_dir(ctx, "generate"))
+    prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
+    conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     store = encode(
         model,
         prompts,
@@ -131,8 +151,9 @@ def encode_stage(ctx: StageContext) -> dict[str, Any]:
         template=ctx.settings["template"],
         poolings=e["poolings"],
         batch_size=e["batch_size"],
-        store=ctx.out_dir / "store",
+        store=_fs.child(ctx.out_dir, "store"),
         progress=ctx.progress,
+        storage_options=ctx.storage_options,
     )
     return {"n_samples": len(store), "n_layers": store.n_layers, "d_model": store.d_model}
 
@@ -159,17 +180,17 @@ def probe_block(task: dict[str, Any]) -> int:
     from aligned_probing.probing import run_probing
     from aligned_probing.store import ActivationStore
 
-    out = Path(task["out"])
-    if out.is_file():
-        return len(pd.read_parquet(out))
+    out, options = task["out"], task.get("storage_options")
+    if _fs.exists(out, options):
+        return len(_fs.read_parquet(out, options))
     p = task["probing"]
-    store = ActivationStore.open(task["store"])
+    store = ActivationStore.open(task["store"], storage_options=options)
     with warnings.catch_warnings():
         # Constant test folds (NaN r) and empty continuations are reported in the table; keep the log quiet.
         warnings.simplefilter("ignore", UserWarning)
         table = run_probing(
             store,
-            pd.read_parquet(task["targets"]),
+            _fs.read_parquet(task["targets"], options),
             scenarios=p["scenarios"],
             attributes=p["attributes"],
             n_folds=p["n_folds"],
@@ -180,9 +201,7 @@ def probe_block(task: dict[str, Any]) -> int:
             alphas=p["alphas"],
             layers=task["layers"],
         )
-    tmp = out.with_name(f".{out.name}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    _fs.write_parquet_atomic(table, out, options)
     return len(table)
 
 
@@ -195,26 +214,28 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     """
     from aligned_probing.store import ActivationStore
 
-    store_dir = input_dir(ctx, "encode") / "store"
-    n_layers = ActivationStore.open(store_dir).n_layers
+    so = ctx.storage_options
+    store_dir = _fs.child(input_dir(ctx, "encode"), "store")
+    n_layers = ActivationStore.open(store_dir, storage_options=so).n_layers
     targets = probe_targets(
-        read_prompts(input_dir(ctx, "prompts")), pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
+        read_prompts(input_dir(ctx, "prompts"), so), read_table(input_dir(ctx, "score"), "scores.parquet", so)
     )
-    targets.to_parquet(ctx.out_dir / "targets.parquet", index=False)  # the tasks read it, not the driver
-    (ctx.out_dir / "blocks").mkdir(exist_ok=True)
+    write_table(targets, ctx.out_dir, "targets.parquet", so)  # the tasks read it, not the driver
+    _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
     tasks = [
         {
             "store": str(store_dir),
-            "targets": str(ctx.out_dir / "targets.parquet"),
+            "targets": str(_fs.child(ctx.out_dir, "targets.parquet")),
             "probing": ctx.settings["probing"],
             "layers": block,
-            "out": str(ctx.out_dir / "blocks" / f"layers-{block[0]:03d}-{block[-1]:03d}.parquet"),
+            "out": str(_fs.child(ctx.out_dir, "blocks", f"layers-{block[0]:03d}-{block[-1]:03d}.parquet")),
+            "storage_options": so,
         }
         for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
     ]
     ctx.executor.map(probe_block, tasks, resources=ctx.runtime.get("probe_resources"))
-    table = pd.concat([pd.read_parquet(t["out"]) for t in tasks], ignore_index=True)
-    table.to_parquet(ctx.out_dir / "probing.parquet", index=False)
+    table = pd.concat([_fs.read_parquet(t["out"], so) for t in tasks], ignore_index=True)
+    write_table(table, ctx.out_dir, "probing.parquet", so)
     return {"n_rows": len(table), "mean_pearson": float(table["pearson"].mean())}
 
 
@@ -223,8 +244,8 @@ def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
     from aligned_probing.behaviour import UnstableEMTWarning, behaviour_metrics
 
     b = ctx.settings["behaviour"]
-    prompts = read_prompts(input_dir(ctx, "prompts"))
-    scores = pd.read_parquet(input_dir(ctx, "score") / "scores.parquet")
+    prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
+    scores = read_table(input_dir(ctx, "score"), "scores.parquet", ctx.storage_options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnstableEMTWarning)  # small k is a documented preset choice
         table = behaviour_metrics(
@@ -236,7 +257,7 @@ def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
             confidence_level=b["confidence"],
             seed=b["seed"],
         )
-    table.to_parquet(ctx.out_dir / "behaviour.parquet", index=False)
+    write_table(table, ctx.out_dir, "behaviour.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
 
 
@@ -245,14 +266,15 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
     from aligned_probing.interplay import interplay
 
     i = ctx.settings["interplay"]
+    so = ctx.storage_options
     probing = pd.concat(
-        [pd.read_parquet(d / "probing.parquet") for d in input_dirs(ctx, "probe")], ignore_index=True
+        [read_table(d, "probing.parquet", so) for d in input_dirs(ctx, "probe")], ignore_index=True
     )
     behaviour = pd.concat(
-        [pd.read_parquet(d / "behaviour.parquet") for d in input_dirs(ctx, "behaviour")], ignore_index=True
+        [read_table(d, "behaviour.parquet", so) for d in input_dirs(ctx, "behaviour")], ignore_index=True
     )
     table = interplay(probing, behaviour, metric=i["metric"], n_bootstrap=i["n_bootstrap"], seed=i["seed"])
-    table.to_parquet(ctx.out_dir / "interplay.parquet", index=False)
+    write_table(table, ctx.out_dir, "interplay.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
 
 
@@ -267,6 +289,11 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
     """Write the HTML report and the figures (PNG and SVG) of the run."""
     from aligned_probing.report import build_report
 
-    run_dir = ctx.out_dir.parent.parent
-    path = build_report(run_dir, out_path=ctx.out_dir / "report.html", figure_dir=ctx.out_dir / "figures")
-    return {"report": path.name}
+    run_dir = _fs.parent(_fs.parent(ctx.out_dir))
+    path = build_report(
+        run_dir,
+        out_path=_fs.child(ctx.out_dir, "report.html"),
+        figure_dir=_fs.child(ctx.out_dir, "figures"),
+        storage_options=ctx.storage_options,
+    )
+    return {"report": _fs.name(path)}

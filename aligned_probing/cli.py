@@ -114,9 +114,14 @@ def _run_stages(
         todo = sum(r.status != "cached" for r in result.records)
         typer.echo(f"dry run: {todo} of {len(result.records)} stages would run in {result.run_dir}")
     elif result.report is not None:
-        typer.echo(f"report: {result.report.resolve()}")
+        typer.echo(f"report: {_shown(result.report)}")
     else:
-        typer.echo(f"results in {result.run_dir.resolve()}")
+        typer.echo(f"results in {_shown(result.run_dir)}")
+
+
+def _shown(location: Path | str) -> str:
+    """A local path made absolute; a URL (run directory on object storage) as it is."""
+    return str(location.resolve()) if isinstance(location, Path) else location
 
 
 @app.command()

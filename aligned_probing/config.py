@@ -195,10 +195,52 @@ class CausalConfig(_Section):
     seed: int = Field(0, description="Seed of the sampler under interventions.")
 
 
+# Option names that hold credentials in the fsspec filesystems we expect (s3fs, gcsfs, adlfs).
+_CREDENTIAL_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "connection_string",
+    }
+)
+
+
+def _credential_keys(options: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the credential options in `options`, at any depth (e.g. `client_kwargs`)."""
+    if not isinstance(options, dict):
+        return []
+    found = []
+    for key, value in options.items():
+        dotted = f"{prefix}{key}"
+        if str(key).lower() in _CREDENTIAL_OPTIONS:
+            found.append(dotted)
+        found += _credential_keys(value, dotted + ".")
+    return found
+
+
 class OutputConfig(_Section):
     """Where results go."""
 
-    run_dir: str = Field("runs/default", description="Run directory (relative to the working directory).")
+    run_dir: str = Field(
+        "runs/default",
+        description="Run directory: a local path (relative to the working directory) or an fsspec URL "
+        "(`s3://bucket/runs/x`, `gs://...`, `file:///...`) that every Ray worker can reach.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a URL `run_dir`, e.g. `endpoint_url`, `region_name`, `profile`. "
+        "Credentials are refused here (the config is saved in the run directory): they come from the "
+        "environment (`AWS_ACCESS_KEY_ID`, ..., instance roles), as s3fs reads them by default.",
+    )
     figure_formats: list[Literal["png", "svg"]] = Field(
         default_factory=lambda: ["png", "svg"], min_length=1, description="Formats of the saved figures."
     )
@@ -237,7 +279,8 @@ class RuntimeConfig(_Section):
     executor: Literal["local", "ray"] = Field(
         "local",
         description="`local` runs the stages here, one after another; `ray` runs one Ray task per (model, "
-        "template) stage and per block of probing layers (`pip install 'aligned-probing[ray]'`).",
+        "template) stage, per block of probing layers and per block of causal layers "
+        "(`pip install 'aligned-probing[ray]'`).",
     )
     ray_address: str | None = Field(
         None,
@@ -248,10 +291,19 @@ class RuntimeConfig(_Section):
         3, ge=0, description="Ray retries of a failed or killed task; the retry resumes what it committed."
     )
     probe_layer_block: int = Field(8, gt=0, description='Layers per probing task with executor = "ray".')
+    causal_layer_block: int | None = Field(
+        None,
+        gt=0,
+        description="Intervention layers (`causal.layers`) per causal task, with any executor: layer "
+        "skipping and patching run one task per block, steering one more, each written as it "
+        "finishes (a killed run keeps finished blocks); none: all layers in one task. Each block "
+        "shares the baseline and the patching pairs' clean continuations.",
+    )
     resources: dict[StageKind, TaskResources] = Field(
         default_factory=dict,
         description="Ray resources per stage kind, e.g. `[runtime.resources.generate]` `num_gpus = 1`; "
-        "`probe_block` sets the probing tasks'. Unlisted stages take one CPU.",
+        "`probe_block` sets the probing tasks', `causal` the causal tasks' (each loads the model). "
+        "Unlisted stages take one CPU.",
     )
 
 
@@ -295,6 +347,14 @@ class RunConfig(_Section):
             )
         if self.causal.enabled and self.causal.model is not None and self.causal.model not in names:
             raise ValueError(f"causal.model must be one of {names}, got {self.causal.model!r}.")
+        secrets = _credential_keys(self.output.storage_options)
+        if secrets:
+            # Checked here, not in OutputConfig: a section's error message would echo its values.
+            raise ValueError(
+                f"output.storage_options must not hold credentials, got the key(s) {secrets}; set them "
+                "in the environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+                "an AWS `profile`, or an instance role), which s3fs reads by default."
+            )
         if self.runtime.ray_address is not None and self.runtime.executor != "ray":
             raise ValueError(
                 f'runtime.ray_address is only used with runtime.executor = "ray", got '

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,7 @@ def encode(
     flush_rows: int | None = None,
     chunk_rows: int = 256,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ActivationStore:
     """Encode prompts (and their continuations) into `store`, resuming what it already holds.
 
@@ -93,8 +94,9 @@ def encode(
         template: Prompt template 0-4; must match the continuations' `template` column.
         poolings: Pooling names ("mean", "last", "max"), each stored as its own array.
         batch_size: Sequences per forward pass.
-        store: An `ActivationStore` or a directory (opened, or created when empty). An existing
-            store must have been written for this model, revision, tokenizer and template.
+        store: An `ActivationStore`, a directory or an fsspec URL (`s3://bucket/run/store`; opened,
+            or created when empty). An existing store must have been written for this model,
+            revision, tokenizer and template.
         dtype: On-disk dtype of a new store, "float32" or "float16".
         use_chat_template: Passed to `render_prompt` (None: chat template for templates 1-4
             when the tokenizer has one).
@@ -104,6 +106,8 @@ def encode(
             Bounds memory at about (flush_rows + batch_size) x (L + 1) x d_model x 4 bytes per array.
         chunk_rows: Rows per zarr chunk of a new store (an existing store keeps its own).
         progress: Show a tqdm progress bar.
+        storage_options: fsspec options of a URL `store` (`endpoint_url`, ...). For an
+            `ActivationStore`, None keeps the options it was opened with.
 
     Returns:
         The store, holding every requested row.
@@ -135,6 +139,7 @@ def encode(
         poolings=tuple(aggregators),
         dtype=dtype,
         chunk_rows=chunk_rows,
+        storage_options=storage_options,
     )
 
     rows = _build_rows(
@@ -200,8 +205,14 @@ def _open_store(
     poolings: tuple[str, ...],
     dtype: str,
     chunk_rows: int,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ActivationStore:
-    """Open or create the store, refusing one written for another model, template or layout."""
+    """Open or create the store, refusing one written for another model, template or layout.
+
+    `storage_options` reach the store on object storage; an `ActivationStore` passed in is
+    re-opened with its own options unless others are given (a store on S3 with a custom endpoint
+    would otherwise be looked up on AWS).
+    """
     expect: dict[str, Any] = {
         "model": model.name,
         "revision": model.revision,
@@ -215,10 +226,12 @@ def _open_store(
     }
     if isinstance(store, ActivationStore):
         # Re-open: checks the manifest and rolls back anything uncommitted.
-        return ActivationStore.open(store.path, expect=expect)
+        options = store.storage_options if storage_options is None else storage_options
+        return ActivationStore.open(store.path, expect=expect, storage_options=options)
     return ActivationStore.open_or_create(
         store,
         expect=expect,
+        storage_options=storage_options,
         model=model.name,
         template=int(template),
         n_layers=model.n_layers,

@@ -20,7 +20,8 @@ see docs/data_and_generation.md for the measured rate. With the same batch size 
 prompts), results are bit-identical: the batch plan, and so the padding, is the same.
 
 Resume: with `output_dir`, every batch is written as its own Parquet part file (atomically: a
-temporary file renamed into place), and a rerun skips the (prompt_id, continuation_idx) pairs
+temporary file renamed into place locally, one PUT on object storage: `output_dir` may be an fsspec
+URL with `storage_options`), and a rerun skips the (prompt_id, continuation_idx) pairs
 already on disk. Because the batch plan is a deterministic function of the prompts, k and
 batch_size, a resumed run regenerates exactly the batches that were missing, with the same
 padding, so it reproduces the uninterrupted run row for row.
@@ -30,9 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from aligned_probing import _fs
 from aligned_probing.data import PromptDataWarning, PromptSet
 from aligned_probing.models import LoadedModel
 from aligned_probing.templates import RenderedPrompt, TemplateTruncationWarning, render_prompt
@@ -208,14 +209,17 @@ def _manifest(model: LoadedModel, **settings: Any) -> dict[str, Any]:
     }
 
 
-def _open_output(output_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
+def _open_output(
+    output_dir: _fs.Resolved, manifest: dict[str, Any], storage_options: Mapping[str, Any] | None
+) -> pd.DataFrame:
     """Create or check the output directory; return the rows already written."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".*.tmp"):  # a run killed mid-write leaves only a temporary file
-        stale.unlink()
-    path = output_dir / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())
+    _fs.makedirs(output_dir, storage_options)
+    if isinstance(output_dir, Path):  # object storage has no temporaries: a PUT is whole or absent
+        for stale in output_dir.glob(".*.tmp"):  # a run killed mid-write leaves only a temporary file
+            stale.unlink()
+    path = _fs.child(output_dir, MANIFEST)
+    if _fs.exists(path, storage_options):
+        old = json.loads(_fs.read_text(path, storage_options))
         diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
         if diff:
             detail = "; ".join(f"{k}: on disk {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -224,19 +228,25 @@ def _open_output(output_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
                 "Use another output_dir or the same settings."
             )
     else:
-        _atomic_write_bytes(path, json.dumps(manifest, indent=2).encode())
-    return read_continuations(output_dir)
+        _fs.write_text_atomic(path, json.dumps(manifest, indent=2), storage_options)
+    return read_continuations(output_dir, storage_options)
 
 
-def read_continuations(output_dir: str | Path) -> pd.DataFrame:
+def read_continuations(
+    output_dir: str | Path, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """Read every part file written by `generate_continuations` (empty table when none).
+
+    Args:
+        output_dir: The directory (or fsspec URL) given to `generate_continuations`.
+        storage_options: fsspec options of a URL `output_dir`.
 
     `token_ids` come back as Python lists of ints (Parquet returns numpy arrays).
     """
-    parts = sorted(Path(output_dir).glob(_PART_GLOB))
+    parts = _fs.glob(output_dir, _PART_GLOB, storage_options)  # sorted: batch order
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in CONTINUATION_COLUMNS})
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df = pd.concat([_fs.read_parquet(p, storage_options) for p in parts], ignore_index=True)
     df["token_ids"] = df["token_ids"].map(lambda ids: [int(i) for i in ids])
     if df.duplicated(["prompt_id", "continuation_idx"]).any():
         raise ValueError(
@@ -245,19 +255,14 @@ def read_continuations(output_dir: str | Path) -> pd.DataFrame:
     return df[list(CONTINUATION_COLUMNS)]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_part(output_dir: Path, batch_no: int, rows: pd.DataFrame) -> Path:
+def _write_part(
+    output_dir: _fs.Resolved, batch_no: int, rows: pd.DataFrame, storage_options: Mapping[str, Any] | None
+) -> _fs.Resolved:
     """Write one batch atomically; the name carries a digest of its keys so plans never collide."""
     keys = "\n".join(f"{p}\x00{i}" for p, i in zip(rows["prompt_id"], rows["continuation_idx"], strict=True))
-    path = output_dir / f"part-{batch_no:06d}-{hashlib.sha256(keys.encode()).hexdigest()[:8]}.parquet"
-    tmp = path.with_name(f".{path.name}.tmp")
-    rows.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    name = f"part-{batch_no:06d}-{hashlib.sha256(keys.encode()).hexdigest()[:8]}.parquet"
+    path = _fs.child(output_dir, name)
+    _fs.write_parquet_atomic(rows, path, storage_options)
     return path
 
 
@@ -328,6 +333,7 @@ def generate_continuations(
     use_chat_template: bool | None = None,
     output_dir: str | Path | None = None,
     show_progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Sample `k` continuations per prompt with a KV cache, left padding and EOS stopping.
 
@@ -345,8 +351,10 @@ def generate_continuations(
         use_chat_template: Passed to `render_prompt` (None: chat template for templates 1-4 when
             the tokenizer has one).
         output_dir: Write Parquet part files here and resume from them (rows already present are
-            not generated again). A directory holding other settings is an error.
+            not generated again). A local path or an fsspec URL (`s3://bucket/run/continuations`).
+            A directory holding other settings is an error.
         show_progress: Show a tqdm progress bar over batches.
+        storage_options: fsspec options of a URL `output_dir` (`endpoint_url`, ...).
 
     Returns:
         One row per (prompt_id, continuation_idx), in prompt order then index, with the columns
@@ -372,12 +380,12 @@ def generate_continuations(
     items = [(p, c) for p in order for c in range(k)]
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
-    out_dir = Path(output_dir) if output_dir is not None else None
+    out_dir = _fs.resolve(output_dir) if output_dir is not None else None
     done = pd.DataFrame({c: pd.Series(dtype=object) for c in CONTINUATION_COLUMNS})
     if out_dir is not None:
         manifest = _manifest(model, template=template, chat=chat, seed=seed, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p)
-        done = _open_output(out_dir, manifest)
+        done = _open_output(out_dir, manifest, storage_options)
     done_keys = set(zip(done["prompt_id"], done["continuation_idx"].astype(int), strict=True))
 
     new_frames = []
@@ -402,7 +410,7 @@ def generate_continuations(
             }
         )
         if out_dir is not None:
-            _write_part(out_dir, batch_no, rows)
+            _write_part(out_dir, batch_no, rows, storage_options)
         new_frames.append(rows)
 
     frames = [f for f in (done, *new_frames) if len(f)]

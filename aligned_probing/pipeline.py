@@ -8,10 +8,14 @@ work, changing one setting recomputes only the stages downstream of it, and a ki
 (generation and encoding pick up their partial output) to the same tables as an uninterrupted run.
 
 `runtime.executor = "ray"` dispatches the work to a Ray cluster (`aligned_probing.executors`): every
-generation, scoring and encoding stage as one task per (model, template) and the causal stage as one
-task per model, with the resources of `runtime.resources`, and probing as one task per (model,
-template, block of layers). The run directory layout and the tables are the same as a local run's; a
-failed task is retried and a re-run resumes (see docs/scaling.md).
+generation, scoring and encoding stage as one task per (model, template), with the resources of
+`runtime.resources`, probing as one task per (model, template, block of layers) and the causal stage
+as one task per block of intervention layers (`runtime.causal_layer_block`) plus one for steering.
+The run directory layout and the tables are the same as a local run's; a failed task is retried and a
+re-run resumes (see docs/scaling.md).
+
+`output.run_dir` may be an fsspec URL (`s3://bucket/runs/x`) with `output.storage_options`: every
+stage then reads and writes its outputs there, so that workers on several machines share one run.
 
 Example:
     >>> from aligned_probing.config import RunConfig
@@ -23,16 +27,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aligned_probing import _stages
+from aligned_probing import _fs, _stages
 from aligned_probing._results import RunResults, load_results
 from aligned_probing._runner import Stage, StageRecord, execute, select
 from aligned_probing.config import ModelVariant, RunConfig
@@ -63,14 +69,15 @@ class RunResult:
     """What `run` did.
 
     Attributes:
-        run_dir: The run directory.
+        run_dir: The run directory: a `Path`, or a URL string when it is on object storage.
         records: One record per stage in plan order (`ran`, `cached`, or `would run` in a dry run).
-        report: Path of the HTML report, when the report stage was part of the run.
+        report: Location of the HTML report (same type as `run_dir`), when the report stage was part
+            of the run.
     """
 
-    run_dir: Path
+    run_dir: _fs.Resolved
     records: list[StageRecord]
-    report: Path | None
+    report: _fs.Resolved | None
 
     @property
     def executed(self) -> list[str]:
@@ -189,6 +196,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
             },
             (prompts.key, unit_key("encode", v.name, t), unit_key("probe", v.name, t)),
             _stages.causal_stage,
+            resumable=True,  # finished layer blocks (and the shared baseline) are kept
         )
         plan.append(cs)
         downstream.append(cs.key)
@@ -230,16 +238,36 @@ class ModelLoader:
         return self._model
 
 
-def _attach_log(run_dir: Path) -> logging.Handler:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "logs" / "run.log")
+@contextlib.contextmanager
+def _run_log(run_dir: _fs.Resolved, storage_options: dict[str, Any]) -> Iterator[None]:
+    """Log INFO of `aligned_probing` to `RUN_DIR/logs/run.log` (appended) while the block runs.
+
+    A logging handler needs a local file: for a run directory on object storage the log is written
+    to a local scratch file (seeded with the log already there) and uploaded when the block exits,
+    also on error. A run killed outright loses that run's log lines there, not its outputs.
+    """
+    remote = not isinstance(run_dir, Path)
+    scratch = Path(tempfile.mkdtemp(prefix="aligned-probing-log-")) if remote else None
+    target = _fs.child(run_dir, "logs", "run.log")
+    local = scratch / "run.log" if scratch is not None else Path(target)
+    if scratch is not None and _fs.exists(target, storage_options):
+        local.write_bytes(_fs.read_bytes(target, storage_options))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(local)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger("aligned_probing")
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
-    return handler
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        if scratch is not None:
+            _fs.write_bytes_atomic(target, local.read_bytes(), storage_options)
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _set_threads(threads: int | None) -> int | None:
@@ -261,9 +289,24 @@ def stage_resources(config: RunConfig) -> dict[str, Resources]:
     }
 
 
-def run_dir_of(config: RunConfig) -> Path:
-    """The run directory named by `config.output.run_dir`."""
-    return Path(config.output.run_dir)
+def run_dir_of(config: RunConfig) -> _fs.Resolved:
+    """The run directory named by `config.output.run_dir`: a `Path`, or a URL string for object storage."""
+    return _fs.resolve(config.output.run_dir)
+
+
+def _publish_report(record: StageRecord, run_dir: _fs.Resolved, storage_options: dict[str, Any]) -> None:
+    """Copy the report stage's HTML and figures to the top of the run directory."""
+    if isinstance(run_dir, Path) and isinstance(record.dir, Path):
+        shutil.copyfile(record.dir / REPORT_FILE, run_dir / REPORT_FILE)
+        shutil.copytree(record.dir / "figures", run_dir / "figures", dirs_exist_ok=True)
+        return
+    files = [_fs.child(record.dir, REPORT_FILE)] + _fs.glob(
+        _fs.child(record.dir, "figures"), "*", storage_options
+    )
+    for source in files:
+        relative = [REPORT_FILE] if _fs.name(source) == REPORT_FILE else ["figures", _fs.name(source)]
+        target = _fs.child(run_dir, *relative)
+        _fs.write_bytes_atomic(target, _fs.read_bytes(source, storage_options), storage_options)
 
 
 def run(
@@ -288,55 +331,61 @@ def run(
         The records of every stage and the report path.
     """
     run_dir = run_dir_of(config)
+    options = dict(config.output.storage_options)
     plan = select(build_plan(config), stages)
     if dry_run:
-        return RunResult(
-            run_dir,
-            execute(plan, run_dir, load_model=ModelLoader(config.model_variants()), dry_run=True),
-            None,
-        )
+        loader = ModelLoader(config.model_variants())
+        records = execute(plan, run_dir, load_model=loader, dry_run=True, storage_options=options)
+        return RunResult(run_dir, records, None)
     rt = config.runtime
     # Before touching the run directory: executor="ray" without Ray fails here with the install hint.
     executor = get_executor(rt.executor, address=rt.ray_address, max_retries=rt.max_retries)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    _fs.makedirs(run_dir, options)
+    config_json = json.dumps(config.model_dump(mode="json"), indent=2)  # holds no credentials (validated)
+    _fs.write_text_atomic(_fs.child(run_dir, CONFIG_FILE), config_json, options)
     if config_text is not None:
-        (run_dir / CONFIG_TOML).write_text(config_text)
+        _fs.write_text_atomic(_fs.child(run_dir, CONFIG_TOML), config_text, options)
     needs = stage_resources(config)
     runtime = {
         "threads": rt.threads,
         "probe_layer_block": rt.probe_layer_block if rt.executor != "local" else None,
         "probe_resources": needs.get("probe_block"),
+        "causal_layer_block": rt.causal_layer_block,
+        "causal_resources": needs.get("causal"),
     }
-    handler = _attach_log(run_dir)
+
+    def stage_needs(stage: Stage) -> Resources:
+        # The causal stage only dispatches its block tasks, which load the model and take
+        # `resources.causal`; holding a GPU while they wait for one could deadlock a small cluster.
+        return Resources() if stage.name == "causal" else needs.get(stage.name, Resources())
+
     threads = _set_threads(rt.threads)
     try:
-        logger.info("run %s: %d stages in %s (executor %r)", config.name, len(plan), run_dir, executor)
-        records = execute(
-            plan,
-            run_dir,
-            load_model=ModelLoader(config.model_variants()),
-            progress=progress,
-            executor=executor,
-            resources=lambda stage: needs.get(stage.name, Resources()),
-            runtime=runtime,
-        )
+        with _run_log(run_dir, options):
+            logger.info("run %s: %d stages in %s (executor %r)", config.name, len(plan), run_dir, executor)
+            records = execute(
+                plan,
+                run_dir,
+                load_model=ModelLoader(config.model_variants()),
+                progress=progress,
+                executor=executor,
+                resources=stage_needs,
+                runtime=runtime,
+                storage_options=options,
+            )
     finally:
         _set_threads(threads)
-        logging.getLogger("aligned_probing").removeHandler(handler)
-        handler.close()
     report = None
     rec = next((r for r in records if r.name == "report"), None)
     if rec is not None:  # publish the report and figures at the top of the run directory
-        report = run_dir / REPORT_FILE
-        shutil.copyfile(rec.dir / REPORT_FILE, report)
-        shutil.copytree(rec.dir / "figures", run_dir / "figures", dirs_exist_ok=True)
+        _publish_report(rec, run_dir, options)
+        report = _fs.child(run_dir, REPORT_FILE)
     return RunResult(run_dir, records, report)
 
 
-def load_config(run_dir: str | Path) -> RunConfig:
-    """The config a run directory was last run with."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {str(run_dir)!r} a run directory?")
-    return RunConfig.from_dict(json.loads(path.read_text()))
+def load_config(run_dir: _fs.Location, storage_options: _fs.StorageOptions = None) -> RunConfig:
+    """The config a run directory (local path or fsspec URL) was last run with."""
+    location = _fs.child(_fs.resolve(run_dir), CONFIG_FILE)
+    if not _fs.exists(location, storage_options):
+        raise FileNotFoundError(f"{location} does not exist: is {str(run_dir)!r} a run directory?")
+    return RunConfig.from_dict(json.loads(_fs.read_text(location, storage_options)))

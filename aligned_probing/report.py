@@ -15,6 +15,7 @@ import base64
 import html
 import importlib.metadata
 import io
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from aligned_probing import plots
+from aligned_probing import _fs, plots
 from aligned_probing._results import RunResults, load_results
 from aligned_probing.behaviour import BEHAVIOUR_COLUMNS
 from aligned_probing.data import CANONICAL_ATTRIBUTES
@@ -426,23 +427,31 @@ def build_report(
     *,
     out_path: str | Path | None = None,
     figure_dir: str | Path | None = None,
-) -> Path:
+    storage_options: _fs.StorageOptions = None,
+) -> _fs.Resolved:
     """Load a run directory and write its report (default `RUN_DIR/report.html`, figures in RUN_DIR/figures).
 
     Args:
-        run_dir: A directory written by `aligned_probing.pipeline.run`.
-        out_path: HTML path; default `run_dir/report.html`.
-        figure_dir: Where to save the figures as PNG and SVG; default `run_dir/figures`.
+        run_dir: A directory written by `aligned_probing.pipeline.run`, or its fsspec URL.
+        out_path: HTML path or URL; default `run_dir/report.html`.
+        figure_dir: Where to save the figures as PNG and SVG (path or URL); default `run_dir/figures`.
+        storage_options: fsspec options of the URLs (`endpoint_url`, ...).
 
     Returns:
-        The HTML path.
+        The HTML location: a `Path`, or the URL string when it is on object storage.
     """
-    run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    root = _fs.resolve(run_dir)
+    results = load_results(root, storage_options)
     formats = tuple(results.config.get("output", {}).get("figure_formats", ("png", "svg")))
-    return render_report(
-        results,
-        out_path or run_dir / "report.html",
-        figure_dir=figure_dir if figure_dir is not None else run_dir / "figures",
-        formats=formats,
-    )
+    html_at = _fs.resolve(out_path) if out_path is not None else _fs.child(root, "report.html")
+    figures_at = _fs.resolve(figure_dir) if figure_dir is not None else _fs.child(root, "figures")
+    if isinstance(html_at, Path) and isinstance(figures_at, Path):
+        return render_report(results, html_at, figure_dir=figures_at, formats=formats)
+    # matplotlib and the HTML writer need local files: render into a scratch directory, then upload.
+    with tempfile.TemporaryDirectory(prefix="aligned-probing-report-") as scratch:
+        local = Path(scratch)
+        render_report(results, local / "report.html", figure_dir=local / "figures", formats=formats)
+        _fs.write_bytes_atomic(html_at, (local / "report.html").read_bytes(), storage_options)
+        if (local / "figures").is_dir():
+            _fs.upload_tree(local / "figures", figures_at, storage_options)
+    return html_at

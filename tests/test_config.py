@@ -161,3 +161,26 @@ def test_reference_lists_every_field_of_every_section():
     ref = config_reference()
     for key in ("`n_prompts`", "`steering_alphas`", "`figure_formats`", "`variants`", "`mdl`", "`metric`"):
         assert key in ref
+
+
+def test_run_dir_url_takes_storage_options_but_never_credentials():
+    ok = RunConfig.from_dict(
+        {**BASE, "output": {"run_dir": "s3://b/runs/x", "storage_options": {"endpoint_url": "http://h:9000"}}}
+    )
+    assert ok.output.storage_options == {"endpoint_url": "http://h:9000"}
+    secrets = {"endpoint_url": "http://h", "secret": "hunter2", "client_kwargs": {"aws_access_key_id": "AK7"}}
+    with pytest.raises(
+        ConfigError,
+        match=r"must not hold credentials, got the key\(s\) \['secret', 'client_kwargs.aws_access_key_id'\]; "
+        r"set them in the environment",
+    ) as err:
+        RunConfig.from_dict({**BASE, "output": {"run_dir": "s3://b/x", "storage_options": secrets}})
+    # The message names the keys only: it may end up in a log.
+    assert "hunter2" not in str(err.value) and "AK7" not in str(err.value)
+
+
+def test_causal_layer_block_is_a_positive_int_or_none():
+    assert RunConfig.from_dict(BASE).runtime.causal_layer_block is None
+    assert RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 2}}).runtime.causal_layer_block == 2
+    with pytest.raises(ConfigError, match=r"runtime.causal_layer_block: Input should be greater than 0"):
+        RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 0}})

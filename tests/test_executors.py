@@ -302,6 +302,43 @@ def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_
     assert pipeline.run(config("ray"), stages=["probe", "behaviour"], progress=False).executed == []
 
 
+@pytest.mark.slow
+def test_causal_blocks_through_ray_give_the_local_tables(ray_cluster, tiny_run_config):
+    from aligned_probing import pipeline
+    from aligned_probing.config import RunConfig
+
+    root, data = tiny_run_config
+
+    def config(executor: str) -> RunConfig:
+        # The run directories of the test above: the stages upstream of causal are cached there.
+        output = {**data["output"], "run_dir": str(root / executor)}
+        runtime = {**data["runtime"], "executor": executor, "causal_layer_block": 1}
+        return RunConfig.from_dict(
+            {**data, "causal": {**data["causal"], "enabled": True}, "output": output, "runtime": runtime}
+        )
+
+    outs = {}
+    for executor in ("local", "ray"):
+        result = pipeline.run(config(executor), stages=["causal"], progress=False)
+        outs[executor] = next(r.dir for r in result.records if r.name == "causal")
+    assert outs["ray"].name == outs["local"].name
+    # Ray ran one task per intervention layer (1 and 3) plus steering; the tables are the local ones.
+    assert sorted(p.name for p in (outs["ray"] / "blocks").iterdir()) == [
+        "patching-layers-001-001.parquet",
+        "patching-layers-003-003.parquet",
+        "skipping-layers-001-001.parquet",
+        "skipping-layers-003-003.parquet",
+        "steering.parquet",
+    ]
+    for name in ("layer_skipping", "patching", "steering"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(outs["ray"] / f"{name}.parquet"),
+            pd.read_parquet(outs["local"] / f"{name}.parquet"),
+            check_exact=True,
+            obj=name,
+        )
+
+
 # -------------------------------------------------------------------------------------- the CLI
 @pytest.fixture
 def cli_config(tmp_path) -> Path:

@@ -136,12 +136,12 @@ def test_resume_after_interruption_gives_the_uninterrupted_rows(tiny_model, prom
     real_write = gen._write_part
     calls = {"n": 0}
 
-    def dying_write(output_dir, batch_no, rows):
+    def dying_write(output_dir, batch_no, rows, storage_options):
         if calls["n"] == 1:  # the second batch: die as if killed while writing it
             (output_dir / f".part-{batch_no:06d}-dead.parquet.tmp").write_bytes(b"half a file")
             raise KeyboardInterrupt
         calls["n"] += 1
-        return real_write(output_dir, batch_no, rows)
+        return real_write(output_dir, batch_no, rows, storage_options)
 
     monkeypatch.setattr(gen, "_write_part", dying_write)
     with pytest.raises(KeyboardInterrupt):

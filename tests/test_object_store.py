@@ -5,8 +5,11 @@ No cloud account: the server listens on 127.0.0.1 with fake credentials set in t
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -232,3 +235,94 @@ def test_probing_reads_the_s3_store_to_the_same_table(bucket, tmp_path):
     )
     pd.testing.assert_frame_equal(on_s3, run_probing(local, targets, **settings), check_exact=True)
     assert on_s3.query("scenario == 'input'")["pearson"].mean() > 0.5  # the planted signal is found
+
+
+# ------------------------------------------------------------------------------------- encoding
+def test_encode_into_an_s3_store_with_a_custom_endpoint_equals_a_local_store(bucket, tiny_model, tmp_path):
+    from aligned_probing.encoding import encode
+    from aligned_probing.generation import generate_continuations
+
+    url, options = bucket
+    prompts = pd.DataFrame(
+        {"prompt_id": ["a", "b", "c"], "text": ["The quick brown fox", "You are a stupid idiot", "hello"]}
+    )
+    conts = generate_continuations(tiny_model, prompts, k=2, seed=0, max_new_tokens=4)
+    first = (prompts.iloc[:2], conts[conts["prompt_id"] != "c"])
+    stores = {}
+    for where, location, so in (
+        ("s3", _fs.join(url, "run", "store"), options),
+        ("local", tmp_path / "s", None),
+    ):
+        store = encode(tiny_model, *first, store=location, storage_options=so, chunk_rows=4)
+        # Resumed through the store object: it must keep its storage options (the custom endpoint).
+        stores[where] = encode(tiny_model, prompts, conts, store=store, chunk_rows=4)
+    remote, local = stores["s3"], stores["local"]
+    assert remote.path == _fs.join(url, "run", "store") and remote.storage_options == options
+    assert len(remote) == 6 and remote.committed() == local.committed()
+    pd.testing.assert_frame_equal(remote.index, local.index)
+    for layer in range(remote.n_layers + 1):
+        for position in ("input", "output"):
+            np.testing.assert_array_equal(remote.layer(layer, position), local.layer(layer, position))
+    assert _fs.glob(_fs.join(url, "run", "store"), "*.json", options) == [
+        _fs.join(url, "run", "store", name) for name in ("manifest.json", "zarr.json")
+    ]
+
+
+# ------------------------------------------------------------------------------ the pipeline on S3
+@pytest.mark.slow
+def test_tiny_pipeline_with_its_run_dir_on_s3_gives_the_local_tables_and_reruns_cached(
+    s3_server, bucket, tmp_path, monkeypatch
+):
+    from aligned_probing import pipeline
+    from aligned_probing._results import load_results
+    from aligned_probing._stages import read_continuations
+    from aligned_probing.config import RunConfig
+    from tests._tiny import build_tiny_model
+
+    url, _ = bucket
+    shutil.copy(Path(__file__).parent / "data" / "tiny.toml", tmp_path / "tiny.toml")
+    build_tiny_model(tmp_path / "tiny-a", seed=0)
+    endpoint = {"endpoint_url": s3_server}  # the credentials come from the environment, as on a cluster
+
+    def config(run_dir: str, storage_options: dict) -> RunConfig:
+        data = RunConfig.from_toml(tmp_path / "tiny.toml").model_dump(mode="json")
+        output = {"run_dir": run_dir, "storage_options": storage_options, "figure_formats": ["png"]}
+        runtime = {**data["runtime"], "causal_layer_block": 1}  # causal blocks on S3 too
+        return RunConfig.from_dict(
+            {**data, "models": data["models"][:1], "output": output, "runtime": runtime}
+        )
+
+    run_url = _fs.join(url, "runs", "tiny")
+    # Locally everything but the report (its figures are checked on S3 below; rendering is the slow part).
+    local = pipeline.run(config(str(tmp_path / "local"), {}), stages=["behaviour", "causal"], progress=False)
+    remote = pipeline.run(config(run_url, endpoint), progress=False)
+    assert {r.status for r in remote.records} == {"ran"} and remote.run_dir == run_url
+    # The same layout: stage directories named by the same content hashes, under the URL.
+    assert [r.dir for r in remote.records][:-1] == [
+        _fs.join(run_url, "stages", r.dir.name) for r in local.records
+    ]
+    ours, theirs = load_results(run_url, endpoint), load_results(tmp_path / "local")
+    for table in ("prompts", "scores", "probing", "behaviour", "layer_skipping", "patching", "steering"):
+        pd.testing.assert_frame_equal(
+            getattr(ours, table), getattr(theirs, table), check_exact=True, obj=table
+        )
+    gen = [next(r.dir for r in run.records if r.name == "generate") for run in (remote, local)]
+    pd.testing.assert_frame_equal(
+        read_continuations(gen[0], endpoint), read_continuations(gen[1]), check_exact=True
+    )
+    # The report, its figures and the log are published under the URL as well.
+    assert remote.report == _fs.join(run_url, "report.html")
+    assert 'id="fig-steering"' in _fs.read_text(remote.report, endpoint)
+    figures = {_fs.name(f) for f in _fs.glob(_fs.join(run_url, "figures"), "*", endpoint)}
+    assert {"information.png", "skipping.png", "patching.png", "steering.png"} <= figures
+    saved = json.loads(_fs.read_text(_fs.join(run_url, "config.json"), endpoint))
+    assert saved["output"]["storage_options"] == endpoint  # no credentials in the run directory
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached run must not load a model")
+
+    monkeypatch.setattr("aligned_probing.models.load_model", no_model)
+    again = pipeline.run(config(run_url, endpoint), progress=False)
+    assert again.executed == [] and {r.status for r in again.records} == {"cached"}
+    log = _fs.read_text(_fs.join(run_url, "logs", "run.log"), endpoint)
+    assert "stage causal/tiny-a: cached" in log and "stage causal/tiny-a: running" in log  # appended

@@ -121,6 +121,56 @@ def test_non_resumable_stage_restarts_clean(tmp_path):
     assert not (c_dir / "stale.txt").exists() and (c_dir / "out.json").exists()
 
 
+def _url_plan(calls: list[str], fail: str | None = None) -> list[Stage]:
+    """a -> b -> c writing through `aligned_probing._fs`, as the real stages do; `fail` raises in a stage."""
+    from aligned_probing import _fs
+
+    def make(key: str, deps: tuple[str, ...]):
+        def func(ctx):
+            calls.append(key)
+            # A URL run hands stages URL strings and its options; a local one Paths, as before.
+            assert isinstance(ctx.out_dir, str) == (ctx.storage_options == {"skip_instance_cache": False})
+            total = sum(
+                json.loads(_fs.read_text(_fs.child(ctx.inputs[d], "out.json")))["value"] for d in deps
+            )
+            if key == fail:
+                raise RuntimeError(f"killed in {key}")
+            _fs.write_text_atomic(_fs.child(ctx.out_dir, "out.json"), json.dumps({"value": total + 1}))
+            return {"value": total + 1}
+
+        return Stage(key, key, {"n": 1}, deps, func, resumable=key == "b")
+
+    return [make("a", ()), make("b", ("a",)), make("c", ("b",))]
+
+
+def test_run_dir_on_a_url_keeps_the_layout_and_reruns_cached(tmp_path):
+    import uuid
+
+    from aligned_probing import _fs
+
+    url = f"memory://runs-{uuid.uuid4().hex[:8]}/x"
+    options = {"skip_instance_cache": False}  # any fsspec option: it reaches the stages, not the hashes
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="killed in c"):
+        execute(_url_plan(calls, fail="c"), url, load_model=_load, progress=False, storage_options=options)
+    dry = execute(_url_plan([]), url, load_model=_load, dry_run=True, storage_options=options)
+    # The completion records are read from the URL.
+    assert [r.status for r in dry] == ["cached", "cached", "would run"]
+    first = execute(_url_plan(calls), url, load_model=_load, progress=False, storage_options=options)
+    assert calls == ["a", "b", "c", "c"] and [r.status for r in first] == ["cached", "cached", "ran"]
+    local = execute(_url_plan([]), tmp_path, load_model=_load, progress=False)
+    # Same content hashes, so the same stage directory names; URLs there, Paths here.
+    assert [_fs.name(r.dir) for r in first] == [r.dir.name for r in local]
+    assert all(r.dir.startswith(f"{url}/stages/") for r in first)
+    assert _runner.read_stage(first[2].dir, options)["summary"] == {"value": 3}
+    run_file = json.loads(_fs.read_text(_fs.join(url, _runner.RUN_FILE)))
+    assert [s["dir"] for s in run_file["stages"]] == [
+        s["dir"] for s in json.loads((tmp_path / _runner.RUN_FILE).read_text())["stages"]
+    ]
+    again = execute(_url_plan(calls), url, load_model=_load, progress=False, storage_options=options)
+    assert [r.status for r in again] == ["cached"] * 3 and calls == ["a", "b", "c", "c"]
+
+
 def test_select_adds_dependencies_and_rejects_unknown_names():
     plan = _stub_plan([], {})
     assert [s.key for s in select(plan, ["c"])] == ["a", "b", "c"]
@@ -325,3 +375,140 @@ def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
     assert 'name = "tiny"' in unescape(html)  # the config text
     timings = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
     assert {t["status"] for t in timings} == {"ran"} and len(timings) == 19
+
+
+# ------------------------------------------------------------------------- the causal stage in blocks
+CAUSAL_TABLES = ("layer_skipping", "patching", "steering")
+
+
+def _causal_config(root: Path, run_dir: Path, block: int | None) -> RunConfig:
+    data = _one_model(root, run_dir).model_dump(mode="json")
+    data["causal"] = {**data["causal"], "enabled": True}
+    data["runtime"] = {**data["runtime"], "causal_layer_block": block}
+    return RunConfig.from_dict(data)
+
+
+def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    """The reference: one in-memory pass of the library calls over all layers, as the unsplit stage ran."""
+    from aligned_probing._causal_stage import _fit_probes, _steering_layer
+    from aligned_probing.causal import (
+        GenerationSettings,
+        StatSettings,
+        activation_patching,
+        generate_and_score,
+        layer_skipping,
+        match_pairs,
+        steering_sweep,
+    )
+    from aligned_probing.data import PromptSet
+    from aligned_probing.scoring import get_scorer
+
+    c, g = cfg.causal, cfg.generation
+    model = pipeline.ModelLoader(cfg.model_variants())(cfg.model_variants()[0].name)
+    prompts = pd.read_parquet(dirs["prompts"] / "prompts.parquet")
+    scorer = get_scorer(cfg.scoring.scorer, **cfg.scoring.options)
+    sub = PromptSet.from_frame(prompts).sample(c.n_prompts, stratify_by="prompt_toxicity", seed=c.seed).df
+    gen = GenerationSettings(c.k, c.seed, c.max_new_tokens, g.temperature, g.top_p, 0, g.batch_size)
+    stat = StatSettings(c.attribute, cfg.behaviour.threshold, cfg.behaviour.n_bootstrap, seed=c.seed)
+    layers = sorted(c.layers)
+    steer = _steering_layer(dirs["probe"], c.attribute, model.n_layers)
+    probes = _fit_probes(
+        dirs["encode"] / "store", prompts, c.attribute, sorted({*layers, steer}), "mean", cfg.probing.alphas
+    )
+    baseline = generate_and_score(model, sub, scorer, gen)
+    skip = layer_skipping(
+        model, sub, scorer, blocks=[x - 1 for x in layers], generation=gen, stats=stat, baseline=baseline
+    )
+    skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
+    pairs = match_pairs(prompts, model.tokenizer, threshold=stat.threshold, max_pairs=c.n_prompts // 2)
+    patch = activation_patching(
+        model,
+        pairs,
+        layers=layers,
+        probes={x: probes[x] for x in layers},
+        scorer=scorer,
+        generation=gen,
+        stats=stat,
+    )
+    direction = probes[steer].direction()
+    steering = steering_sweep(
+        model,
+        sub,
+        scorer,
+        direction,
+        layer=steer,
+        alphas=c.steering_alphas,
+        generation=gen,
+        stats=stat,
+        baseline=baseline,
+    )
+    summary = {"layers": layers, "steering_layer": steer, "n_pairs": len(pairs)}
+    return {"layer_skipping": skip, "patching": patch, "steering": steering, "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def unsplit_causal(tiny_models, tmp_path_factory):
+    """One tiny model through the causal stage with all intervention layers in one task."""
+    run_dir = tmp_path_factory.mktemp("unsplit") / "run"
+    cfg = _causal_config(tiny_models, run_dir, block=None)
+    result = pipeline.run(cfg, stages=["causal"], progress=False)
+    return cfg, result
+
+
+@pytest.mark.slow
+def test_unsplit_causal_stage_equals_one_in_memory_pass_of_the_library(unsplit_causal):
+    cfg, result = unsplit_causal
+    dirs = {r.name: r.dir for r in result.records}
+    expected = _causal_by_hand(cfg, dirs)
+    assert result.records[-1].summary == expected["summary"]
+    for name in CAUSAL_TABLES:
+        table = pd.read_parquet(dirs["causal"] / f"{name}.parquet")
+        pd.testing.assert_frame_equal(table, expected[name], check_exact=True, obj=name)
+
+
+@pytest.mark.slow
+def test_causal_blocks_resume_after_a_kill_and_equal_the_unsplit_tables(
+    unsplit_causal, tiny_models, tmp_path, monkeypatch
+):
+    from aligned_probing import _causal_stage
+
+    ref_cfg, ref = unsplit_causal
+    ref_dir = next(r.dir for r in ref.records if r.name == "causal")
+    shutil.copytree(ref_cfg.output.run_dir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "stages" / ref_dir.name)  # the upstream stages stay cached
+    cfg = _causal_config(tiny_models, tmp_path / "run", block=1)  # one task per intervention layer
+    real_block = _causal_stage.block_task
+    ran: list[list[int]] = []
+
+    def killed_at_second_block(task):
+        if ran:
+            raise KeyboardInterrupt("simulated kill in the second block")
+        ran.append(task["layers"])
+        return real_block(task)
+
+    monkeypatch.setattr(_causal_stage, "block_task", killed_at_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, stages=["causal"], progress=False)
+    out = tmp_path / "run" / "stages" / ref_dir.name  # runtime settings leave the hash alone
+    blocks = out / "blocks"
+    assert ran == [[1]] and not (out / "stage.json").exists()
+    kept = {p.name: p.read_bytes() for p in blocks.iterdir()}
+    assert sorted(kept) == ["patching-layers-001-001.parquet", "skipping-layers-001-001.parquet"]
+    baseline = (out / "baseline.parquet").stat().st_mtime_ns
+
+    computed: list[list[str]] = []
+    monkeypatch.setattr(_causal_stage, "block_task", lambda task: computed.append(real_block(task)))
+    result = pipeline.run(cfg, stages=["causal"], progress=False)
+    assert result.executed == ["causal/tiny-a"]
+    assert computed == [[], ["skipping-layers-003-003.parquet", "patching-layers-003-003.parquet"]]
+    assert {p.name: p.read_bytes() for p in blocks.iterdir() if p.name in kept} == kept  # kept, not redone
+    assert (out / "baseline.parquet").stat().st_mtime_ns == baseline  # the shared baseline is reused
+    assert (out / "blocks" / "steering.parquet").is_file()
+    for name in CAUSAL_TABLES:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / f"{name}.parquet"),
+            pd.read_parquet(ref_dir / f"{name}.parquet"),
+            check_exact=True,
+            obj=name,
+        )
+    assert result.records[-1].summary == ref.records[-1].summary

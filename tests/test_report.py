@@ -125,12 +125,16 @@ def results(tmp_path, rng) -> RunResults:
         layer_skipping=_effects({"block": layers, "layer": layers + 1}, 0.01 * layers),
         patching=pd.concat(
             [
-                _effects({"layer": layers, "direction": d, "measure": "readout", "readout_layer": 4}, s * layers)
+                _effects(
+                    {"layer": layers, "direction": d, "measure": "readout", "readout_layer": 4}, s * layers
+                )
                 for d, s in (("toxic_to_nontoxic", -0.1), ("nontoxic_to_toxic", 0.1))
             ],
             ignore_index=True,
         ),
-        steering=_effects({"alpha": [-4.0, 0.0, 4.0, 8.0, -8.0], "layer": 2}, np.array([0.1, 0.2, 0.4, 0.5, 0.0])),
+        steering=_effects(
+            {"alpha": [-4.0, 0.0, 4.0, 8.0, -8.0], "layer": 2}, np.array([0.1, 0.2, 0.4, 0.5, 0.0])
+        ),
         timings=pd.DataFrame(
             {
                 "key": ["prompts", "generate/model-a/t0"],

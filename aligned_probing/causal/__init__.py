@@ -20,7 +20,7 @@ from aligned_probing.causal.interventions import (
     ResidualPatch,
     Steering,
 )
-from aligned_probing.causal.patching import activation_patching, match_pairs
+from aligned_probing.causal.patching import activation_patching, clean_pair_continuations, match_pairs
 from aligned_probing.causal.skipping import layer_skipping
 from aligned_probing.causal.steering import steering_sweep
 
@@ -34,6 +34,7 @@ __all__ = [
     "StatSettings",
     "Steering",
     "activation_patching",
+    "clean_pair_continuations",
     "continuation_log_perplexity",
     "generate_and_score",
     "layer_skipping",

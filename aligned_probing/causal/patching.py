@@ -180,6 +180,25 @@ def _check_args(
     return layers
 
 
+def clean_pair_continuations(
+    model: Any, pairs: pd.DataFrame, scorer: Any, generation: GenerationSettings | None = None
+) -> pd.DataFrame:
+    """Scored continuations of every pair's toxic and non-toxic prompt, unpatched, in one batch.
+
+    Per-row seeds make each prompt's continuations independent of the batch, so these equal the
+    clean runs one prompt at a time; pass them to several `activation_patching` calls to share them.
+    """
+    gen = generation or GenerationSettings()
+    frame = pd.concat(
+        [
+            pairs[["toxic_prompt_id", "toxic_text"]].set_axis(["prompt_id", "text"], axis=1),
+            pairs[["nontoxic_prompt_id", "nontoxic_text"]].set_axis(["prompt_id", "text"], axis=1),
+        ],
+        ignore_index=True,
+    ).drop_duplicates("prompt_id")
+    return generate_and_score(model, frame, scorer, gen)
+
+
 def activation_patching(
     model: Any,
     pairs: pd.DataFrame,
@@ -192,6 +211,7 @@ def activation_patching(
     positions: str = "last",
     generation: GenerationSettings | None = None,
     stats: StatSettings | None = None,
+    clean_continuations: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Patch source -> target residuals per layer; measure probe read-out and continuation toxicity.
 
@@ -209,6 +229,9 @@ def activation_patching(
             equal length).
         generation: Sampling settings (the same seeds for patched and clean targets).
         stats: Attribute, threshold and bootstrap settings (bootstrap over pairs).
+        clean_continuations: Scored continuations of the unpatched pair prompts with the same
+            `generation` settings (`clean_pair_continuations`), to share them between calls (e.g.
+            one call per block of layers); generated here, all pairs in one batch, when None.
 
     Returns:
         Tidy rows with `PATCHING_COLUMNS`: `measure` = "readout" (with `readout_layer`) or a
@@ -230,6 +253,14 @@ def activation_patching(
     readout_records: list[dict] = []
     behaviour_frames: list[pd.DataFrame] = []
     clean_behaviour: dict[str, pd.DataFrame] = {}
+    if gen_layers:
+        if clean_continuations is None:
+            clean_continuations = clean_pair_continuations(model, pairs, scorer, gen)
+        clean_behaviour = dict(tuple(clean_continuations.groupby("prompt_id", sort=False)))
+        wanted = set(pairs.toxic_prompt_id) | set(pairs.nontoxic_prompt_id)
+        missing = sorted(wanted - set(clean_behaviour))
+        if missing:
+            raise ValueError(f"clean_continuations has no rows for the pair prompt(s) {missing[:5]}.")
     for pair in pairs.itertuples(index=False):
         texts = {"toxic": pair.toxic_text, "nontoxic": pair.nontoxic_text}
         ids = {"toxic": pair.toxic_prompt_id, "nontoxic": pair.nontoxic_prompt_id}
@@ -237,11 +268,6 @@ def activation_patching(
         clean = {s: record_residuals(model, torch.tensor([r.input_ids])) for s, r in rendered.items()}
         span = {s: (r.prompt_start, r.prompt_end) for s, r in rendered.items()}
         clean_read = {s: probe_readout(clean[s], probes, span[s], pooling) for s in rendered}
-        if scorer is not None:
-            for s in rendered:
-                if ids[s] not in clean_behaviour:
-                    frame = pd.DataFrame({"prompt_id": [ids[s]], "text": [texts[s]]})
-                    clean_behaviour[ids[s]] = generate_and_score(model, frame, scorer, gen)
         for direction in DIRECTIONS:
             src, tgt = ("toxic", "nontoxic") if direction == "toxic_to_nontoxic" else ("nontoxic", "toxic")
             tgt_ids = torch.tensor([rendered[tgt].input_ids])
