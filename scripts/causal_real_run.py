@@ -12,10 +12,12 @@ reports. Steps:
 3. Baseline continuations of the behaviour set, then layer skipping and steering against them
    (paired: the same per-row seeds), then patching on exact-length toxic/non-toxic pairs.
 
-Usage: .venv/bin/python scripts/causal_real_run.py [--n-prompts 32 --k 3 ...]
-The reported run was split over two processes (on a machine shared with other jobs):
-    scripts/causal_real_run.py --skip patching --tag _skip_steer
-    scripts/causal_real_run.py --skip baseline --tag _patching
+Usage: .venv/bin/python scripts/causal_real_run.py [--n-prompts 200 --k 3 ...]
+The reported run (the defaults) was split over two processes, one per core, that draw the same
+probe and behaviour sets (same seed) and so write identical probes and baseline tables:
+    scripts/causal_real_run.py --skip steering,patching --tag _skipping --out DIR_A
+    scripts/causal_real_run.py --skip skipping --tag _steer_patch --out DIR_B
+then DIR_A/skipping.parquet and both run*.json files were copied next to DIR_B's tables.
 """
 
 from __future__ import annotations
@@ -50,19 +52,19 @@ def _floats(text: str) -> list[float]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (every run setting)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-prompts", type=int, default=32, help="behaviour prompts (skipping, steering)")
-    p.add_argument("--probe-prompts", type=int, default=120, help="prompts to fit the probes on")
+    p.add_argument("--n-prompts", type=int, default=200, help="behaviour prompts (skipping, steering)")
+    p.add_argument("--probe-prompts", type=int, default=300, help="prompts to fit the probes on")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--blocks", type=_ints, default=_ints("0,3,7,14,29"))
+    p.add_argument("--blocks", type=_ints, default=_ints("0,3,7,10,14,18,22,26,29"))
     p.add_argument(
         "--alphas",
         type=_floats,
-        default=_floats("-1,-0.3,0.3,1"),
+        default=_floats("-1,-0.5,-0.25,0.25,0.5,1"),
         help="steering steps in units of the layer's median residual norm",
     )
     p.add_argument("--steer-layer", type=int, default=-1, help="-1: the layer with the best probe CV r")
-    p.add_argument("--n-pairs", type=int, default=10)
+    p.add_argument("--n-pairs", type=int, default=40)
     p.add_argument("--patch-layers", type=_ints, default=_ints("0,3,6,9,12,15,18,21,24,27,30"))
     p.add_argument("--generate-layers", type=_ints, default=_ints("3,12"))
     p.add_argument("--batch-size", type=int, default=48)
