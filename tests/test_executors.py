@@ -5,10 +5,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from aligned_probing.config import RunConfig
 from aligned_probing.executors import (
     EXECUTORS,
     Executor,
@@ -263,19 +265,24 @@ def tiny_run_config(tmp_path_factory):
     return root, {**data, "models": data["models"][:1]}
 
 
+def _executor_config(root: Path, data: dict, executor: str, **runtime: Any) -> RunConfig:
+    """The tiny config `data` run by `executor` in `root / executor`, with extra runtime settings."""
+    output = {**data["output"], "run_dir": str(root / executor)}
+    return RunConfig.from_dict(
+        {**data, "output": output, "runtime": {**data["runtime"], "executor": executor, **runtime}}
+    )
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_config):
     from aligned_probing import pipeline
     from aligned_probing._results import load_results
     from aligned_probing._stages import read_continuations
-    from aligned_probing.config import RunConfig
 
     root, data = tiny_run_config
 
     def config(executor: str) -> RunConfig:
-        output = {**data["output"], "run_dir": str(root / executor)}
-        runtime = {**data["runtime"], "executor": executor, "probe_layer_block": 2}
-        return RunConfig.from_dict({**data, "output": output, "runtime": runtime})
+        return _executor_config(root, data, executor, probe_layer_block=2)
 
     runs = {}
     for executor in ("local", "ray"):
@@ -305,17 +312,13 @@ def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_
 @pytest.mark.slow
 def test_causal_blocks_through_ray_give_the_local_tables(ray_cluster, tiny_run_config):
     from aligned_probing import pipeline
-    from aligned_probing.config import RunConfig
 
     root, data = tiny_run_config
 
     def config(executor: str) -> RunConfig:
         # The run directories of the test above: the stages upstream of causal are cached there.
-        output = {**data["output"], "run_dir": str(root / executor)}
-        runtime = {**data["runtime"], "executor": executor, "causal_layer_block": 1}
-        return RunConfig.from_dict(
-            {**data, "causal": {**data["causal"], "enabled": True}, "output": output, "runtime": runtime}
-        )
+        causal = {**data, "causal": {**data["causal"], "enabled": True}}
+        return _executor_config(root, causal, executor, causal_layer_block=1)
 
     outs = {}
     for executor in ("local", "ray"):
