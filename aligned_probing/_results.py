@@ -39,6 +39,9 @@ class RunResults:
         patching: Patching effects.
         steering: Steering effects.
         timings: One row per stage: `key`, `name`, `status`, `seconds` (compute time when it ran).
+        continuations: Every generated continuation (docs/architecture.md), all models and templates.
+        selfchecks: One row per generate stage: the generation self-check's measurements
+            (`aligned_probing.generation_checks.GenerationCheck`), with `model` and `template`.
     """
 
     run_dir: _fs.Resolved
@@ -53,6 +56,8 @@ class RunResults:
     patching: pd.DataFrame | None = None
     steering: pd.DataFrame | None = None
     timings: pd.DataFrame = field(default_factory=pd.DataFrame)
+    continuations: pd.DataFrame | None = None
+    selfchecks: pd.DataFrame | None = None
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
@@ -92,6 +97,8 @@ def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = No
                 "seconds": record.get("seconds") if record else None,
             }
         )
+        if stage.name == "generate":
+            _read_generation(stage, out, tables, storage_options)
         if record is None:
             continue
         for filename in OUTPUTS.get(stage.name, ()):
@@ -115,4 +122,21 @@ def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = No
         patching=_concat(tables.get("patching", [])),
         steering=_concat(tables.get("steering", [])),
         timings=pd.DataFrame(timing_rows),
+        continuations=_concat(tables.get("continuations", [])),
+        selfchecks=_concat(tables.get("selfchecks", [])),
     )
+
+
+def _read_generation(
+    stage: Any, out: _fs.Resolved, tables: dict[str, list[pd.DataFrame]], storage_options: _fs.StorageOptions
+) -> None:
+    """Continuations and the self-check record of a generate stage (also of one that stopped on it)."""
+    from aligned_probing._stages import read_continuations, read_selfcheck
+
+    check = read_selfcheck(out, storage_options)
+    if check is not None:
+        row = {"template": stage.settings["template"], **{k: v for k, v in check.items() if k != "details"}}
+        tables.setdefault("selfchecks", []).append(pd.DataFrame([row]))
+    conts = read_continuations(out, storage_options)
+    if len(conts):
+        tables.setdefault("continuations", []).append(conts)

@@ -39,6 +39,12 @@ STAGE_FILE = "stage.json"
 RUN_FILE = "run.json"
 # Bump when a stage's output format changes: old outputs are then simply not found.
 STAGE_FORMAT = 1
+#: Version of what each stage computes, hashed into its key: bump a stage's number whenever its
+#: computation or output format changes, so existing run directories recompute it (and everything
+#: downstream, whose keys include it) instead of serving stale outputs. Absent = 1.
+#: generate 2: continuations carry `token_logprobs` and pass the self-check (a transformers 5.24
+#: install produced token salad that version 1 would have served from cache).
+STAGE_VERSIONS: dict[str, int] = {"generate": 2}
 
 
 @dataclass
@@ -117,6 +123,7 @@ def stage_hashes(plan: Sequence[Stage]) -> dict[str, str]:
         hashes[stage.key] = stable_hash(
             {
                 "format": STAGE_FORMAT,
+                "version": STAGE_VERSIONS.get(stage.name, 1),
                 "name": stage.name,
                 "settings": stage.settings,
                 "inputs": {d: hashes[d] for d in stage.deps},

@@ -107,7 +107,41 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
         show_progress=ctx.progress,
         storage_options=ctx.storage_options,
     )
-    return {"n_continuations": len(table), "mean_tokens": float(table["n_tokens"].mean())}
+    check = _generation_self_check(ctx, model, table)
+    return {"n_continuations": len(table), "mean_tokens": float(table["n_tokens"].mean()),
+            "log_perplexity": check.log_perplexity, "self_check_passed": check.passed}
+
+
+SELFCHECK_FILE = "selfcheck.json"
+
+
+def _generation_self_check(ctx: StageContext, model: Any, table: pd.DataFrame) -> Any:
+    """Check the continuations (cached vs uncached), record `selfcheck.json`, stop the run on failure.
+
+    The record is written before an error is raised, so a failed run leaves its measurements behind
+    (the stage itself is not recorded complete). See `aligned_probing.generation_checks`.
+    """
+    import json
+
+    from aligned_probing.generation_checks import check_generation, enforce
+
+    g = ctx.settings["generation"]
+    check = check_generation(model, table, max_new_tokens=g["max_new_tokens"], seed=g["seed"])
+    _fs.write_text_atomic(_fs.child(ctx.out_dir, SELFCHECK_FILE), json.dumps(check.to_dict(), indent=2),
+                          ctx.storage_options)
+    logger.info("generation self-check (%s): %s", model.name, check.message)
+    enforce(check, g.get("self_check", "error"))
+    return check
+
+
+def read_selfcheck(directory: _fs.Resolved, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The generation self-check record of a generate stage directory (None when absent)."""
+    import json
+
+    path = _fs.child(directory, SELFCHECK_FILE)
+    if not _fs.exists(path, storage_options):
+        return None
+    return json.loads(_fs.read_text(path, storage_options))
 
 
 def read_continuations(

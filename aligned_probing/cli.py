@@ -239,6 +239,27 @@ def _model_check(name: str) -> Callable[[], str]:
     return check
 
 
+def _generation_check(name: str) -> Callable[[], str]:
+    """Sample a few continuations of the model and run the pipeline's generation self-check on them."""
+
+    def check() -> str:
+        from aligned_probing.data import embedded_prompts
+        from aligned_probing.generation import generate_continuations
+        from aligned_probing.generation_checks import check_generation, enforce
+        from aligned_probing.models import load_model
+
+        model = load_model(name)
+        prompts = embedded_prompts("rtp-challenging").sample(4, stratify_by=None, seed=0)
+        conts = generate_continuations(model, prompts, k=2, seed=0, max_new_tokens=20)
+        result = check_generation(model, conts, max_new_tokens=20, n_rows=8, n_greedy_prompts=2)
+        enforce(result, "error")
+        return (f"log-perplexity {result.log_perplexity:.2f} nats; cached vs uncached max |diff| "
+                f"{result.max_abs_logprob_diff:.1e} nats; greedy parity on {result.n_greedy_prompts} prompts; "
+                f"e.g. {conts['text'].iloc[0]!r}")
+
+    return check
+
+
 def _scorer_check(tolerance: float) -> Callable[[], str]:
     def check() -> str:
         from aligned_probing.scoring import verify_embedded_scorer
@@ -258,7 +279,7 @@ def doctor(
         typer.Option("--models/--no-models", help="Also load every embedded model (slow the first time)."),
     ] = True,
 ) -> None:
-    """Check the installation offline: embedded wheels, model loading, scorer vs its Keras fixture."""
+    """Check the installation offline: embedded wheels, model loading, generation self-check, scorer."""
     from aligned_probing.models import registry_names
 
     results = [
@@ -266,6 +287,10 @@ def doctor(
     ]
     if load_models:
         results += [_check(f"model {name}", _model_check(name)) for name in registry_names()]
+    if load_models:
+        from aligned_probing.models import DEFAULT_MODEL
+
+        results.append(_check(f"generation self-check ({DEFAULT_MODEL})", _generation_check(DEFAULT_MODEL)))
     results.append(_check("embedded scorer reproduces its Keras fixture", _scorer_check(1e-5)))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     typer.echo(f"[info] chromium (report rendering test): {chromium or 'not found'}")

@@ -108,6 +108,11 @@ class GenerationConfig(_Section):
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (no top-k).")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
     seed: int = Field(0, description="Seed of the sampler.")
+    self_check: Literal["error", "warn"] = Field(
+        "error",
+        description="What a failed generation self-check does (cached vs uncached log-probabilities and greedy "
+        "decoding): `error` stops the run; `warn` continues with a loud warning shown at the top of the report.",
+    )
 
 
 class ScoringConfig(_Section):

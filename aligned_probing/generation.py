@@ -56,6 +56,7 @@ CONTINUATION_COLUMNS: tuple[str, ...] = (
     "n_tokens",
     "stopped_at_eos",
     "seed",
+    "token_logprobs",
 )
 MANIFEST = "manifest.json"
 _PART_GLOB = "part-*.parquet"
@@ -104,12 +105,16 @@ class _PerRowSampler(LogitsProcessor):
 
     Runs last in the processor list, after any processors the model's generation config adds;
     `generate` is in greedy mode, so the argmax of the returned scores is the drawn token.
+    It also records the model's log-probability of every drawn token (temperature 1, no top-p:
+    the unmodified distribution), which the generation self-check compares against an uncached
+    teacher-forced forward (`aligned_probing.generation_checks`).
     """
 
     def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float) -> None:
         self.generators = generators
         self.temperature = temperature
         self.top_p = top_p
+        self.logprobs: list[torch.Tensor] = []  # one (batch,) float32 tensor per decoding step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: (batch, vocab), float32
@@ -118,6 +123,8 @@ class _PerRowSampler(LogitsProcessor):
         else:
             ids, probs = nucleus(scores / self.temperature, self.top_p)  # (batch, m) each
             choice = torch.stack([self._draw(ids[i], probs[i], g) for i, g in enumerate(self.generators)])
+        logp = torch.log_softmax(scores.float(), dim=-1).gather(1, choice.view(-1, 1))  # (batch, 1)
+        self.logprobs.append(logp[:, 0].cpu())
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, choice.view(-1, 1), 0.0)
         return forced
@@ -248,6 +255,12 @@ def read_continuations(
         return pd.DataFrame({c: pd.Series(dtype=object) for c in CONTINUATION_COLUMNS})
     df = pd.concat([_fs.read_parquet(p, storage_options) for p in parts], ignore_index=True)
     df["token_ids"] = df["token_ids"].map(lambda ids: [int(i) for i in ids])
+    if "token_logprobs" not in df.columns:
+        raise ValueError(
+            f"{output_dir} holds continuations written before log-probabilities were recorded "
+            "(no 'token_logprobs' column); delete the directory and generate again."
+        )
+    df["token_logprobs"] = df["token_logprobs"].map(lambda lps: [float(x) for x in lps])
     if df.duplicated(["prompt_id", "continuation_idx"]).any():
         raise ValueError(
             f"{output_dir} holds duplicate (prompt_id, continuation_idx) rows; delete the directory."
@@ -276,8 +289,13 @@ def _generate_batch(
     temperature: float,
     top_p: float,
     seed: int,
-) -> list[tuple[list[int], bool]]:
-    """Generate one batch of (prompt index, continuation index) items; return (token ids, EOS?)."""
+) -> list[tuple[list[int], bool, list[float]]]:
+    """Generate one batch of (prompt index, continuation index) items.
+
+    Returns:
+        Per item: the generated token ids (EOS and padding excluded), whether it stopped at EOS, and
+        the model's log-probability of each of those tokens as recorded while sampling (KV cache on).
+    """
     device = torch.device(model.device)
     pad = model.pad_token_id
     eos = set(model.eos_token_ids)
@@ -302,6 +320,7 @@ def _generate_batch(
         use_cache=True,
         repetition_penalty=1.0,
     )
+    sampler = _PerRowSampler(generators, temperature, top_p)
     with torch.inference_mode(), warnings.catch_warnings():
         # The model's own sampling keys (temperature, top_p) are unused in greedy mode: not news.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers\.generation")
@@ -309,13 +328,15 @@ def _generate_batch(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([_PerRowSampler(generators, temperature, top_p)]),
+            logits_processor=LogitsProcessorList([sampler]),
         )
     new = out[:, width:].tolist()  # (batch, <= max_new_tokens); EOS then pad after a row stops
+    logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (batch, steps)
     results = []
-    for ids in new:
+    for ids, lps in zip(new, logprobs, strict=True):
         stop = next((i for i, t in enumerate(ids) if t in eos), None)
-        results.append((ids if stop is None else ids[:stop], stop is not None))
+        n = len(ids) if stop is None else stop
+        results.append((ids[:n], stop is not None, [float(x) for x in lps[:n]]))
     return results
 
 
@@ -402,11 +423,12 @@ def generate_continuations(
                 "continuation_idx": [c for _, c in todo],
                 "template": template,
                 "prompt_text": [texts[p] for p, _ in todo],
-                "text": [model.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in results],
-                "token_ids": [ids for ids, _ in results],
-                "n_tokens": [len(ids) for ids, _ in results],
-                "stopped_at_eos": [stopped for _, stopped in results],
+                "text": [model.tokenizer.decode(ids, skip_special_tokens=True) for ids, _, _ in results],
+                "token_ids": [ids for ids, _, _ in results],
+                "n_tokens": [len(ids) for ids, _, _ in results],
+                "stopped_at_eos": [stopped for _, stopped, _ in results],
                 "seed": seed,
+                "token_logprobs": [lps for _, _, lps in results],
             }
         )
         if out_dir is not None:

@@ -29,6 +29,7 @@ import torch
 
 from aligned_probing import _sources
 from aligned_probing._hub import HubUnavailableError
+from aligned_probing._kv_compat import route_cache_keyword
 from aligned_probing._model_cache import CacheEntry, CorruptCacheWarning, clear_cache, list_cache
 from aligned_probing._registry import DEFAULT_MODEL, list_registry, registry_names
 from aligned_probing.quantization import QUANTIZATIONS, check_quantization, quantize_weights
@@ -230,6 +231,7 @@ def bridge_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = boot(boot_name, hf_model=hf_model, tokenizer=_bridge_tokenizer(tokenizer), device=device)
+    route_cache_keyword(bridge)  # transformers >= 5.24 passes the KV cache as `cache` (see _kv_compat)
     n_layers = int(bridge.cfg.n_layers)
     return LoadedModel(
         name=name,

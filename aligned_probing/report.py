@@ -323,6 +323,62 @@ def _causal_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
     return s
 
 
+#: Example continuations shown per model and template: the most toxic, the least toxic, random ones.
+N_EXAMPLES = {"most toxic": 3, "least toxic": 2, "random": 3}
+
+
+def _examples(conts: pd.DataFrame, scores: pd.DataFrame | None, seed: int = 0) -> pd.DataFrame:
+    """Rows of the continuations table to show, ranked by toxicity when scores exist."""
+    keys = ["model", "template", "prompt_id", "continuation_idx"]
+    table = conts
+    if scores is not None and "toxicity" in scores.columns:
+        table = conts.merge(scores[[*keys, "toxicity"]], on=keys, how="left")
+    rows = []
+    for (model, template), group in table.groupby(["model", "template"], sort=False):
+        picks: list[tuple[str, pd.DataFrame]] = []
+        if "toxicity" in group.columns:
+            ranked = group.sort_values("toxicity", ascending=False, kind="stable")
+            picks += [("most toxic", ranked.head(N_EXAMPLES["most toxic"])),
+                      ("least toxic", ranked.tail(N_EXAMPLES["least toxic"]).iloc[::-1])]
+        picks.append(("random", group.sample(min(N_EXAMPLES["random"], len(group)), random_state=seed)))
+        for kind, sub in picks:
+            for r in sub.itertuples(index=False):
+                rows.append({"model": model, "template": template, "example": kind, "prompt_id": r.prompt_id,
+                             "continuation_idx": r.continuation_idx,
+                             "toxicity": round(float(getattr(r, "toxicity", float("nan"))), 3),
+                             "prompt": r.prompt_text, "continuation": r.text})
+    return pd.DataFrame(rows)
+
+
+def _generation_section(r: RunResults) -> _Section:
+    """The text the numbers come from: self-check figures and example continuations per model."""
+    section = _Section(
+        "generation",
+        "Generated text",
+        "Every number in this report is computed from these continuations. The self-check recomputes the "
+        "log-probabilities of sampled tokens without the KV cache (they must agree with those recorded while "
+        "sampling) and compares cached with uncached greedy decoding; log-perplexity is the mean negative "
+        "log-likelihood per generated token under the model itself (lower = more fluent; fluent SmolLM2 samples "
+        "are about 3 nats, token salad above 6).",
+        empty="No continuations were generated in this run.",
+    )
+    if r.selfchecks is not None:
+        cols = ["model", "template", "passed", "log_perplexity", "n_tokens_total", "max_abs_logprob_diff",
+                "logprob_tolerance", "n_rows_checked", "greedy_mismatches", "greedy_ties", "n_greedy_prompts"]
+        section.tables.append(_table(r.selfchecks[[c for c in cols if c in r.selfchecks.columns]],
+                                     "Generation self-check"))
+    if r.continuations is not None:
+        section.tables.append(_table(_examples(r.continuations, r.scores), "Example continuations"))
+    return section
+
+
+def _alerts(r: RunResults) -> list[str]:
+    """Messages shown at the very top: failed self-checks that the config downgraded to warnings."""
+    if r.selfchecks is None:
+        return []
+    return [str(m) for m in r.selfchecks.loc[~r.selfchecks["passed"].astype(bool), "message"]]
+
+
 def render_report(
     results: RunResults,
     path: str | Path,
@@ -375,6 +431,7 @@ def render_report(
     timings = results.timings
     sections = [
         overview,
+        _generation_section(results),
         _information_section(summary, add),
         _reliability_section(summary, add),
         _behaviour_section(results, add),
@@ -409,6 +466,7 @@ def render_report(
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         version=library_versions()["aligned-probing"],
         sections=sections,
+        alerts=_alerts(results),
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

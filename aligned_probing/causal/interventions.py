@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aligned_probing._kv_compat import call_cache
+
 HookFn = Callable[[Tensor, Any], Tensor | None]
 """TransformerLens hook signature: `fn(activation, hook) -> activation | None`."""
 
@@ -47,7 +49,8 @@ HookFn = Callable[[Tensor, Any], Tensor | None]
 class _CallOffset:
     """Absolute start position of the current forward call (0 for a fresh pass).
 
-    Read from the KV cache that the call receives: `past_key_values.get_seq_length()` is the number
+    Read from the KV cache that the call receives (keyword `cache` or `past_key_values`, see
+    `aligned_probing._kv_compat`): its `get_seq_length()` is the number
     of positions already processed. Hand-written because TransformerLens hook functions receive
     only the activation, not the call's cache position.
     """
@@ -56,7 +59,7 @@ class _CallOffset:
         self.offset = 0
 
     def pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
+        past = call_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
         self.offset = int(past.get_seq_length()) if past is not None else 0
 
 
