@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         ["render_prompt", "RenderedPrompt", "TemplateTruncationWarning", "TEMPLATES"],
-        "aligned_probing.templates",
+        "aligned_probing.data.templates",
     ),
     **dict.fromkeys(
         ["generate_continuations", "read_continuations", "CONTINUATION_COLUMNS"],
@@ -47,10 +47,10 @@ _EXPORTS: dict[str, str] = {
     ),
     # encoding and the store
     **dict.fromkeys(["encode", "EmptyContinuationWarning"], "aligned_probing.encoding"),
-    "ActivationStore": "aligned_probing.store",
+    "ActivationStore": "aligned_probing.encoding.store",
     **dict.fromkeys(
         ["Aggregator", "mean_aggregator", "last_aggregator", "max_aggregator", "get_aggregator"],
-        "aligned_probing.pooling",
+        "aligned_probing.encoding.pooling",
     ),
     # probing
     **dict.fromkeys(
@@ -76,11 +76,13 @@ _EXPORTS: dict[str, str] = {
         "aligned_probing.training",
     ),
     # experiment config and pipeline
-    "RunConfig": "aligned_probing.config",
+    "RunConfig": "aligned_probing.pipeline.config",
+    **dict.fromkeys(["load_results", "RunResults", "build_report"], "aligned_probing.pipeline.results"),
+    "render_report": "aligned_probing.report.html",
     "run_pipeline": "aligned_probing.pipeline",
     # executors (local by default; Ray is an optional extra)
     **dict.fromkeys(
-        ["get_executor", "LocalExecutor", "RayExecutor", "Resources"], "aligned_probing.executors"
+        ["get_executor", "LocalExecutor", "RayExecutor", "Resources"], "aligned_probing.pipeline.executors"
     ),
 }
 

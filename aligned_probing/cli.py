@@ -94,7 +94,7 @@ def _run_stages(
     ray_address: str | None = None,
 ) -> None:
     from aligned_probing import pipeline
-    from aligned_probing.config import ConfigError, RunConfig
+    from aligned_probing.pipeline.config import ConfigError, RunConfig
 
     _setup_logging()
     try:
@@ -176,7 +176,7 @@ def report(
     out: Annotated[Path | None, typer.Option(help="HTML path (default: RUN_DIR/report.html).")] = None,
 ) -> None:
     """Write the self-contained HTML report of RUN_DIR (figures embedded; opens with no server)."""
-    from aligned_probing.report import build_report
+    from aligned_probing.pipeline.results import build_report
 
     _setup_logging()
     try:
@@ -315,7 +315,7 @@ def config_docs(
     out: Annotated[Path | None, typer.Option(help="Write here instead of printing.")] = None,
 ) -> None:
     """Print the config reference (every key, type, default and meaning) as Markdown."""
-    from aligned_probing.config import config_reference
+    from aligned_probing.pipeline.config import config_reference
 
     text = config_reference()
     if out is None:

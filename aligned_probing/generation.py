@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from aligned_probing import _fs
 from aligned_probing.data import PromptDataWarning, PromptSet
+from aligned_probing.data.templates import RenderedPrompt, TemplateTruncationWarning, render_prompt
 from aligned_probing.models import LoadedModel
-from aligned_probing.templates import RenderedPrompt, TemplateTruncationWarning, render_prompt
+from aligned_probing.pipeline import fs as _fs
 
 CONTINUATION_COLUMNS: tuple[str, ...] = (
     "model",
@@ -367,7 +367,7 @@ def generate_continuations(
         max_new_tokens: Maximum generated tokens per continuation.
         temperature: Softmax temperature (> 0), or 0 for greedy decoding.
         top_p: Nucleus sampling mass in (0, 1]; 1 disables it. No top-k.
-        template: Prompt template 0-4 (see `aligned_probing.templates`).
+        template: Prompt template 0-4 (see `aligned_probing.data.templates`).
         batch_size: Sequences per `generate` call.
         use_chat_template: Passed to `render_prompt` (None: chat template for templates 1-4 when
             the tokenizer has one).

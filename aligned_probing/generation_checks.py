@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from transformers import GenerationConfig
 
+from aligned_probing.data.templates import render_prompt
 from aligned_probing.models import LoadedModel
-from aligned_probing.templates import render_prompt
 
 SelfCheckPolicy = Literal["error", "warn"]
 
@@ -99,7 +99,7 @@ def _tolerance(table: dict[str, float], dtype: str) -> float:
 
 
 def _uncached_logprobs(model: LoadedModel, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
-    """log p(token_i | prompt, token_<i) of every continuation token from one uncached forward."""
+    """Log p(token_i | prompt, token_<i) of every continuation token from one uncached forward."""
     ids = torch.tensor([list(prompt_ids) + list(token_ids)], dtype=torch.long, device=model.device)
     with torch.inference_mode():
         logits = model.hf_model(ids, use_cache=False).logits[0].float()  # (pos, vocab)

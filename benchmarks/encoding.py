@@ -107,8 +107,8 @@ def throughput(model, rows: int, reps: int, batch_size: int) -> dict:
         _pad_batch,
         encode,
     )
-    from aligned_probing.pooling import get_aggregator
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.pooling import get_aggregator
+    from aligned_probing.encoding.store import ActivationStore
 
     prompts = real_prompts(rows // 2)
     conts = synthetic_continuations(model.tokenizer, prompts, k=2, n_tokens=20)

@@ -25,9 +25,9 @@ import time
 import torch
 
 from aligned_probing.data import embedded_prompts
+from aligned_probing.data.templates import render_prompt
 from aligned_probing.generation import generate_continuations
 from aligned_probing.models import load_model
-from aligned_probing.templates import render_prompt
 from benchmarks._common import save_results
 
 SETTINGS = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9}

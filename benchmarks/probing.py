@@ -173,7 +173,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # the reference probe gets the same threads as our BLAS
 
     if args.store:
-        from aligned_probing.store import ActivationStore
+        from aligned_probing.encoding.store import ActivationStore
 
         store, targets, source = ActivationStore.open(args.store), pd.read_parquet(args.targets), "store"
     else:

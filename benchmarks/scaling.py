@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from aligned_probing.executors import LocalExecutor, RayExecutor, Resources
+from aligned_probing.pipeline.executors import LocalExecutor, RayExecutor, Resources
 from aligned_probing.probing import RidgeProbe, run_probing
 from benchmarks._common import Timer, save_results
 from benchmarks.probing import synthetic
@@ -44,7 +44,7 @@ PROBE_SETTINGS: dict[str, Any] = {
 # ------------------------------------------------------------------------------------ 1. probing sweep
 def build_store(root: Path, n_layers: int, n_prompts: int, d_model: int) -> tuple[Path, Path]:
     """A real on-disk `ActivationStore` (input + output, mean) with a planted signal, and its targets."""
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     memory, targets = synthetic(n_layers=n_layers, n=n_prompts, d=d_model, seed=0)
     store = ActivationStore.create(
@@ -62,7 +62,7 @@ def build_store(root: Path, n_layers: int, n_prompts: int, d_model: int) -> tupl
 
 def probe_block(task: dict[str, Any]) -> pd.DataFrame:
     """One Ray task: probe a block of layers, reading the store from its location (never shipped)."""
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     with threadpool_limits(limits=1):  # one BLAS thread per worker: workers, not threads, scale out
         store = ActivationStore.open(task["store"])
@@ -77,8 +77,8 @@ def layer_blocks(n_layers: int, n_blocks: int) -> list[list[int]]:
 
 def _warm(_: int) -> int:
     """Start a worker and import what `probe_block` needs, so the timed sweep measures probing only."""
+    import aligned_probing.encoding.store  # noqa: F401
     import aligned_probing.probing  # noqa: F401
-    import aligned_probing.store  # noqa: F401
 
     return os.getpid()
 
@@ -236,7 +236,7 @@ def main() -> None:
         one_s, one = ray_sweep(1, tasks)
         two_s, two = ray_sweep(2, tasks)
         with threadpool_limits(limits=1):
-            from aligned_probing.store import ActivationStore
+            from aligned_probing.encoding.store import ActivationStore
 
             whole = run_probing(
                 ActivationStore.open(store_path), pd.read_parquet(targets_path), **PROBE_SETTINGS

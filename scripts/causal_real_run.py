@@ -84,7 +84,7 @@ def _log(msg: str, t0: float) -> None:
 def _encode(model, texts: list[str], layers: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean- and last-pooled prompt encodings [n_layers, n, d] and the median residual norm per layer."""
     from aligned_probing.causal import record_residuals
-    from aligned_probing.templates import render_prompt
+    from aligned_probing.data.templates import render_prompt
 
     feats = np.zeros((len(layers), len(texts), model.d_model), dtype=np.float32)
     last = np.zeros_like(feats)

@@ -19,7 +19,9 @@ python3 -m venv "$venv"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch: the CPU build the lock names (a bare `torch` would pull a multi-GB CUDA build).
 torch_pin=$(grep -oE '^torch==[^ ]+' requirements-test.txt)
-"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager "$torch_pin" -e ".[dev,ray]" "${pins[@]}" || exit 1
+"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager "$torch_pin" -e ".[dev,ray]" || exit 1
+# PINs may lie outside pyproject's ranges (that is their point), so they replace without resolving.
+[ ${#pins[@]} -eq 0 ] || "$venv/bin/pip" install -q --no-deps "${pins[@]}" || exit 1
 "$venv/bin/pip" install -q --require-hashes --no-deps -r requirements-embedded.txt || exit 1
 echo "== versions that differ from requirements-test.txt:"
 "$venv/bin/pip" freeze --exclude-editable | sort > "$(dirname "$venv")/freeze.txt"

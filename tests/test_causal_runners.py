@@ -21,7 +21,7 @@ from aligned_probing.causal import (
     match_pairs,
     steering_sweep,
 )
-from aligned_probing.templates import render_prompt
+from aligned_probing.data.templates import render_prompt
 
 GREEDY = GenerationSettings(k=2, seed=0, max_new_tokens=6, temperature=0.0, batch_size=8)
 SAMPLED = GenerationSettings(k=3, seed=0, max_new_tokens=6, temperature=1.0, batch_size=8)

@@ -112,13 +112,15 @@ def test_doctor_reports_every_check(monkeypatch, capsys):
         n_layers, d_model = 3, 32
 
     monkeypatch.setattr("aligned_probing.models.load_model", lambda name: Fake())
+    monkeypatch.setattr("aligned_probing.cli._generation_check", lambda name: (lambda: "fake model, not checked"))
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     for module in cli.EMBEDDED_PACKAGES:
         assert f"[ ok ] wheel {module}" in out
     assert "[ ok ] model smollm2-135m-instruct: 3 layers" in out
     assert "[ ok ] embedded scorer reproduces its Keras fixture" in out
-    assert f"{len(cli.EMBEDDED_PACKAGES) + 3} of {len(cli.EMBEDDED_PACKAGES) + 3} checks passed" in out
+    assert "[ ok ] generation self-check (smollm2-135m-instruct)" in out
+    assert f"{len(cli.EMBEDDED_PACKAGES) + 4} of {len(cli.EMBEDDED_PACKAGES) + 4} checks passed" in out
 
 
 def test_doctor_fails_with_the_reason(monkeypatch, capsys):
@@ -150,7 +152,7 @@ def test_finetune_dispatches(monkeypatch, capsys, config):
 
 
 def test_config_docs_writes_the_reference(tmp_path):
-    from aligned_probing.config import config_reference
+    from aligned_probing.pipeline.config import config_reference
 
     assert main(["config-docs", "--out", str(tmp_path / "ref.md")]) == 0
     assert (tmp_path / "ref.md").read_text() == config_reference()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from aligned_probing.config import ConfigError, RunConfig, config_reference
+from aligned_probing.pipeline.config import ConfigError, RunConfig, config_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"models": [{"spec": "smollm2-135m-instruct"}]}

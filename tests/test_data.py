@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import aligned_probing.data as data
 from aligned_probing.data import (
     PromptDataWarning,
     PromptSet,
@@ -306,11 +305,13 @@ def test_score_rejects_bad_scorers():
 
 
 def test_water_fill_closed_form():
+    from aligned_probing.data.prompt_set import water_fill
+
     # 40 draws over 8 non-empty bins: 5 each, the bins of 3, 2 and 1 give all they have, the 9 left
     # go to the four large bins (3, 2, 2, 2).
-    assert data._water_fill([50, 30, 20, 10, 5, 3, 2, 1, 0, 0], 40) == [8, 7, 7, 7, 5, 3, 2, 1, 0, 0]
-    assert data._water_fill([4, 4], 8) == [4, 4]
-    assert data._water_fill([10, 10, 10], 4) == [2, 1, 1]
+    assert water_fill([50, 30, 20, 10, 5, 3, 2, 1, 0, 0], 40) == [8, 7, 7, 7, 5, 3, 2, 1, 0, 0]
+    assert water_fill([4, 4], 8) == [4, 4]
+    assert water_fill([10, 10, 10], 4) == [2, 1, 1]
 
 
 def test_sample_is_even_across_score_bins(rng):

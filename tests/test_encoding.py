@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from aligned_probing.encoding import EmptyContinuationWarning, _pad_batch, _Row, encode
+from aligned_probing.data.templates import SYSTEM_LINES
+from aligned_probing.encoding.encoder import EmptyContinuationWarning, _pad_batch, _Row, encode
+from aligned_probing.encoding.store import ActivationStore
 from aligned_probing.models import load_model
-from aligned_probing.store import ActivationStore
-from aligned_probing.templates import SYSTEM_LINES
 
 TOL = 1e-5
 
@@ -302,7 +302,7 @@ def test_empty_continuation_is_skipped_with_warning(tiny_model, tmp_path):
 
 
 def test_resume_after_crash_equals_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
-    import aligned_probing.store as store_module
+    import aligned_probing.encoding.store as store_module
 
     conts = _continuations(tiny_model.tokenizer, template=2)
     kwargs = dict(template=2, poolings=("mean", "last"), batch_size=2, flush_rows=2)
@@ -419,7 +419,7 @@ def test_smollm2_shapes_and_values(tmp_path):
 
 
 def test_aggregators_by_hand():
-    from aligned_probing.pooling import get_aggregator
+    from aligned_probing.encoding.pooling import get_aggregator
 
     acts = torch.tensor([[[1.0, 10.0], [3.0, -10.0], [5.0, 0.0]]])  # [batch 1, pos 3, d_model 2]
     mask = torch.tensor([[True, True, False]])  # the span is positions 0 and 1

@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from aligned_probing.config import RunConfig
-from aligned_probing.executors import (
+from aligned_probing.pipeline.config import RunConfig
+from aligned_probing.pipeline.executors import (
     EXECUTORS,
     Executor,
     LocalExecutor,
@@ -178,7 +178,7 @@ def _stub_plan(marker_dir: Path):
     """a -> b -> c and a -> d; b is resumable and its worker is killed once after its first part file."""
     import json
 
-    from aligned_probing._runner import Stage
+    from aligned_probing.pipeline.runner import Stage
 
     def make(key: str, deps: tuple[str, ...], resumable: bool = False):
         def func(ctx):
@@ -210,7 +210,7 @@ def _no_model(name: str):
 def test_runner_on_ray_resumes_a_killed_stage_to_the_local_outputs(ray_cluster, tmp_path):
     from ray.exceptions import WorkerCrashedError
 
-    from aligned_probing._runner import _waves, execute, read_stage
+    from aligned_probing.pipeline.runner import _waves, execute, read_stage
 
     plan = _stub_plan(tmp_path)
     assert [[s.key for s in w] for w in _waves(plan)] == [["a"], ["b", "d"], ["c"]]
@@ -254,7 +254,7 @@ def tiny_run_config(tmp_path_factory):
     """tests/data/tiny.toml with one tiny random Llama, causal stage off."""
     import shutil
 
-    from aligned_probing.config import RunConfig
+    from aligned_probing.pipeline.config import RunConfig
     from tests._tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_ray")
@@ -276,8 +276,8 @@ def _executor_config(root: Path, data: dict, executor: str, **runtime: Any) -> R
 @pytest.mark.slow
 def test_tiny_pipeline_through_ray_gives_the_local_tables(ray_cluster, tiny_run_config):
     from aligned_probing import pipeline
-    from aligned_probing._results import load_results
-    from aligned_probing._stages import read_continuations
+    from aligned_probing.pipeline.results import load_results
+    from aligned_probing.pipeline.stages import read_continuations
 
     root, data = tiny_run_config
 

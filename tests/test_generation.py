@@ -17,13 +17,13 @@ from scipy import stats
 
 import aligned_probing.generation as gen
 from aligned_probing.data import PromptDataWarning, PromptSet
+from aligned_probing.data.templates import TemplateTruncationWarning, render_prompt
 from aligned_probing.generation import (
     CONTINUATION_COLUMNS,
     generate_continuations,
     read_continuations,
     row_seed,
 )
-from aligned_probing.templates import TemplateTruncationWarning, render_prompt
 
 TEXTS = ["The quick brown fox", "You are a stupid idiot and I hate you.", "hello", "What a lovely day"]
 

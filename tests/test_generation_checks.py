@@ -96,7 +96,7 @@ def test_the_pipeline_stops_on_a_broken_cache_and_records_what_it_measured(tmp_p
     import shutil
 
     from aligned_probing import models, pipeline
-    from aligned_probing.config import RunConfig
+    from aligned_probing.pipeline.config import RunConfig
     from tests._tiny import build_tiny_model
 
     root = Path(__file__).resolve().parents[1]

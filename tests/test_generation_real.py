@@ -7,15 +7,14 @@ test passed).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from aligned_probing import embedded_prompts, load_model
 from aligned_probing.causal.interventions import LayerSkip, ResidualPatch, Steering
+from aligned_probing.data.templates import render_prompt
 from aligned_probing.generation import generate_continuations
 from aligned_probing.generation_checks import check_generation, check_greedy
-from aligned_probing.templates import render_prompt
 
 pytestmark = pytest.mark.slow
 

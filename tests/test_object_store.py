@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aligned_probing import _fs
+from aligned_probing.pipeline import fs as _fs
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def _batch(rng, prompt_ids: list[str]) -> tuple[pd.DataFrame, dict]:
 
 
 def _create(location, options=None):
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     return ActivationStore.create(
         location,
@@ -154,7 +154,7 @@ def _create(location, options=None):
 
 
 def test_activation_store_round_trips_on_s3_like_a_local_one(bucket, tmp_path, rng):
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     url, options = bucket
     location = _fs.join(url, "run", "stages", "encode--tiny--t0", "store")
@@ -180,8 +180,8 @@ def test_activation_store_round_trips_on_s3_like_a_local_one(bucket, tmp_path, r
 
 
 def test_uncommitted_rows_on_s3_roll_back_and_resume(bucket, rng, monkeypatch):
-    from aligned_probing import store as store_module
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding import store as store_module
+    from aligned_probing.encoding.store import ActivationStore
 
     url, options = bucket
     location = _fs.join(url, "store")
@@ -274,9 +274,9 @@ def test_tiny_pipeline_with_its_run_dir_on_s3_gives_the_local_tables_and_reruns_
     s3_server, bucket, tmp_path, monkeypatch
 ):
     from aligned_probing import pipeline
-    from aligned_probing._results import load_results
-    from aligned_probing._stages import read_continuations
-    from aligned_probing.config import RunConfig
+    from aligned_probing.pipeline.config import RunConfig
+    from aligned_probing.pipeline.results import load_results
+    from aligned_probing.pipeline.stages import read_continuations
     from tests._tiny import build_tiny_model
 
     url, _ = bucket

@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from aligned_probing import _runner, pipeline
-from aligned_probing._runner import Stage, execute, select, stage_hashes
-from aligned_probing.config import RunConfig
+from aligned_probing import pipeline
+from aligned_probing.pipeline import runner as _runner
+from aligned_probing.pipeline.config import RunConfig
+from aligned_probing.pipeline.runner import Stage, execute, select, stage_hashes
 from tests._tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +123,8 @@ def test_non_resumable_stage_restarts_clean(tmp_path):
 
 
 def _url_plan(calls: list[str], fail: str | None = None) -> list[Stage]:
-    """a -> b -> c writing through `aligned_probing._fs`, as the real stages do; `fail` raises in a stage."""
-    from aligned_probing import _fs
+    """a -> b -> c writing through `aligned_probing.pipeline.fs`, as the real stages do; `fail` raises in a stage."""
+    from aligned_probing.pipeline import fs as _fs
 
     def make(key: str, deps: tuple[str, ...]):
         def func(ctx):
@@ -146,7 +147,7 @@ def _url_plan(calls: list[str], fail: str | None = None) -> list[Stage]:
 def test_run_dir_on_a_url_keeps_the_layout_and_reruns_cached(tmp_path):
     import uuid
 
-    from aligned_probing import _fs
+    from aligned_probing.pipeline import fs as _fs
 
     url = f"memory://runs-{uuid.uuid4().hex[:8]}/x"
     options = {"skip_instance_cache": False}  # any fsspec option: it reaches the stages, not the hashes
@@ -241,8 +242,8 @@ STAGES = ["probe", "behaviour"]
 
 
 def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
-    from aligned_probing._results import load_results
-    from aligned_probing._stages import read_continuations
+    from aligned_probing.pipeline.results import load_results
+    from aligned_probing.pipeline.stages import read_continuations
 
     res = load_results(run_dir)
     gen_dir = next((run_dir / "stages").glob("generate--*"))
@@ -303,7 +304,8 @@ def test_real_downstream_change_recomputes_only_downstream(reference_run, monkey
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_path, monkeypatch):
-    from aligned_probing import encoding, generation
+    from aligned_probing import generation
+    from aligned_probing.encoding import encoder as encoding
 
     ref_cfg, _ = reference_run
     assert (
@@ -343,7 +345,7 @@ def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_
     for name, table in reference.items():
         pd.testing.assert_frame_equal(resumed[name], table, check_exact=True, obj=name)
     # The activation stores are bitwise equal too.
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     stores = [
         ActivationStore.open(next((Path(d) / "stages").glob("encode--*")) / "store")
@@ -390,7 +392,6 @@ def _causal_config(root: Path, run_dir: Path, block: int | None) -> RunConfig:
 
 def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataFrame]:
     """The reference: one in-memory pass of the library calls over all layers, as the unsplit stage ran."""
-    from aligned_probing._causal_stage import _fit_probes, _steering_layer
     from aligned_probing.causal import (
         GenerationSettings,
         StatSettings,
@@ -400,6 +401,7 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
         match_pairs,
         steering_sweep,
     )
+    from aligned_probing.causal.stage import _fit_probes, _steering_layer
     from aligned_probing.data import PromptSet
     from aligned_probing.scoring import get_scorer
 
@@ -470,7 +472,7 @@ def test_unsplit_causal_stage_equals_one_in_memory_pass_of_the_library(unsplit_c
 def test_causal_blocks_resume_after_a_kill_and_equal_the_unsplit_tables(
     unsplit_causal, tiny_models, tmp_path, monkeypatch
 ):
-    from aligned_probing import _causal_stage
+    from aligned_probing.causal import stage as _causal_stage
 
     ref_cfg, ref = unsplit_causal
     ref_dir = next(r.dir for r in ref.records if r.name == "causal")

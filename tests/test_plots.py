@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection, QuadMesh
 
-from aligned_probing import plots
+from aligned_probing.report import plots
 
 SCENARIOS = ["input", "forward", "output", "backward"]
 

@@ -255,7 +255,7 @@ def test_nan_activation_rows_dropped_with_warning(planted):
 
 
 def test_through_a_real_activation_store(planted, tmp_path):
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     fake, targets = planted
     store = ActivationStore.create(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aligned_probing._results import RunResults
+from aligned_probing.pipeline.results import RunResults
 from aligned_probing.report import library_versions, render_report
 
 SCENARIOS = ["input", "forward", "output", "backward"]

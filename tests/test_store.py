@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import aligned_probing.store as store_module
-from aligned_probing.store import ActivationStore
+import aligned_probing.encoding.store as store_module
+from aligned_probing.encoding.store import ActivationStore
 
 L, D = 3, 8  # n_layers, d_model
 KEYS = [("input", "mean"), ("output", "mean"), ("input", "last"), ("output", "last")]

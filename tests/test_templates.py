@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from aligned_probing.templates import (
+from aligned_probing.data.templates import (
     SYSTEM_LINES,
     TEMPLATES,
     TemplateTruncationWarning,

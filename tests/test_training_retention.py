@@ -31,6 +31,9 @@ def test_frozen_probe_blind_after_removal_retrained_probe_finds_replanted_direct
     # "Fine-tuning": project the frozen probe's direction out, re-plant the label along v.
     after = rng.normal(size=(n, d))
     after -= np.outer(after @ u, u)
+    # Label-free variation along u: without it every frozen score is the same constant up to 1e-16
+    # rounding that happens to correlate with the label, and the AUROC of exact ties is arbitrary.
+    after += np.outer(rng.normal(size=n), u)
     after += 3.0 * np.outer(sign, v)
     half = n // 2
     table = probe_aurocs({"frozen": frozen}, after[half:], y[half:])

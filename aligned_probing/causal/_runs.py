@@ -17,7 +17,7 @@ import torch
 
 from aligned_probing.behaviour import METRICS, bootstrap_mean_ci, per_prompt_metrics
 from aligned_probing.causal.interventions import Intervention
-from aligned_probing.templates import render_prompt
+from aligned_probing.data.templates import render_prompt
 
 EFFECT_COLUMNS: tuple[str, ...] = (
     "metric",
@@ -139,7 +139,7 @@ def paired_effects(
     for metric in metrics:
         diff = b.loc[common, metric].to_numpy() - a.loc[common, metric].to_numpy()
         rows.append(
-            _effect_row(
+            effect_row(
                 metric,
                 b.loc[common, metric].to_numpy(),
                 a.loc[common, metric].to_numpy(),
@@ -151,7 +151,7 @@ def paired_effects(
     return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
 
 
-def _effect_row(
+def effect_row(
     metric: str, value: np.ndarray, base: np.ndarray, diff: np.ndarray, stat: StatSettings, *, k: int
 ) -> dict[str, Any]:
     low, high = bootstrap_mean_ci(
@@ -234,7 +234,7 @@ def fluency_effect(
     likely (higher log perplexity) may just be broken text.
     """
     common = base.index.intersection(cond.index)
-    return _effect_row(
+    return effect_row(
         "log_perplexity",
         cond[common].to_numpy(),
         base[common].to_numpy(),

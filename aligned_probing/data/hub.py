@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from aligned_probing.data.files import _rtp_row
+from aligned_probing.data.files import rtp_row
 from aligned_probing.data.prompt_set import PromptSet
 from aligned_probing.data.schema import CANONICAL_ATTRIBUTES, EXTRA_ATTRIBUTES, SCORE_PREFIX
 
@@ -64,7 +64,7 @@ def load_hf_dataset(
     columns = list(dataset.column_names)
     source = source or str(name)
     if text_column is None and "prompt" in columns and isinstance(dataset[0]["prompt"], dict):
-        rows = [_rtp_row(record, f"{name}[{i}]") for i, record in enumerate(dataset)]
+        rows = [rtp_row(record, f"{name}[{i}]") for i, record in enumerate(dataset)]
         df = pd.DataFrame(rows)
         df["challenging"] = df["challenging"].astype("boolean")
         df["source"] = source

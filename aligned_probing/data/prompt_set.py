@@ -14,9 +14,9 @@ import pandas as pd
 from aligned_probing.data.schema import (
     SCORE_PREFIX,
     PromptDataWarning,
-    _check_scores,
-    _merge_duplicates,
-    _order_columns,
+    check_scores,
+    merge_duplicates,
+    order_columns,
     prompt_id,
     score_columns,
 )
@@ -115,7 +115,7 @@ class PromptSet:
         df["text"] = df["text"].fillna("").astype(str)
         df["source"] = df["source"].astype(str)
         for col in score_columns(df):
-            df[col] = _check_scores(df[col], col)
+            df[col] = check_scores(df[col], col)
         dropped: dict[str, int] = {}
         empty = df["text"].str.strip() == ""
         if empty.any():
@@ -126,7 +126,7 @@ class PromptSet:
                 stacklevel=2,
             )
             df = df[~empty]
-        df, n_dup = _merge_duplicates(df)
+        df, n_dup = merge_duplicates(df)
         if n_dup:
             dropped["duplicate"] = n_dup
             warnings.warn(
@@ -143,7 +143,7 @@ class PromptSet:
             df.loc[missing, "prompt_id"] = [prompt_id(s, t) for s, t in pairs]
         if df["prompt_id"].duplicated().any():
             raise ValueError("prompt_id values must be unique after merging duplicate texts.")
-        return cls(df=_order_columns(df), dropped=dropped)
+        return cls(df=order_columns(df), dropped=dropped)
 
     @classmethod
     def concat(cls, sets: Sequence[PromptSet], *, dedupe: bool = True) -> PromptSet:
@@ -164,7 +164,7 @@ class PromptSet:
             return cls.from_frame(df)
         if df["prompt_id"].duplicated().any():
             raise ValueError("The same prompt (same source and text) appears in two sets; use dedupe=True.")
-        return cls(df=_order_columns(df))
+        return cls(df=order_columns(df))
 
     # -------------------------------------------------------------------- accessors
     def __len__(self) -> int:
@@ -239,10 +239,10 @@ class PromptSet:
                     raise ValueError(
                         f"scorer.score returned columns {list(scores.columns)}, missing attribute {attr!r}."
                     )
-                new = _check_scores(scores[attr], attr).to_numpy()
+                new = check_scores(scores[attr], attr).to_numpy()
                 old = df[col].to_numpy(dtype=float)[idx]
                 df.loc[df.index[idx], col] = new if overwrite else np.where(np.isnan(old), new, old)
-        return PromptSet(df=_order_columns(df), dropped=dict(self.dropped))
+        return PromptSet(df=order_columns(df), dropped=dict(self.dropped))
 
     def sample(
         self,
@@ -290,7 +290,7 @@ class PromptSet:
                 )
             bin_of = np.minimum((values * bins).astype(int), bins - 1)
             members = [np.flatnonzero(bin_of == b) for b in range(bins)]
-            quota = _water_fill([len(m) for m in members], n)
+            quota = water_fill([len(m) for m in members], n)
             chosen = np.concatenate(
                 [rng.choice(m, size=q, replace=False) for m, q in zip(members, quota, strict=True) if q]
             )
@@ -298,7 +298,7 @@ class PromptSet:
         return PromptSet(df=df, dropped=dict(self.dropped))
 
 
-def _water_fill(sizes: list[int], n: int) -> list[int]:
+def water_fill(sizes: list[int], n: int) -> list[int]:
     """Split `n` draws over groups of `sizes` as evenly as possible, capped by each size.
 
     Repeatedly give every open group an equal share of what is left (the first groups get the

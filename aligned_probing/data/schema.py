@@ -33,13 +33,14 @@ def score_columns(df: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: (order.get(c, len(order)), c))
 
 
-def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
+def order_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`text`, `prompt_id` and the other columns first, then the score columns, in canonical order."""
     scores = score_columns(df)
     extra = [c for c in df.columns if c not in _BASE_COLUMNS and c not in scores]
     return df[[*_BASE_COLUMNS, *scores, *extra]].reset_index(drop=True)
 
 
-def _check_scores(values: pd.Series, name: str) -> pd.Series:
+def check_scores(values: pd.Series, name: str) -> pd.Series:
     """Coerce a score column to float and check it lies in [0, 1] (NaN allowed)."""
     try:
         out = pd.to_numeric(values, errors="raise").astype(float)
@@ -54,7 +55,7 @@ def _check_scores(values: pd.Series, name: str) -> pd.Series:
     return out
 
 
-def _merge_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+def merge_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Keep the first row per text, filling its missing values from later duplicates."""
     n_dup = int(df["text"].duplicated().sum())
     if not n_dup:

@@ -52,7 +52,7 @@ MDL_COLUMNS: tuple[str, ...] = ("online_codelength", "uniform_codelength", "comp
 
 
 class ProbingStore(Protocol):
-    """What `run_probing` needs from `aligned_probing.store.ActivationStore`."""
+    """What `run_probing` needs from `aligned_probing.encoding.store.ActivationStore`."""
 
     index: pd.DataFrame
     n_layers: int

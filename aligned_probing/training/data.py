@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aligned_probing.templates import render_prompt
+from aligned_probing.data.templates import render_prompt
 from aligned_probing.training.activations import pooled_response_activations
 
 

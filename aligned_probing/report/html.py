@@ -1,7 +1,7 @@
 """One self-contained HTML report of a run: figures embedded as PNG, key tables, config, versions, timings.
 
 The file needs no server and no network (no external CSS, fonts or scripts), so it can be mailed
-or archived with the run. Figures come from `aligned_probing.plots`; the statistics they show
+or archived with the run. Figures come from `aligned_probing.report.plots`; the statistics they show
 (means and confidence intervals over folds and seeds) are computed here, not in the plot functions.
 
 Example:
@@ -15,20 +15,21 @@ import base64
 import html
 import importlib.metadata
 import io
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from aligned_probing import _fs, plots
-from aligned_probing._results import RunResults, load_results
 from aligned_probing.behaviour import BEHAVIOUR_COLUMNS
 from aligned_probing.data import CANONICAL_ATTRIBUTES
 from aligned_probing.probing import peak_layers, summarize
+from aligned_probing.report import plots
+
+if TYPE_CHECKING:  # the report takes a results object; it never imports the pipeline at run time
+    from aligned_probing.pipeline.results import RunResults
 
 LIBRARIES: tuple[str, ...] = (
     "aligned-probing",
@@ -478,38 +479,3 @@ def _json(obj: Any) -> str:
     import json
 
     return html.unescape(json.dumps(obj, indent=2, default=str))
-
-
-def build_report(
-    run_dir: str | Path,
-    *,
-    out_path: str | Path | None = None,
-    figure_dir: str | Path | None = None,
-    storage_options: _fs.StorageOptions = None,
-) -> _fs.Resolved:
-    """Load a run directory and write its report (default `RUN_DIR/report.html`, figures in RUN_DIR/figures).
-
-    Args:
-        run_dir: A directory written by `aligned_probing.pipeline.run`, or its fsspec URL.
-        out_path: HTML path or URL; default `run_dir/report.html`.
-        figure_dir: Where to save the figures as PNG and SVG (path or URL); default `run_dir/figures`.
-        storage_options: fsspec options of the URLs (`endpoint_url`, ...).
-
-    Returns:
-        The HTML location: a `Path`, or the URL string when it is on object storage.
-    """
-    root = _fs.resolve(run_dir)
-    results = load_results(root, storage_options)
-    formats = tuple(results.config.get("output", {}).get("figure_formats", ("png", "svg")))
-    html_at = _fs.resolve(out_path) if out_path is not None else _fs.child(root, "report.html")
-    figures_at = _fs.resolve(figure_dir) if figure_dir is not None else _fs.child(root, "figures")
-    if isinstance(html_at, Path) and isinstance(figures_at, Path):
-        return render_report(results, html_at, figure_dir=figures_at, formats=formats)
-    # matplotlib and the HTML writer need local files: render into a scratch directory, then upload.
-    with tempfile.TemporaryDirectory(prefix="aligned-probing-report-") as scratch:
-        local = Path(scratch)
-        render_report(results, local / "report.html", figure_dir=local / "figures", formats=formats)
-        _fs.write_bytes_atomic(html_at, (local / "report.html").read_bytes(), storage_options)
-        if (local / "figures").is_dir():
-            _fs.upload_tree(local / "figures", figures_at, storage_options)
-    return html_at

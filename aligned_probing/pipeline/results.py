@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from aligned_probing import _fs
-from aligned_probing._runner import read_stage, stage_dir, stage_hashes
+from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.runner import read_stage, stage_dir, stage_hashes
 
 # Output file of each stage kind (inside its stage directory).
 OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -131,7 +133,7 @@ def _read_generation(
     stage: Any, out: _fs.Resolved, tables: dict[str, list[pd.DataFrame]], storage_options: _fs.StorageOptions
 ) -> None:
     """Continuations and the self-check record of a generate stage (also of one that stopped on it)."""
-    from aligned_probing._stages import read_continuations, read_selfcheck
+    from aligned_probing.pipeline.stages import read_continuations, read_selfcheck
 
     check = read_selfcheck(out, storage_options)
     if check is not None:
@@ -140,3 +142,40 @@ def _read_generation(
     conts = read_continuations(out, storage_options)
     if len(conts):
         tables.setdefault("continuations", []).append(conts)
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    out_path: str | Path | None = None,
+    figure_dir: str | Path | None = None,
+    storage_options: _fs.StorageOptions = None,
+) -> _fs.Resolved:
+    """Load a run directory and write its report (default `RUN_DIR/report.html`, figures in RUN_DIR/figures).
+
+    Args:
+        run_dir: A directory written by `aligned_probing.pipeline.run`, or its fsspec URL.
+        out_path: HTML path or URL; default `run_dir/report.html`.
+        figure_dir: Where to save the figures as PNG and SVG (path or URL); default `run_dir/figures`.
+        storage_options: fsspec options of the URLs (`endpoint_url`, ...).
+
+    Returns:
+        The HTML location: a `Path`, or the URL string when it is on object storage.
+    """
+    from aligned_probing.report.html import render_report
+
+    root = _fs.resolve(run_dir)
+    results = load_results(root, storage_options)
+    formats = tuple(results.config.get("output", {}).get("figure_formats", ("png", "svg")))
+    html_at = _fs.resolve(out_path) if out_path is not None else _fs.child(root, "report.html")
+    figures_at = _fs.resolve(figure_dir) if figure_dir is not None else _fs.child(root, "figures")
+    if isinstance(html_at, Path) and isinstance(figures_at, Path):
+        return render_report(results, html_at, figure_dir=figures_at, formats=formats)
+    # matplotlib and the HTML writer need local files: render into a scratch directory, then upload.
+    with tempfile.TemporaryDirectory(prefix="aligned-probing-report-") as scratch:
+        local = Path(scratch)
+        render_report(results, local / "report.html", figure_dir=local / "figures", formats=formats)
+        _fs.write_bytes_atomic(html_at, (local / "report.html").read_bytes(), storage_options)
+        if (local / "figures").is_dir():
+            _fs.upload_tree(local / "figures", figures_at, storage_options)
+    return html_at

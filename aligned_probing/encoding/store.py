@@ -39,7 +39,7 @@ import pandas as pd
 import zarr
 from filelock import FileLock
 
-from aligned_probing import _fs
+from aligned_probing.pipeline import fs as _fs
 
 FORMAT_VERSION = 1
 POSITIONS: tuple[str, ...] = ("input", "output")

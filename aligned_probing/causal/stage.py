@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aligned_probing import _fs
-from aligned_probing._runner import StageContext
-from aligned_probing._stages import _scorer, input_dir, read_prompts, read_table, write_table
+from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.runner import StageContext
+from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -61,8 +61,8 @@ def _fit_probes(
     storage_options: dict[str, Any] | None = None,
 ) -> dict[int, Any]:
     """One `RidgeProbe` per layer on the input encodings (first row of each prompt) -> prompt score."""
+    from aligned_probing.encoding.store import ActivationStore
     from aligned_probing.probing import RidgeProbe
-    from aligned_probing.store import ActivationStore
 
     store = ActivationStore.open(store_dir, storage_options=storage_options)
     index = store.index.reset_index(drop=True)
@@ -195,7 +195,7 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
     if need_base or need_pairs or need_clean:
         model, prompts = t.model(), t.prompts()
         if need_base:
-            scorer = _scorer(t.settings["scoring"])
+            scorer = build_scorer(t.settings["scoring"])
             t.write(generate_and_score(model, t.subset(prompts), scorer, t.generation()), BASELINE_FILE)
         if need_pairs:
             pairs = match_pairs(
@@ -210,7 +210,7 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
             t.write(pairs, PAIRS_FILE)
         if need_clean:  # the pairs' unpatched continuations, shared by every patching block
             pairs = t.pairs()
-            t.write(clean_pair_continuations(model, pairs, _scorer(t.settings["scoring"]), t.generation()),
+            t.write(clean_pair_continuations(model, pairs, build_scorer(t.settings["scoring"]), t.generation()),
                     PAIRS_CLEAN_FILE)
     return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c["patching"] else {}
 
@@ -243,7 +243,7 @@ def block_task(task: dict[str, Any]) -> list[str]:
     if not todo:
         return []
     model, prompts = t.model(), t.prompts()
-    scorer, gen, stat = _scorer(t.settings["scoring"]), t.generation(), t.stats()
+    scorer, gen, stat = build_scorer(t.settings["scoring"]), t.generation(), t.stats()
     for part in todo:
         if part.startswith("skipping"):
             blocks = [x - 1 for x in layers if x >= 1]  # skipping block b changes residual layer b + 1
@@ -290,7 +290,7 @@ def steering_task(task: dict[str, Any]) -> bool:
     steer = steering_sweep(
         model,
         t.subset(prompts),
-        _scorer(t.settings["scoring"]),
+        build_scorer(t.settings["scoring"]),
         t.probes(prompts, [layer])[layer].direction(),
         layer=layer,
         alphas=t.c["steering_alphas"],
@@ -315,7 +315,7 @@ def _sort_patching(table: pd.DataFrame) -> pd.DataFrame:
 
 def run_causal(ctx: StageContext) -> dict[str, Any]:
     """Run the enabled causal experiments and write `layer_skipping`, `patching`, `steering` Parquet files."""
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     c, so = ctx.settings["causal"], ctx.storage_options
     store_dir = _fs.child(input_dir(ctx, "encode"), "store")

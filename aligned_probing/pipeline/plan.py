@@ -3,11 +3,11 @@
 Stages: prompts -> generation -> scoring -> encoding -> probing -> behaviour -> interplay -> causal -> report.
 
 `build_plan(config)` turns a `RunConfig` into stages (one per model and template where it
-applies); `run(config)` executes them with `aligned_probing._runner.execute`: re-running does no
+applies); `run(config)` executes them with `aligned_probing.pipeline.runner.execute`: re-running does no
 work, changing one setting recomputes only the stages downstream of it, and a killed run resumes
 (generation and encoding pick up their partial output) to the same tables as an uninterrupted run.
 
-`runtime.executor = "ray"` dispatches the work to a Ray cluster (`aligned_probing.executors`): every
+`runtime.executor = "ray"` dispatches the work to a Ray cluster (`aligned_probing.pipeline.executors`): every
 generation, scoring and encoding stage as one task per (model, template), with the resources of
 `runtime.resources`, probing as one task per (model, template, block of layers) and the causal stage
 as one task per block of intervention layers (`runtime.causal_layer_block`) plus one for steering.
@@ -18,7 +18,7 @@ re-run resumes (see docs/scaling.md).
 stage then reads and writes its outputs there, so that workers on several machines share one run.
 
 Example:
-    >>> from aligned_probing.config import RunConfig
+    >>> from aligned_probing.pipeline.config import RunConfig
     >>> cfg = RunConfig.from_toml("configs/quickstart.toml")  # doctest: +SKIP
     >>> result = run(cfg)  # doctest: +SKIP
     >>> result.report  # doctest: +SKIP
@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aligned_probing import _fs, _stages
-from aligned_probing._results import RunResults, load_results
-from aligned_probing._runner import Stage, StageRecord, execute, select
-from aligned_probing.config import ModelVariant, RunConfig
-from aligned_probing.executors import Resources, get_executor
+from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline import stages as _stages
+from aligned_probing.pipeline.config import ModelVariant, RunConfig
+from aligned_probing.pipeline.executors import Resources, get_executor
+from aligned_probing.pipeline.results import RunResults, load_results
+from aligned_probing.pipeline.runner import Stage, StageRecord, execute, select
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -98,9 +99,9 @@ def _model_settings(v: ModelVariant) -> dict[str, Any]:
     settings.pop("device")  # where a model runs does not change what it computes (to tolerance)
     path = Path(v.spec)
     if path.is_dir():
-        from aligned_probing.models import _dir_revision
+        from aligned_probing.models.sources import dir_revision
 
-        settings["revision"] = _dir_revision(path)  # a rebuilt local model invalidates its stages
+        settings["revision"] = dir_revision(path)  # a rebuilt local model invalidates its stages
     return settings
 
 

@@ -13,7 +13,7 @@ import re
 import warnings
 from pathlib import Path
 
-from aligned_probing._registry import RegistryEntry
+from aligned_probing.models.registry import RegistryEntry
 
 _MAGIC = b"GGUF"
 
@@ -117,9 +117,9 @@ def registry_gguf(entry: RegistryEntry, workdir: Path) -> Path:
         path = package_dir / entry.gguf_file
         expected = entry.recorded_sha256(f"{entry.module}/{entry.gguf_file}")
         if expected is not None:
-            from aligned_probing._model_cache import _sha256
+            from aligned_probing.models.cache import sha256_file
 
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 raise ValueError(
                     f"{str(path)!r} does not match the sha256 recorded by {entry.package!r} "
                     f"(corrupt or truncated); reinstall it with `{entry.install_hint} --force-reinstall`."

@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from aligned_probing import _gguf, _hub, _model_cache, _registry
+from aligned_probing.models import cache as _model_cache
+from aligned_probing.models import gguf as _gguf
+from aligned_probing.models import hub as _hub
+from aligned_probing.models import registry as _registry
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

