@@ -42,8 +42,11 @@ class _RidgeGCVResult:
 def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`U (n x r), s (r,), V (p x r)` of `Xs`, from the smaller Gram matrix; near-null directions dropped.
 
-    Dropping singular values below `max(n, p) * eps * s_max` changes nothing that a positive penalty can
-    see: their contribution to coef and fitted values is O(s / alpha) and is rounding noise anyway.
+    Directions whose Gram eigenvalue is below `max(n, p) * eps * lambda_max` are dropped: that is the
+    rounding level of the Gram matrix, so such an eigenvalue (and its vector) is noise, and with a
+    positive penalty their contribution to coef and fitted values is O(s / alpha) anyway. (A threshold on
+    s itself at `eps * s_max` would keep rounding-noise directions, whose arbitrary vectors then differ
+    between BLAS builds and backends.)
     """
     n, p = Xs.shape
     if n >= p:
@@ -52,7 +55,7 @@ def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         evals, U = np.linalg.eigh(Xs @ Xs.T)  # (n,), (n, n)
     evals = np.clip(evals, 0.0, None)
     s = np.sqrt(evals)
-    keep = s > (max(n, p) * np.finfo(np.float64).eps * (s.max() if s.size else 0.0))
+    keep = evals > (max(n, p) * np.finfo(np.float64).eps * (evals.max() if evals.size else 0.0))
     s = s[keep]
     if n >= p:
         V = V[:, keep]
@@ -76,6 +79,22 @@ def group_buckets(groups: np.ndarray) -> list[np.ndarray]:
         which = np.flatnonzero(counts == size)
         buckets.append(order[starts[which][:, None] + np.arange(size)[None, :]])  # (m_s, s)
     return buckets
+
+
+#: Relative tolerance under which two CV errors count as tied (see `_select`).
+TIE_RTOL: float = 1e-9
+
+
+def _select(mse: np.ndarray) -> np.ndarray:
+    """Index of the selected alpha per target from CV errors `[a, k]` (alphas ascending).
+
+    The largest alpha whose error is within `TIE_RTOL` of the minimum. Errors that are equal in exact
+    arithmetic (e.g. with 2 training rows every alpha has the same LOO error) differ by rounding, which
+    would make the choice arbitrary and backend-dependent; among tied penalties the strongest is the
+    safest. Away from ties this is the argmin, as `RidgeCV`'s.
+    """
+    near = mse <= mse.min(axis=0, keepdims=True) * (1 + TIE_RTOL)
+    return mse.shape[0] - 1 - np.argmax(near[::-1], axis=0)
 
 
 def _check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -135,7 +154,7 @@ def ridge_gcv(
             e = np.linalg.solve(A, resid[rows].transpose(0, 2, 1, 3))  # (m, a, s, k)
             sse += (e**2).sum(axis=(0, 2))
         mse = sse / n
-    best = np.argmin(mse, axis=0)  # first (smallest) alpha on ties, as RidgeCV
+    best = _select(mse)
     alpha = alphas[best]
     coef = (V @ ((s[:, None] / (s2[:, None] + alpha[None, :])) * UtY)).T  # (k, p)
     return _RidgeGCVResult(coef=coef, alpha=alpha, loo_mse=mse[best, np.arange(mse.shape[1])], y_mean=y_mean)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from aligned_probing.probing._gcv import _check_groups, group_buckets
+from aligned_probing.probing._gcv import TIE_RTOL, _check_groups, group_buckets
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TorchRidgeFit:
 
 
 def default_device() -> str:
-    """"cuda" when torch sees a GPU, else "cpu"."""
+    """The default torch device: `cuda` when torch sees a GPU, else `cpu`."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,9 +111,9 @@ def ridge_fit_torch(
         evals, V = torch.linalg.eigh(Xs.transpose(-1, -2) @ Xs)  # (B, p), (B, p, p)
     else:
         evals, U = torch.linalg.eigh(Xs @ Xs.transpose(-1, -2))  # (B, n), (B, n, n)
-    s = evals.clamp_min(0.0).sqrt()
-    tol = max(n, p) * torch.finfo(f64).eps * s.amax(dim=-1, keepdim=True)
-    keep = s > tol
+    evals = evals.clamp_min(0.0)
+    s = evals.sqrt()
+    keep = evals > max(n, p) * torch.finfo(f64).eps * evals.amax(dim=-1, keepdim=True)  # as _gcv._thin_svd
     s = torch.where(keep, s, torch.zeros_like(s))
     inv_s = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
     if n >= p:
@@ -140,10 +140,13 @@ def ridge_fit_torch(
             e = torch.linalg.solve(eye - H, RG)
             mse += (e**2).sum(dim=(1, 3))
         mse = mse / n
-    best = torch.argmin(mse, dim=1)  # (B, k): first (smallest) alpha on ties, as the numpy backend
+    near = mse <= mse.amin(dim=1, keepdim=True) * (1 + TIE_RTOL)  # ties as in _gcv._select
+    best = len(a) - 1 - torch.argmax(near.flip(1).to(torch.int8), dim=1)  # (B, k)
     alpha = a[best]  # (B, k)
     cv_mse = torch.gather(mse, 1, best[:, None, :])[:, 0, :]
-    factor = torch.where(keep[..., None], s[..., None] / (s2[..., None] + alpha[:, None, :]), 0.0)  # (B, r, k)
+    factor = torch.where(
+        keep[..., None], s[..., None] / (s2[..., None] + alpha[:, None, :]), 0.0
+    )  # (B, r, k)
     coef_s = (V @ (factor * UtY)).transpose(-1, -2)  # (B, k, p) in the standardised space
     coef = coef_s / x_scale[:, None, :]
     intercept = y_mean - (coef * x_mean[:, None, :]).sum(dim=-1)
