@@ -1,4 +1,4 @@
-"""Online-code MDL: closed-form code lengths; gains in bits vs control and baseline; planted signal vs noise."""
+"""Online-code MDL: closed-form code lengths; gains in bits vs control and baseline; signal vs noise."""
 
 from __future__ import annotations
 

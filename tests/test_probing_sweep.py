@@ -183,7 +183,7 @@ def test_mdl_columns(planted):
     gain = df.groupby(["attribute", "layer"])[["mdl_gain_baseline", "mdl_gain_control"]].mean()
     assert (gain.loc[("toxicity", 1)] > 0.3).all()  # bits per sample
     assert (gain.loc[("toxicity", 1)] > gain.loc[("toxicity", 0)] + 0.2).all()
-    assert (gain.xs("noise", level="attribute") < 0.05).all().all()  # no information: no gain (overfitting costs)
+    assert (gain.xs("noise", level="attribute") < 0.05).all().all()  # no information, no gain
     np.testing.assert_allclose(
         df.mdl_gain_baseline, (df.baseline_codelength - df.online_codelength) / df.mdl_n, rtol=1e-12
     )
