@@ -106,7 +106,7 @@ def _cv_replicates(rng, n=80, p=5, n_folds=4, n_seeds=5, noise=1.5):
 
 
 def _population_r(rng, n_train=60, p=5, noise=1.5, draws=4000):
-    """Expected population Pearson r of OLS trained on n_train rows: corr(x.b, y) = w.b / (|b| sqrt(1 + s^2))."""
+    """Expected population r of OLS fitted on n_train rows: corr(x.b, y) = w.b / (|b| sqrt(1 + s^2))."""
     w = np.ones(p) / np.sqrt(p)
     X = rng.normal(size=(draws, n_train, p))
     y = X @ w + noise * rng.normal(size=(draws, n_train))
