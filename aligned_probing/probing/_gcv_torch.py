@@ -124,17 +124,24 @@ def ridge_fit_torch(
     s2 = s**2
     shrink = s2[..., None] / (s2[..., None] + a)  # (B, r, a)
     shrink = shrink * keep[..., None]
-    fitted = torch.einsum("bnr,bra,brk->bnak", U, shrink, UtY)  # (B, n, a, k)
+    r, n_a, k = s.shape[-1], len(a), Y.shape[-1]
+    # fitted values for all alphas and targets as one batched product (einsum here is ~40x slower on CPU)
+    coefs = (shrink[..., None] * UtY[:, :, None, :]).reshape(B, r, n_a * k)  # (B, r, a*k)
+    fitted = (U @ coefs).reshape(B, n, n_a, k)  # (B, n, a, k)
     resid = Yc[:, :, None, :] - fitted
     if groups is None:
         h = 1.0 / n + (U**2) @ shrink  # (B, n, a)
         mse = ((resid / (1.0 - h)[..., None]) ** 2).mean(dim=1)  # (B, a, k)
     else:
-        mse = torch.zeros(B, len(a), Y.shape[-1], dtype=f64, device=dev)
+        mse = torch.zeros(B, n_a, k, dtype=f64, device=dev)
         for rows in group_buckets(groups):
             idx = torch.as_tensor(rows, device=dev)  # (m, s)
             UG = U[:, idx]  # (B, m, s, r)
-            H = 1.0 / n + torch.einsum("bmsr,bra,bmtr->bmast", UG, shrink, UG)  # (B, m, a, s, s)
+            m, sz = rows.shape
+            outer = (UG[:, :, :, None, :] * UG[:, :, None, :, :]).reshape(B, m * sz * sz, r)
+            H = 1.0 / n + (outer @ shrink).reshape(B, m, sz, sz, n_a).permute(
+                0, 1, 4, 2, 3
+            )  # (B, m, a, s, s)
             eye = torch.eye(rows.shape[1], dtype=f64, device=dev)
             RG = resid[:, idx].permute(0, 1, 3, 2, 4)  # (B, m, a, s, k)
             e = torch.linalg.solve(eye - H, RG)
