@@ -179,6 +179,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
     parser.add_argument("--backend", choices=("numpy", "torch"), default="numpy", help="RidgeProbe backend")
+    parser.add_argument("--name", default=None, help="result file name (default: probing[_BACKEND])")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the reference probe gets the same threads as our BLAS
@@ -280,7 +281,8 @@ def main() -> None:
         "mean_pearson_by_scenario": df.groupby("scenario").pearson.mean().to_dict(),
         "mean_control_pearson": float(df.control_pearson.mean()),
     }
-    save_results("probing" if args.backend == "numpy" else f"probing_{args.backend}", headline, detail)
+    name = args.name or ("probing" if args.backend == "numpy" else f"probing_{args.backend}")
+    save_results(name, headline, detail)
 
 
 if __name__ == "__main__":

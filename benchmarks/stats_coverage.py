@@ -94,15 +94,16 @@ def peak_error_rates(rng: np.random.Generator, sims: int) -> list[dict]:
     """False-positive rate of the picked peak (null) and power of p_fwer (planted), per n."""
     out = []
     for n in (3, 5, 8, 20):
-        perms = permutations(n, 999, 0)[0]
         for alternative in ("two-sided", "less"):
             raw = fwer = 0
-            for _ in range(sims):
+            for sim in range(sims):
+                perms = permutations(n, 999, sim)[0]  # random pairings (n > 8) drawn afresh per data set
                 fam = layer_family_tests(_ar_layers(rng, n), rng.normal(size=n), perms, alternative)
                 raw += fam["p_raw"][fam["peak"]] < 0.05
                 fwer += fam["p_fwer"][fam["peak"]] < 0.05
             power = 0
-            for _ in range(sims // 2):
+            for sim in range(sims // 2):
+                perms = permutations(n, 999, sims + sim)[0]
                 y = rng.normal(size=n)
                 X = _ar_layers(rng, n)
                 X[:, 10] = -0.8 * y + 0.6 * rng.normal(size=n)
