@@ -1,7 +1,8 @@
 """Coverage and error rates of the statistics the toolkit reports, by simulation (JSON result).
 
 1. Interplay intervals: coverage of the Fisher-z interval (Pearson) and the Bonett-Wright Fisher-z
-   interval (Spearman) at n = 3, 4, 5, 8, 10, 20 models, for bivariate normal data at rho = 0, 0.5, 0.8
+   interval (Spearman) at n = 3, 4, 5, 6, 8, 10, 20 models, for bivariate normal data at rho = 0, 0.5, 0.8,
+   0.95
    and for a skewed case (log-normal information); and the old percentile bootstrap's false exclusions
    of 0 under the null.
 2. Peak-picking: over 31 layers (AR(1) correlated, rho 0.7) of pure noise, the share of curves whose
@@ -37,8 +38,8 @@ def interval_coverage(rng: np.random.Generator, sims: int) -> list[dict]:
     """Coverage of `correlation_ci` (and the old bootstrap under the null) per n, rho, distribution."""
     out = []
     for dist in ("normal", "lognormal_x"):
-        for rho in (0.0, 0.5, 0.8):
-            for n in (3, 4, 5, 8, 10, 20):
+        for rho in (0.0, 0.5, 0.8, 0.95):
+            for n in (3, 4, 5, 6, 8, 10, 20):
                 z = rng.normal(size=(sims, n, 2))
                 x = z[..., 0]
                 y = rho * x + np.sqrt(1 - rho**2) * z[..., 1]

@@ -201,56 +201,27 @@ def run_probing(
     batch = int(layer_batch) if backend == "torch" else 1
     keyed: list[tuple[tuple[int, int, int, int], list[dict[str, Any]]]] = []
     for di, (d, code, ctrl) in enumerate(zip(designs, codes, controls, strict=True)):
-        # several rows per prompt: select alpha leaving whole prompts out (grouped CV)
-        groups = code if len(np.unique(code)) < len(code) else None
         for chunk in _chunks(layers, batch):
             Xc = np.stack([_read_layer(store, layer, d, pooling, len(index)) for layer in chunk])  # (B, n, p)
-            finite_all = np.isfinite(Xc).all(axis=2)  # (B, n): empty continuations are stored as NaN
-            shared = len(chunk) > 1 and bool((finite_all == finite_all[0]).all())
-            for seed in seeds:
-                fold_of_row = folds[seed][code]
-                Y = np.hstack([d.targets, d.targets[ctrl[seed]]]) if control else d.targets
-                for fold in range(n_folds):
-                    splits = [(f & (fold_of_row != fold), f & (fold_of_row == fold)) for f in finite_all]
-                    if shared:
-                        train, test = splits[0]
-                        per_layer = _fit_fold_batched(
-                            Xc, Y, d.columns, train, test, alphas, control, groups, device
-                        )
-                    else:
-                        per_layer = [
-                            _fit_fold(
-                                RidgeProbe(alphas=alphas, backend=backend, device=device),
-                                Xc[b],
-                                Y,
-                                d.columns,
-                                *splits[b],
-                                control,
-                                groups,
-                            )
-                            for b in range(len(chunk))
-                        ]
-                    for b, (layer, rows) in enumerate(zip(chunk, per_layer, strict=True)):
-                        if mdl:
-                            ctrl_y = d.targets[ctrl[seed]] if control else None
-                            _add_mdl(
-                                rows,
-                                Xc[b],
-                                d.targets,
-                                ctrl_y,
-                                code,
-                                splits[b][0],
-                                (seed, fold),
-                                alphas,
-                                mdl_precision,
-                                backend,
-                            )
-                        lost = int((~finite_all[b]).sum())
-                        rows = [
-                            {"layer": layer, "fold": fold, "seed": seed, **r, "n_rows_lost": lost}
-                            for r in rows
-                        ]
-                        keyed.append(((layer, di, seed, fold), rows))
+            keyed.extend(
+                _probe_chunk(
+                    Xc,
+                    chunk,
+                    di,
+                    d,
+                    code,
+                    ctrl,
+                    folds,
+                    n_folds,
+                    seeds,
+                    control,
+                    mdl,
+                    alphas,
+                    mdl_precision,
+                    backend,
+                    device,
+                )
+            )
     keyed.sort(key=lambda item: item[0])  # the table's order: layer, position, seed, fold
     records = [row for _, rows in keyed for row in rows]
     df = pd.DataFrame.from_records(records)
@@ -285,6 +256,74 @@ def _read_layer(store: ProbingStore, layer: int, d: ProbingDesign, pooling: str,
 def _chunks(values: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(values), size):
         yield values[i : i + size]
+
+
+def _probe_chunk(
+    Xc: np.ndarray,
+    chunk: list[int],
+    di: int,
+    d: ProbingDesign,
+    code: np.ndarray,
+    ctrl: dict[int, np.ndarray],
+    folds: dict[int, np.ndarray],
+    n_folds: int,
+    seeds: list[int],
+    control: bool,
+    mdl: bool,
+    alphas: Sequence[float],
+    mdl_precision: float,
+    backend: str,
+    device: str | None,
+) -> list[tuple[tuple[int, int, int, int], list[dict[str, Any]]]]:
+    """All (seed, fold) fits of one design on a chunk of layers `Xc` `[B, n, p]`; records keyed for sorting.
+
+    Rows with non-finite activations (empty continuations) are left out and counted in `n_rows_lost`.
+    With several rows per prompt, alpha is selected leaving whole prompts out (grouped CV). The B layers
+    are fitted in one batched torch call when they share the same finite rows, else one by one.
+    """
+    groups = code if len(np.unique(code)) < len(code) else None
+    finite_all = np.isfinite(Xc).all(axis=2)  # (B, n): empty continuations are stored as NaN
+    shared = len(chunk) > 1 and bool((finite_all == finite_all[0]).all())
+    out = []
+    for seed in seeds:
+        fold_of_row = folds[seed][code]
+        Y = np.hstack([d.targets, d.targets[ctrl[seed]]]) if control else d.targets
+        for fold in range(n_folds):
+            splits = [(f & (fold_of_row != fold), f & (fold_of_row == fold)) for f in finite_all]
+            if shared:
+                per_layer = _fit_fold_batched(Xc, Y, d.columns, *splits[0], alphas, control, groups, device)
+            else:
+                per_layer = [
+                    _fit_fold(
+                        RidgeProbe(alphas=alphas, backend=backend, device=device),
+                        Xc[b],
+                        Y,
+                        d.columns,
+                        *splits[b],
+                        control,
+                        groups,
+                    )
+                    for b in range(len(chunk))
+                ]
+            for b, (layer, rows) in enumerate(zip(chunk, per_layer, strict=True)):
+                if mdl:
+                    ctrl_y = d.targets[ctrl[seed]] if control else None
+                    _add_mdl(
+                        rows,
+                        Xc[b],
+                        d.targets,
+                        ctrl_y,
+                        code,
+                        splits[b][0],
+                        (seed, fold),
+                        alphas,
+                        mdl_precision,
+                        backend,
+                    )
+                lost = int((~finite_all[b]).sum())
+                rows = [{"layer": layer, "fold": fold, "seed": seed, **r, "n_rows_lost": lost} for r in rows]
+                out.append(((layer, di, seed, fold), rows))
+    return out
 
 
 def _records(
