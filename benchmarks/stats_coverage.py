@@ -63,6 +63,12 @@ def interval_coverage(rng: np.random.Generator, sims: int) -> list[dict]:
                         float(np.mean((low <= truth) & (truth <= high))) if np.isfinite(low).all() else None
                     )
                     row[f"{name}_note"] = cis[0]["ci_note"]
+                # the Spearman interval's formula without the n >= 10 threshold: why it is withheld below
+                se = np.sqrt((1 + rs**2 / 2) / max(n - 3, 1e-9))
+                zs = np.arctanh(np.clip(rs, -1 + 1e-12, 1 - 1e-12))
+                q = stats.norm.ppf(0.975)
+                inside = (np.tanh(zs - q * se) <= rho_s) & (rho_s <= np.tanh(zs + q * se))
+                row["spearman_formula_coverage_any_n"] = float(np.mean(inside)) if n > 3 else None
                 if rho == 0.0 and dist == "normal":
                     row["old_bootstrap_excludes_0"] = _old_bootstrap_exclusion(rng, x[:400], y[:400])
                 out.append(row)
