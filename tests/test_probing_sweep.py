@@ -241,9 +241,10 @@ def test_all_continuations_mode_selects_alpha_leaving_prompts_out(rng):
     assert df.alpha.median() >= 100 * loo_alpha and (df.alpha > loo_alpha).all()
 
 
-def test_torch_backend_gives_the_same_table(planted):
+@pytest.mark.parametrize("continuations", [0, "all"])  # "all": grouped alpha selection, grouped MDL
+def test_torch_backend_gives_the_same_table(planted, continuations):
     store, targets = planted
-    kw = dict(seeds=(0, 1), n_folds=3, layers=[0, 1, 2, 3], mdl=True)
+    kw = dict(seeds=(0, 1), n_folds=3, layers=[0, 1, 2, 3], mdl=True, output_continuations=continuations)
     ref = run_probing(store, targets, **kw)
     got = run_probing(store, targets, backend="torch", device="cpu", layer_batch=3, **kw)
     pd.testing.assert_frame_equal(got, ref, rtol=1e-6, atol=1e-9)

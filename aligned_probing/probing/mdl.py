@@ -199,6 +199,7 @@ def online_codelength(
     control: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     backend: str = "numpy",
+    device: str | None = None,
 ) -> OnlineCode:
     """Online (prequential) code lengths of `Y`, of its control and of a features-free baseline.
 
@@ -216,6 +217,7 @@ def online_codelength(
         groups: Group per row (e.g. prompt), each group's rows contiguous: blocks end between groups and
             alpha is selected by leave-one-group-out. None = every row its own group.
         backend: `RidgeProbe` backend ("numpy" or "torch").
+        device: torch device for `backend="torch"` (None: CUDA when available).
 
     Returns:
         An `OnlineCode` with per-target code lengths and the gains in bits per sample.
@@ -260,7 +262,7 @@ def online_codelength(
     Yall = Y if control is None else np.hstack([Y, control])
     coded = np.full(Yall.shape[1], ends[0] * uniform_bits)  # first block: uniform code
     for start, stop in zip(ends[:-1], ends[1:], strict=True):
-        probe = RidgeProbe(alphas=alphas, backend=backend).fit(
+        probe = RidgeProbe(alphas=alphas, backend=backend, device=device).fit(
             X[:start], Yall[:start], groups=None if groups is None else groups[:start]
         )
         coded += mixture_codelength(

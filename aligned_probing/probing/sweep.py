@@ -319,6 +319,7 @@ def _probe_chunk(
                         alphas,
                         mdl_precision,
                         backend,
+                        device,
                     )
                 lost = int((~finite_all[b]).sum())
                 rows = [{"layer": layer, "fold": fold, "seed": seed, **r, "n_rows_lost": lost} for r in rows]
@@ -417,6 +418,7 @@ def _add_mdl(
     alphas: Sequence[float],
     precision: float,
     backend: str,
+    device: str | None = None,
 ) -> None:
     """Add the MDL columns of the training part to `rows`: real, control and baseline online codes.
 
@@ -439,6 +441,7 @@ def _add_mdl(
         control=None if Y_control is None else Y_control[order],
         groups=code[order] if grouped else None,
         backend=backend,
+        device=device,
     )
     for j, row in enumerate(rows):
         row["mdl_gain_control"] = res.gain_vs_control[j]
