@@ -4,9 +4,22 @@ For a set of models, per (template, scenario, attribute, layer), the x values ar
 information strength (the probe's test Pearson r averaged over folds x seeds) and the y values
 the models' behaviour metric (EMT by default). We report Pearson r and Spearman rho, each with
 
-* a two-sided permutation p-value (`scipy.stats.permutation_test`, pairings shuffled; exact when
-  the number of models is small enough to enumerate all n! pairings), and
-* a percentile bootstrap CI over models (models resampled with replacement).
+* a permutation p-value `p_raw` (pairings shuffled): exact, over all n! pairings, for n <= 8 models;
+  otherwise (1 + #{T* >= T}) / (1 + B) over B seeded random permutations;
+* a family-wise adjusted `p_fwer` over the layers of each (template, scenario, attribute, statistic)
+  curve: the max-statistic permutation test (Westfall & Young). One permutation of the models is applied
+  to every layer at once, the largest statistic over layers is recorded, and
+  `p_fwer_l = P(max_l' T*_l' >= T_l)`. The statistic has the sidedness of the selection (`alternative`):
+  |r| for "two-sided", -r for "less" (the most negative layer), r for "greater";
+* `q_bh`, Benjamini-Hochberg q-values of `p_raw` over the same layers;
+* `peak_picked`: True at the layer that a "best layer" summary would select (largest |r|, most negative
+  or largest r, by `alternative`). Report a picked peak with `p_fwer`, never with `p_raw`;
+* a confidence interval whose coverage was checked by simulation (benchmarks/stats_coverage.py):
+  Pearson: Fisher z, `tanh(atanh(r) -/+ z_q / sqrt(n - 3))`, for n >= 4 models (coverage 0.95-0.97 at
+  n = 4-20 for bivariate normal data); Spearman: Fisher z with the Bonett-Wright variance
+  `(1 + rho^2 / 2) / (n - 3)`, for n >= 10 (below that its coverage drops to 0.6-0.9 for strong
+  correlations). Where no interval has verified coverage, the bounds are NaN and `ci_note` says why.
+  (The percentile bootstrap over models used before had 33% false exclusions of 0 at n = 3.)
 
 Depth: when all models have the same number of layers L, layers are compared as they are
 (`depth_axis = "layer"`). Otherwise each model's curve is placed on relative depth l / L and
@@ -20,7 +33,11 @@ With few models the uncertainty is large: three models give at best p = 1/3 (two
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -39,12 +56,26 @@ INTERPLAY_COLUMNS: tuple[str, ...] = (
     "statistic",
     "value",
     "p_value",
+    "p_raw",
+    "p_fwer",
+    "q_bh",
+    "peak_picked",
+    "alternative",
+    "p_method",
     "ci_low",
     "ci_high",
+    "ci_method",
+    "ci_note",
     "n_models",
 )
 _PROBE_KEYS = ("model", "template", "scenario", "attribute", "layer", "n_layers")
 MIN_MODELS = 3
+#: Enumerate all n! pairings (exact permutation p-values) up to this many models.
+EXACT_MAX_N = 8
+#: Fewest models for each interval (below: NaN bounds and a `ci_note`), chosen by simulation.
+MIN_CI_MODELS: dict[str, int] = {"pearson": 4, "spearman": 10}
+ALTERNATIVES: tuple[str, ...] = ("two-sided", "less", "greater")
+_TIE = 1e-12  # statistics equal up to rounding count as ties (>=)
 
 
 def information_strength(probing: pd.DataFrame, *, value: str = "pearson") -> pd.DataFrame:
@@ -70,60 +101,96 @@ def information_strength(probing: pd.DataFrame, *, value: str = "pearson") -> pd
     return out
 
 
-def _pearson(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Vectorised Pearson r along `axis` (NaN where x or y is constant); range [-1, 1].
+def permutations(n: int, n_permutations: int, seed: int) -> tuple[np.ndarray, bool]:
+    """Pairings to evaluate: all n! when n <= `EXACT_MAX_N` (exact), else seeded random ones.
 
-    r = sum((x - mean x)(y - mean y)) / sqrt(sum (x - mean x)^2 * sum (y - mean y)^2).
-    Hand-written because `scipy.stats.pearsonr` evaluates one resample per call, and the
-    permutation and bootstrap loops need thousands per layer.
+    Returns:
+        `(perms [B, n], exact)`; random sets start with the identity, so p = (1 + #) / (1 + B).
     """
-    xc = x - x.mean(axis=axis, keepdims=True)
-    yc = y - y.mean(axis=axis, keepdims=True)
-    den = np.sqrt((xc**2).sum(axis=axis) * (yc**2).sum(axis=axis))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (xc * yc).sum(axis=axis) / den
-    return np.where(den > 1e-15, np.clip(r, -1.0, 1.0), np.nan)
+    if n <= EXACT_MAX_N:
+        return np.array(list(itertools.permutations(range(n))), dtype=np.int64), True
+    rng = np.random.default_rng(seed)
+    perms = np.stack([np.arange(n)] + [rng.permutation(n) for _ in range(n_permutations)])
+    return perms, False
 
 
-def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman rho: Pearson r of average ranks (equals `scipy.stats.spearmanr`, ties included)."""
-    return _pearson(stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis), axis=axis)
+def _standardised(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns centred and scaled to unit norm (NaN columns where constant), and the validity mask."""
+    c = a - a.mean(axis=0, keepdims=True)
+    norm = np.sqrt((c**2).sum(axis=0))
+    ok = norm > 1e-15
+    return c / np.where(ok, norm, 1.0), ok
 
 
-_STATISTICS = {"pearson": _pearson, "spearman": _spearman}
+def _selection_stat(r: np.ndarray, alternative: str) -> np.ndarray:
+    return {"two-sided": np.abs(r), "less": -r, "greater": r}[alternative]
 
 
-def _correlation_row(
-    x: np.ndarray,
-    y: np.ndarray,
-    name: str,
-    *,
-    n_permutations: int,
-    n_bootstrap: int,
-    confidence_level: float,
-    seed: int,
-) -> dict[str, float]:
-    fn = _STATISTICS[name]
-    value = float(fn(x, y))
-    if not np.isfinite(value):
-        return {"value": value, "p_value": np.nan, "ci_low": np.nan, "ci_high": np.nan}
-    perm = stats.permutation_test(
-        (x, y),
-        fn,
-        permutation_type="pairings",
-        vectorized=True,
-        n_resamples=n_permutations,
-        alternative="two-sided",
-        rng=np.random.default_rng(seed),
-    )
-    # Bootstrap over models, hand-written: resamples that repeat one model so often that x or y is
-    # constant have no correlation (NaN) and are dropped, which scipy.stats.bootstrap cannot do.
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_bootstrap, len(x)))
-    boot = fn(x[idx], y[idx], axis=-1)
-    boot = boot[np.isfinite(boot)]
-    tail = (1.0 - confidence_level) / 2.0 * 100.0
-    low, high = np.percentile(boot, [tail, 100.0 - tail]) if len(boot) else (np.nan, np.nan)
-    return {"value": value, "p_value": float(perm.pvalue), "ci_low": float(low), "ci_high": float(high)}
+def layer_family_tests(
+    X: np.ndarray, y: np.ndarray, perms: np.ndarray, alternative: str
+) -> dict[str, np.ndarray]:
+    """Per-layer correlation, raw and max-statistic (family-wise) permutation p-values, BH q-values.
+
+    Args:
+        X: Information `[n, L]` (models x layers) for one curve family.
+        y: Behaviour `[n]`.
+        perms: Pairings `[B, n]` (the identity included), applied to every layer at once.
+        alternative: "two-sided", "less" or "greater": the sidedness of p and of the selection.
+
+    Returns:
+        {"r", "p_raw", "p_fwer", "q_bh"} each `[L]` (NaN for constant layers), and "peak" (the
+        selected layer's index, or -1).
+    """
+    xs, ok = _standardised(X)
+    ys, y_ok = _standardised(y[:, None])
+    L = X.shape[1]
+    nan = np.full(L, np.nan)
+    if not y_ok[0] or not ok.any():
+        return {"r": nan, "p_raw": nan.copy(), "p_fwer": nan.copy(), "q_bh": nan.copy(), "peak": -1}
+    r_perm = ys[perms, 0] @ xs  # (B, L): r of every pairing at every layer
+    r_perm = np.clip(r_perm, -1.0, 1.0)
+    r_perm[:, ~ok] = np.nan
+    r = np.clip(ys[:, 0] @ xs, -1.0, 1.0)
+    r[~ok] = np.nan
+    t_obs = _selection_stat(r, alternative)
+    t_perm = _selection_stat(r_perm, alternative)
+    p_raw = np.mean(t_perm >= t_obs - _TIE, axis=0)  # the identity is one of the pairings
+    t_max = np.nanmax(t_perm, axis=1)  # (B,): the family's largest statistic per pairing
+    p_fwer = np.mean(t_max[:, None] >= t_obs[None, :] - _TIE, axis=0)
+    p_raw[~ok], p_fwer[~ok] = np.nan, np.nan
+    q = np.full(L, np.nan)
+    q[ok] = stats.false_discovery_control(p_raw[ok], method="bh")
+    peak = int(np.nanargmax(t_obs))
+    return {"r": r, "p_raw": p_raw, "p_fwer": p_fwer, "q_bh": q, "peak": peak}
+
+
+def correlation_ci(r: float, n: int, statistic: str, confidence_level: float = 0.95) -> dict[str, object]:
+    """Fisher-z interval for Pearson r (n >= 4) or Spearman rho (Bonett-Wright variance, n >= 10).
+
+    `tanh(atanh(r) -/+ z_{(1 + confidence) / 2} * se)` with `se = 1 / sqrt(n - 3)` (Pearson) or
+    `sqrt((1 + rho^2 / 2) / (n - 3))` (Spearman). Below `MIN_CI_MODELS` the bounds are NaN and
+    `ci_note` says why: simulation (benchmarks/stats_coverage.py) found no interval of these forms
+    with valid coverage there.
+
+    Returns:
+        {"ci_low", "ci_high", "ci_method", "ci_note"}.
+    """
+    need = MIN_CI_MODELS[statistic]
+    method = "fisher_z" if statistic == "pearson" else "fisher_z_bonett_wright"
+    if n < need:
+        note = f"n too small: {n} models < {need}, no {statistic} interval with verified coverage"
+        return {"ci_low": np.nan, "ci_high": np.nan, "ci_method": "none", "ci_note": note}
+    if not np.isfinite(r):
+        return {"ci_low": np.nan, "ci_high": np.nan, "ci_method": method, "ci_note": "r undefined"}
+    se = 1.0 / math.sqrt(n - 3) if statistic == "pearson" else math.sqrt((1 + r**2 / 2) / (n - 3))
+    z = math.atanh(min(max(r, -1 + 1e-15), 1 - 1e-15))
+    q = stats.norm.ppf((1 + confidence_level) / 2)
+    return {
+        "ci_low": math.tanh(z - q * se),
+        "ci_high": math.tanh(z + q * se),
+        "ci_method": method,
+        "ci_note": "",
+    }
 
 
 def _resolve_axis(depths: pd.Series, depth_axis: str) -> str:
@@ -167,9 +234,10 @@ def interplay(
     depth_axis: str = "auto",
     n_grid: int | None = None,
     n_permutations: int = 9999,
-    n_bootstrap: int = 2000,
+    n_bootstrap: int | None = None,
     confidence_level: float = 0.95,
     seed: int = 0,
+    alternative: Literal["two-sided", "less", "greater"] = "two-sided",
 ) -> pd.DataFrame:
     """Correlation across models between per-layer information strength and a behaviour metric.
 
@@ -183,22 +251,41 @@ def interplay(
         information: Probing column averaged into information strength ("pearson", "selectivity").
         depth_axis: "auto" (relative when depths differ), "layer" or "relative".
         n_grid: Points of the relative-depth grid (default: shallowest model's L + 1).
-        n_permutations: Permutations for the p-value (exact test when n! is smaller).
-        n_bootstrap: Bootstrap resamples over models.
+        n_permutations: Random pairings for p-values when there are more than `EXACT_MAX_N` models
+            (with fewer, all n! pairings are enumerated: exact).
+        n_bootstrap: Deprecated and ignored (the bootstrap interval was replaced by Fisher z, whose
+            coverage was verified); passing it warns. Removal in 0.3.
         confidence_level: CI level.
-        seed: Seed of permutations and bootstrap.
+        seed: Seed of the random permutations.
+        alternative: Sidedness of `p_raw`, `p_fwer`, `q_bh` and of the peak selection: "two-sided"
+            (largest |r|), "less" (most negative r, e.g. the paper's negative input-EMT correlation)
+            or "greater".
 
     Returns:
         Tidy rows with `INTERPLAY_COLUMNS`: one per (template, scenario, attribute, layer or grid
         point, statistic in {pearson, spearman}). `layer` is the layer on the layer axis and <NA> on
-        the relative axis; `relative_depth` is always filled.
+        the relative axis; `relative_depth` is always filled. `p_value` equals `p_raw` (kept for
+        compatibility); `p_method` is "exact" or "permutation"; `peak_picked` marks the layer a
+        best-layer summary selects (`interplay_summary`).
 
     Raises:
         ValueError: fewer than three models with both probing and behaviour for a group.
 
     Example:
-        >>> interplay(probing_rows, behaviour_rows).query("scenario == 'input'")  # doctest: +SKIP
+        >>> table = interplay(probing_rows, behaviour_rows, alternative="less")  # doctest: +SKIP
+        >>> interplay_summary(table)[["scenario", "layer", "value", "p_raw", "p_fwer"]]  # doctest: +SKIP
     """
+    if n_bootstrap is not None:
+        warnings.warn(
+            "interplay(n_bootstrap=...) is deprecated and ignored: intervals are Fisher z (coverage "
+            "verified by simulation); remove the argument (it goes in 0.3).",
+            FutureWarning,
+            stacklevel=2,
+        )
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}.")
+    if not 0.0 < confidence_level < 1.0:
+        raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level!r}.")
     info = information_strength(probing, value=information)
     n_models = info["model"].nunique()
     if n_models < MIN_MODELS:
@@ -227,19 +314,14 @@ def interplay(
                 f"template {template}, scenario {scenario!r}, attribute {attribute!r}: only {len(models)} "
                 f"model(s) have both probing and {metric}/{subset} behaviour ({models}); need {MIN_MODELS}."
             )
+        n = len(models)
         y = target[models].to_numpy(dtype=np.float64)
-        for j, col in enumerate(curves.columns):
-            x = curves.loc[models, col].to_numpy(dtype=np.float64)
-            for stat in ("pearson", "spearman"):
-                res = _correlation_row(
-                    x,
-                    y,
-                    stat,
-                    n_permutations=n_permutations,
-                    n_bootstrap=n_bootstrap,
-                    confidence_level=confidence_level,
-                    seed=seed,
-                )
+        X = curves.loc[models].to_numpy(dtype=np.float64)  # (n, L)
+        perms, exact = permutations(n, n_permutations, seed)
+        for stat in ("pearson", "spearman"):
+            Xs, ys = (X, y) if stat == "pearson" else (stats.rankdata(X, axis=0), stats.rankdata(y))
+            fam = layer_family_tests(Xs, ys, perms, alternative)
+            for j, col in enumerate(curves.columns):
                 rows.append(
                     {
                         "template": template,
@@ -252,18 +334,55 @@ def interplay(
                         "layer": int(col) if axis == "layer" else pd.NA,
                         "relative_depth": float(depth[j]),
                         "statistic": stat,
-                        **res,
-                        "n_models": len(models),
+                        "value": fam["r"][j],
+                        "p_value": fam["p_raw"][j],
+                        "p_raw": fam["p_raw"][j],
+                        "p_fwer": fam["p_fwer"][j],
+                        "q_bh": fam["q_bh"][j],
+                        "peak_picked": j == fam["peak"],
+                        "alternative": alternative,
+                        "p_method": "exact" if exact else "permutation",
+                        **correlation_ci(fam["r"][j], n, stat, confidence_level),
+                        "n_models": n,
                     }
                 )
     out = pd.DataFrame(rows, columns=list(INTERPLAY_COLUMNS))
     return out.astype({"layer": "Int64"})
 
 
+#: The layer family of one family-wise test: peaks must be picked within it.
+FAMILY: tuple[str, ...] = ("template", "scenario", "attribute", "statistic")
+
+
 def interplay_summary(
-    table: pd.DataFrame, *, statistic: str = "pearson", by: Sequence[str] = ("scenario",)
+    table: pd.DataFrame,
+    *,
+    statistic: str = "pearson",
+    by: Sequence[str] = ("template", "scenario", "attribute"),
 ) -> pd.DataFrame:
-    """The layer (or depth) of the strongest |correlation| per group, for a one-line report."""
-    part = table[table["statistic"] == statistic].dropna(subset=["value"])
-    best = part.loc[part.groupby(list(by))["value"].apply(lambda s: s.abs().idxmax())]
-    return best.reset_index(drop=True)
+    """The peak-picked layer (or depth) of each curve, with its family-wise adjusted p-value.
+
+    The peak is the layer with the largest |r|, the most negative r or the largest r, following the
+    table's `alternative` (set when calling `interplay`); `p_fwer` is adjusted for exactly that selection
+    over the layers of the curve, so report it (and `q_bh`) next to `p_raw`. The interval of a picked
+    peak is not adjusted for the selection.
+
+    Args:
+        table: `interplay` output.
+        statistic: "pearson" or "spearman".
+        by: Grouping; must contain template, scenario and attribute (the family of the adjustment):
+            picking across attributes or templates would be a larger selection than `p_fwer` covers.
+
+    Returns:
+        One row per group with the table's columns (`peak_picked` True).
+    """
+    missing = [c for c in ("template", "scenario", "attribute") if c not in by]
+    if missing:
+        raise ValueError(
+            f"by must include {list(FAMILY[:3])} (p_fwer is adjusted over the layers of one curve); "
+            f"got by={list(by)}, missing {missing}. Group by them and filter the rows you want."
+        )
+    part = table[(table["statistic"] == statistic) & table["peak_picked"]]
+    if part.groupby(list(by)).size().gt(1).any():
+        raise ValueError(f"by={list(by)} splits no curve; several peaks per group. Pass coarser keys.")
+    return part.reset_index(drop=True)

@@ -8,7 +8,10 @@ Activations shaped like the embedded SmolLM2's (31 residual layers x 2000 sample
    original paper (Dropout 0.2 + Linear, Huber loss, Adam lr 1e-3, batch 16, up to 20 epochs, early
    stopping on a dev split; implemented here only) against `RidgeProbe`: time and test Pearson.
 
-Usage: .venv/bin/python -m benchmarks.probing [--layers 31] [--seeds 5] [--threads N]
+3. `--backend torch` runs both with the torch backend (float64; batched over layers in the sweep; on a GPU
+   when one is visible), to compare with the numpy default.
+
+Usage: .venv/bin/python -m benchmarks.probing [--layers 31] [--seeds 5] [--threads N] [--backend torch]
 """
 
 from __future__ import annotations
@@ -116,7 +119,14 @@ def reference_probe(
 
 
 def compare_reference(
-    store, targets, layer: int, attribute: str, n_folds: int = 4, seed: int = 0, standardised_reference=False
+    store,
+    targets,
+    layer: int,
+    attribute: str,
+    n_folds: int = 4,
+    seed: int = 0,
+    standardised_reference=False,
+    backend: str = "numpy",
 ) -> dict:
     X = store.layer(layer, "input").astype(np.float64)
     y = targets[f"prompt_{attribute}"].to_numpy()
@@ -134,7 +144,7 @@ def compare_reference(
         tr, te = folds != fold, folds == fold
         cpu0 = time.process_time()
         with Timer() as t:
-            pred = RidgeProbe().fit(X[tr], y[tr]).predict(X[te])
+            pred = RidgeProbe(backend=backend).fit(X[tr], y[tr]).predict(X[te])
         out["ours_s"] += t.seconds
         out["ours_cpu_s"] += time.process_time() - cpu0
         out["ours_pearson"].append(np.corrcoef(pred, y[te])[0, 1])
@@ -168,6 +178,8 @@ def main() -> None:
         help="skip the sweep; compare with the reference probe (raw and standardised inputs) at LAYER",
     )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
+    parser.add_argument("--backend", choices=("numpy", "torch"), default="numpy", help="RidgeProbe backend")
+    parser.add_argument("--name", default=None, help="result file name (default: probing[_BACKEND])")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the reference probe gets the same threads as our BLAS
@@ -185,22 +197,42 @@ def main() -> None:
     if args.compare_only is not None:
         with threadpool_limits(limits=args.threads):
             ref = compare_reference(
-                store, targets, args.compare_only, "toxicity", standardised_reference=True
+                store,
+                targets,
+                args.compare_only,
+                "toxicity",
+                standardised_reference=True,
+                backend=args.backend,
             )
         headline = {
             "layer": args.compare_only,
             **{k: float(np.mean(v)) for k, v in ref.items() if k.endswith("pearson")},
             "reference_cpu_s_per_probe": ref["reference_cpu_s"] / 4,
             "ours_cpu_s_per_probe": ref["ours_cpu_s"] / 4,
+            "reference_wall_s_per_probe": ref["reference_s"] / 4,
+            "ours_wall_s_per_probe": ref["ours_s"] / 4,
+            "speed_ratio_single_probe_wall": ref["reference_s"] / ref["ours_s"],
+            "speed_ratio_single_probe_cpu": ref["reference_cpu_s"] / ref["ours_cpu_s"],
+            "speed_ratio_target": 50,
+            "backend": args.backend,
         }
-        save_results("probing_reference", headline, {"reference": ref, "threads": args.threads})
+        name = "probing_reference" if args.backend == "numpy" else f"probing_reference_{args.backend}"
+        save_results(name, headline, {"reference": ref, "threads": args.threads})
         return
     layers = list(range(store.n_layers + 1 if args.layers is None else args.layers))
     seeds = tuple(range(args.seeds))
 
     cpu0 = time.process_time()
     with threadpool_limits(limits=args.threads), Timer() as sweep_t:
-        df = run_probing(store, targets, attributes=attributes, seeds=seeds, layers=layers, control=True)
+        df = run_probing(
+            store,
+            targets,
+            attributes=attributes,
+            seeds=seeds,
+            layers=layers,
+            control=True,
+            backend=args.backend,
+        )
     sweep_cpu = time.process_time() - cpu0  # CPU seconds: less sensitive than wall time to other users' load
     n_fits = len(layers) * 2 * len(seeds) * 4  # (layer, position, seed, fold)
     n_probes = len(df)  # real probes; each also has a control probe
@@ -210,12 +242,13 @@ def main() -> None:
 
     peak_layer = int(peaks.query("scenario == 'input' and attribute == 'toxicity'").layer.iloc[0])
     with threadpool_limits(limits=args.threads):
-        ref = compare_reference(store, targets, peak_layer, "toxicity")
+        ref = compare_reference(store, targets, peak_layer, "toxicity", backend=args.backend)
     ref_per_probe = ref["reference_s"] / 4
     ours_per_probe = ref["ours_s"] / 4
     amortised = sweep_t.seconds / (2 * n_probes)  # real + control probes delivered by the sweep
     headline = {
         "source": source,
+        "backend": args.backend,
         "shape": [store.n_layers + 1, len(store.index), int(store.layer(0, "input").shape[1])],
         "layers_probed": len(layers),
         "sweep_wall_s": round(sweep_t.seconds, 2),
@@ -248,7 +281,8 @@ def main() -> None:
         "mean_pearson_by_scenario": df.groupby("scenario").pearson.mean().to_dict(),
         "mean_control_pearson": float(df.control_pearson.mean()),
     }
-    save_results("probing", headline, detail)
+    name = args.name or ("probing" if args.backend == "numpy" else f"probing_{args.backend}")
+    save_results(name, headline, detail)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,49 @@ def test_per_prompt_metrics_and_errors():
         behaviour_metrics(_table(), threshold=2)
     with pytest.raises(ValueError, match="no attribute column"):
         behaviour_metrics(_table().drop(columns=["toxicity", "insult"]))
+
+
+def _with_nan() -> pd.DataFrame:
+    """Model m: a's 0.9 and all of d's scores are NaN (4 of 12); model n is complete."""
+    m = _table("m")
+    m.loc[(m.prompt_id == "a") & (m.continuation_idx == 1), "toxicity"] = np.nan
+    m.loc[m.prompt_id == "d", "toxicity"] = np.nan
+    return pd.concat([m, _table("n")], ignore_index=True)
+
+
+def test_missing_scores_are_an_error_with_counts_by_default():
+    # The old code took the max over the remaining draws: EMT of model m fell from 0.525 to 0.3 silently.
+    with pytest.raises(
+        ValueError,
+        match=r"model='m', template=0, attribute='toxicity': 4 of 12 scores NaN "
+        r"\(1 prompts with no score\).*missing='drop'",
+    ):
+        behaviour_metrics(_with_nan(), _prompts(), attributes=["toxicity"], n_resamples=50, min_stable_k=1)
+    with pytest.raises(ValueError, match="4 of 24 scores NaN"):
+        per_prompt_metrics(_with_nan(), "toxicity", by=("model", "prompt_id"))
+    with pytest.raises(ValueError, match="missing must be one of"):
+        behaviour_metrics(_table(), missing="ignore")
+
+
+def test_drop_policy_reports_n_missing_on_every_row():
+    with pytest.warns(UnstableEMTWarning, match="between 2 and 3"):
+        df = behaviour_metrics(
+            _with_nan(), _prompts(), attributes=["toxicity"], n_resamples=50, min_stable_k=1, missing="drop"
+        )
+    assert list(df.columns) == list(BEHAVIOUR_COLUMNS)
+    m = df[df.model == "m"].set_index(["metric", "subset"])
+    assert m.loc[("emt", "all"), "value"] == pytest.approx((0.2 + 0.3 + 0.5) / 3)  # a: max(0.1, 0.2)
+    assert m.loc[("emt", "all"), "n_prompts"] == 3
+    assert (m.xs("all", level="subset").n_missing == 4).all()
+    assert (m.xs("all", level="subset").n_prompts_all_missing == 1).all()
+    assert (m.xs("toxic_prompts", level="subset").n_missing == 1).all()  # prompt a
+    assert (m.xs("nontoxic_prompts", level="subset").n_prompts_all_missing == 1).all()  # prompt d
+    n = df[df.model == "n"]
+    assert (n.n_missing == 0).all() and (n.n_prompts_all_missing == 0).all()
+    pp = per_prompt_metrics(_with_nan(), "toxicity", by=("model", "prompt_id"), missing="drop")
+    assert len(pp) == 7 and pp.set_index(["model", "prompt_id"]).loc[("m", "a"), "n_missing"] == 1
+
+
+def test_complete_scores_report_zero_missing():
+    df = behaviour_metrics(_table(), _prompts(), n_resamples=50, min_stable_k=1)
+    assert (df.n_missing == 0).all() and (df.n_prompts_all_missing == 0).all()

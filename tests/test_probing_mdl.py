@@ -1,4 +1,4 @@
-"""Online-code MDL: closed-form code lengths, planted signal compresses, noise does not."""
+"""Online-code MDL: closed-form code lengths; gains in bits vs control and baseline; signal vs noise."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from scipy import stats
 
 from aligned_probing.probing.mdl import (
     MDL_FRACTIONS,
+    baseline_codelength,
     block_boundaries,
     gaussian_codelength,
+    group_block_boundaries,
+    mixture_codelength,
     online_codelength,
 )
 
@@ -67,3 +70,95 @@ def test_errors(rng, kwargs, match):
     X, y = rng.normal(size=(40, 3)), rng.uniform(size=40)
     with pytest.raises(ValueError, match=match):
         online_codelength(X, y, **kwargs)
+
+
+def test_gain_does_not_move_with_eps_but_uniform_compression_does(rng):
+    n, p = 600, 10
+    X = rng.normal(size=(n, p))
+    y = np.clip(0.5 + 0.12 * X[:, 0] + 0.05 * rng.normal(size=n), 0, 1)
+    control = y[rng.permutation(n)]
+    codes = [online_codelength(X, y, control=control, precision=eps) for eps in (1e-3, 1e-4, 1e-6)]
+    for code in codes[1:]:  # -log2 eps and the uniform first block cancel in the differences
+        np.testing.assert_allclose(code.gain_vs_baseline, codes[0].gain_vs_baseline, rtol=1e-9)
+        np.testing.assert_allclose(code.gain_vs_control, codes[0].gain_vs_control, rtol=1e-9)
+    assert codes[0].compression[0] > codes[1].compression[0] + 0.05  # the old headline moves with eps
+
+
+def test_pure_noise_with_skewed_targets_has_no_gain(rng):
+    # beta(0.5, 8) targets and random features: uniform/online > 1 (looks "learnable"), the gains are ~0
+    n, p = 1000, 20
+    gains_b, gains_c, comp = [], [], []
+    for _ in range(4):
+        X = rng.normal(size=(n, p))
+        y = rng.beta(0.5, 8, size=n)
+        code = online_codelength(X, y, control=y[rng.permutation(n)], precision=1e-3)
+        gains_b.append(code.gain_vs_baseline[0])
+        gains_c.append(code.gain_vs_control[0])
+        comp.append(code.compression[0])
+    assert min(comp) > 1.1  # the old, misleading number
+    assert -0.05 < np.mean(gains_b) < 0.01  # bits per sample; not > 0
+    assert abs(np.mean(gains_c)) < 0.05
+
+
+def test_planted_signal_has_a_clear_gain(rng):
+    n, p = 1000, 20
+    X = rng.normal(size=(n, p))
+    w = rng.normal(size=p)
+    y = np.clip(0.5 + 0.12 * X @ w / np.linalg.norm(w) + 0.05 * rng.normal(size=n), 0, 1)
+    code = online_codelength(X, y, control=y[rng.permutation(n)])
+    assert code.gain_vs_baseline[0] > 1.0 and code.gain_vs_control[0] > 1.0  # bits per sample
+    assert code.compression_vs_baseline[0] > 1.15
+
+
+def test_mixture_code_bounds_one_wild_prediction(rng):
+    y = np.array([[0.9]])
+    wild = mixture_codelength(y, np.array([[0.1]]), np.array([1e-4]), 0.01)[0]
+    assert wild <= np.log2(100) + np.log2(100) + 1e-9  # uniform cost + log2(1 / escape)
+    assert gaussian_codelength(y, np.array([[0.1]]), np.array([1e-4]), 0.01)[0] > 1000
+    good = mixture_codelength(y, np.array([[0.9]]), np.array([0.01]), 0.01)[0]
+    assert good == pytest.approx(
+        gaussian_codelength(y, np.array([[0.9]]), np.array([0.01]), 0.01)[0], abs=0.02
+    )
+
+
+def test_baseline_code_is_the_running_mean_and_loo_variance(rng):
+    y = rng.uniform(size=(40, 1))
+    ends = block_boundaries(40)
+    expected = ends[0] * np.log2(100)
+    for start, stop in zip(ends[:-1], ends[1:], strict=True):
+        past = y[:start, 0]
+        loo = [past[i] - np.delete(past, i).mean() for i in range(start)]  # explicit leave-one-out
+        var = (2 / 12 + start * np.mean(np.square(loo))) / (2 + start)  # shrunk to the uniform variance
+        dens = 0.99 * stats.norm.pdf(y[start:stop, 0], past.mean(), np.sqrt(var)) + 0.01  # uniform escape
+        expected += -np.log2(dens * 0.01).sum()
+    got = baseline_codelength(y, ends, 0.01, np.log2(100))
+    np.testing.assert_allclose(got, [expected], rtol=1e-10)
+
+
+def test_group_blocks_end_between_groups():
+    groups = np.repeat(np.arange(20), 3)
+    ends = group_block_boundaries(groups)
+    assert ends.tolist() == (3 * block_boundaries(20)).tolist()
+    with pytest.raises(ValueError, match="groups must be contiguous"):
+        group_block_boundaries(np.array([0, 1, 0, 1]))
+
+
+def _prompt_duplicated_noise(rng, n_prompts=120, k=5, d=40):
+    z = rng.normal(size=(n_prompts, d))
+    X = np.repeat(z, k, axis=0) + 0.05 * rng.normal(size=(n_prompts * k, d))
+    y = np.clip(np.repeat(rng.uniform(size=n_prompts), k) + 0.02 * rng.normal(size=n_prompts * k), 0, 1)
+    return X, y, np.repeat(np.arange(n_prompts), k)
+
+
+def test_prompt_grouped_blocks_do_not_reward_memorising_prompts(rng):
+    # No information: prompt vectors are unrelated to the prompt-level target. Rows in random order let
+    # later blocks code continuations of prompts already seen (memorised): a spurious gain. Whole prompts
+    # per block, and alpha by leave-one-prompt-out, remove it.
+    grouped, rowwise = [], []
+    for _ in range(5):
+        X, y, g = _prompt_duplicated_noise(rng)
+        grouped.append(online_codelength(X, y, groups=g).gain_vs_baseline[0])
+        perm = rng.permutation(len(y))
+        rowwise.append(online_codelength(X[perm], y[perm]).gain_vs_baseline[0])
+    assert np.mean(rowwise) > 0.05, rowwise
+    assert np.mean(grouped) < 0.02, grouped

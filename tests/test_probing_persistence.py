@@ -39,7 +39,7 @@ def test_round_trip(rng, tmp_path, fingerprint, two_d):
     X_new = rng.normal(size=(10, 8))
     np.testing.assert_array_equal(loaded.predict(X_new), probe.predict(X_new))
     np.testing.assert_array_equal(loaded.direction(0), probe.direction(0))
-    assert loaded.get_params() == {"alphas": (0.1, 1.0, 10.0)}
+    assert loaded.get_params()["alphas"] == (0.1, 1.0, 10.0)
     assert loaded.target_names_ == probe.target_names_
     np.testing.assert_array_equal(loaded.alpha_, probe.alpha_)
     assert loaded.fingerprint_ == fingerprint

@@ -128,5 +128,92 @@ def test_nan_targets_rejected(rng):
 def test_clone_keeps_params_only(rng):
     probe = RidgeProbe(alphas=(1.0, 2.0)).fit(*_data(rng, 20, 3))
     copy = clone(probe)
-    assert copy.get_params() == {"alphas": (1.0, 2.0)}
+    assert copy.get_params() == {"alphas": (1.0, 2.0), "backend": "numpy", "device": None}
     assert not hasattr(copy, "coef_")
+
+
+def _duplicated_prompts(rng, n_prompts=60, k=5, p=40, noise=0.05):
+    """Prompt-level duplication: each prompt's k rows share a random prompt vector (plus small row noise)
+    and a prompt-level target effect that the features cannot predict for *new* prompts; only a weak
+    linear signal generalises."""
+    w = rng.normal(size=p) / np.sqrt(p)
+    z = rng.normal(size=(n_prompts, p))
+    effect = rng.normal(size=n_prompts)  # memorisable per prompt, not predictable
+    X = np.repeat(z, k, axis=0) + noise * rng.normal(size=(n_prompts * k, p))
+    y = np.repeat(0.5 * z @ w + effect, k) + 0.1 * rng.normal(size=n_prompts * k)
+    return X, y, np.repeat(np.arange(n_prompts), k), w
+
+
+def test_leave_one_group_out_equals_explicit_group_refits(rng):
+    X, y, groups, _ = _duplicated_prompts(rng, n_prompts=12, k=3, p=6)
+    groups = groups.copy()
+    groups[:2] = 99  # ragged group sizes: one group of 2, one of 1, the rest 3
+    Xs = StandardScaler().fit_transform(X)
+    alpha = 2.0
+    fit = ridge_gcv(Xs, y[:, None], np.array([alpha]), groups=groups)
+    sse = 0.0
+    for g in np.unique(groups):
+        out = groups == g
+        ref = Ridge(alpha=alpha).fit(Xs[~out], y[~out])
+        sse += np.sum((y[out] - ref.predict(Xs[out])) ** 2)
+    np.testing.assert_allclose(fit.loo_mse[0], sse / len(y), rtol=1e-10)
+    # groups of one row are plain LOO
+    loo = ridge_gcv(Xs, y[:, None], np.array([alpha]))
+    np.testing.assert_allclose(
+        ridge_gcv(Xs, y[:, None], np.array([alpha]), groups=np.arange(len(y))).loo_mse, loo.loo_mse
+    )
+
+
+def test_grouped_selection_avoids_the_small_alpha_that_loo_picks_on_duplicated_prompts(rng):
+    # Old behaviour: LOO keeps the held-out row's siblings in the fit, so memorising prompts looks good
+    # and LOO picks a small alpha; on new prompts that alpha predicts worse than the grouped choice.
+    X, y, groups, w = _duplicated_prompts(rng)
+    alphas = np.logspace(-2, 5, 15)
+    loo = RidgeProbe(alphas=alphas).fit(X, y)
+    logo = RidgeProbe(alphas=alphas).fit(X, y, groups=groups)
+    assert loo.alpha_ * 10 <= logo.alpha_
+    Xn, yn, _, _ = _duplicated_prompts(np.random.default_rng(1), n_prompts=400)
+    Xn = np.repeat(rng.normal(size=(400, X.shape[1])), 5, axis=0)  # new prompts, same signal w
+    yn = Xn @ w * 0.5 + np.repeat(rng.normal(size=400), 5)
+    mse = {name: np.mean((yn - m.predict(Xn)) ** 2) for name, m in (("loo", loo), ("logo", logo))}
+    assert mse["logo"] < mse["loo"]
+
+
+def test_groups_length_error(rng):
+    X, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    with pytest.raises(ValueError, match="groups must have one entry per row: got 5 groups for 20 rows"):
+        RidgeProbe().fit(X, y, groups=np.arange(5))
+
+
+@pytest.mark.parametrize("shape", [(150, 40), (30, 80)])  # primal and dual (n < p) forms
+@pytest.mark.parametrize("grouped", [False, True])
+def test_torch_backend_matches_numpy(rng, shape, grouped):
+    X, Y = _data(rng, *shape, k=3, noise=2.0)
+    X[:, 3] = 7.0  # a constant feature: scale 1 in both backends
+    groups = np.repeat(np.arange(shape[0] // 3 + 1), 3)[: shape[0]] if grouped else None
+    alphas = np.logspace(-2, 5, 15)
+    ref = RidgeProbe(alphas=alphas).fit(X, Y, groups=groups)
+    got = RidgeProbe(alphas=alphas, backend="torch", device="cpu").fit(X, Y, groups=groups)
+    np.testing.assert_array_equal(got.alpha_, ref.alpha_)
+    np.testing.assert_allclose(got.loo_mse_, ref.loo_mse_, rtol=1e-6)
+    np.testing.assert_allclose(got.coef_, ref.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got.intercept_, ref.intercept_, rtol=1e-6, atol=1e-9)
+    X_new = rng.normal(size=(20, shape[1]))
+    np.testing.assert_allclose(got.predict(X_new), ref.predict(X_new), rtol=1e-6, atol=1e-8)
+
+
+def test_torch_batched_over_layers_equals_per_layer_fits(rng):
+    from aligned_probing.probing._gcv_torch import ridge_fit_torch
+
+    X = rng.normal(size=(3, 50, 12))
+    y = rng.normal(size=(50, 2))
+    fit = ridge_fit_torch(X, y, np.logspace(-2, 4, 9), device="cpu")
+    for layer in range(3):
+        ref = RidgeProbe(alphas=np.logspace(-2, 4, 9)).fit(X[layer], y)
+        np.testing.assert_allclose(fit.coef[layer], ref.coef_, rtol=1e-6, atol=1e-10)
+        np.testing.assert_array_equal(fit.alpha[layer], ref.alpha_)
+
+
+def test_bad_backend_error(rng):
+    with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch'\), got 'jax'"):
+        RidgeProbe(backend="jax").fit(rng.normal(size=(10, 2)), rng.normal(size=10))

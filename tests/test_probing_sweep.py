@@ -70,7 +70,7 @@ def test_schema_and_row_count(planted):
     np.testing.assert_allclose(df.relative_depth, df.layer / 3)
     assert (df.model == "fake").all() and (df.template == 0).all() and (df.n_layers == 3).all()
     # one row per prompt for every scenario (designated continuation 0 for forward/output)
-    assert ((df.n_train + df.n_test) == 120).all()
+    assert ((df.n_train + df.n_test) == 120).all() and (df.n_rows_lost == 0).all()
     np.testing.assert_allclose(df.selectivity, df.pearson - df.control_pearson)
 
 
@@ -180,9 +180,74 @@ def test_mdl_columns(planted):
     store, targets = planted
     df = run_probing(store, targets, scenarios=["input"], seeds=(0,), n_folds=2, layers=[0, 1], mdl=True)
     assert list(df.columns) == list(RESULT_COLUMNS) + list(MDL_COLUMNS)
-    comp = df.groupby(["attribute", "layer"]).compression.mean()
-    assert comp[("toxicity", 1)] > comp[("toxicity", 0)] + 0.1
-    assert comp[("noise", 1)] < 1.1
+    gain = df.groupby(["attribute", "layer"])[["mdl_gain_baseline", "mdl_gain_control"]].mean()
+    assert (gain.loc[("toxicity", 1)] > 0.3).all()  # bits per sample
+    assert (gain.loc[("toxicity", 1)] > gain.loc[("toxicity", 0)] + 0.2).all()
+    assert (gain.xs("noise", level="attribute") < 0.05).all().all()  # no information, no gain
+    np.testing.assert_allclose(
+        df.mdl_gain_baseline, (df.baseline_codelength - df.online_codelength) / df.mdl_n, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        df.mdl_gain_control, (df.control_codelength - df.online_codelength) / df.mdl_n, rtol=1e-12
+    )
+    assert (df.mdl_n == df.n_train).all()
+
+
+def test_mdl_all_continuations_mode_has_no_gain_without_information(rng):
+    # Prompt vectors repeated in every continuation's encoding, prompt-level targets unrelated to them:
+    # blocks of whole prompts leave nothing to memorise, so the gain over the baseline is ~0.
+    n_prompts, k, d = 96, 5, 40
+    X = np.repeat(rng.normal(size=(n_prompts, d)), k, axis=0) + 0.05 * rng.normal(size=(n_prompts * k, d))
+    y = np.clip(np.repeat(rng.uniform(size=n_prompts), k) + 0.02 * rng.normal(size=n_prompts * k), 0, 1)
+    index = pd.DataFrame(
+        {
+            "prompt_id": np.repeat([f"p{i:03d}" for i in range(n_prompts)], k),
+            "continuation_idx": np.tile(np.arange(k), n_prompts),
+        }
+    )
+    store = FakeStore({("output", "mean"): np.stack([X, X])}, index)
+    targets = index.assign(prompt_leak=y, leak=y)
+    df = run_probing(
+        store, targets, scenarios=["output"], output_continuations="all", seeds=(0, 1), layers=[1], mdl=True
+    )
+    assert df.mdl_gain_baseline.mean() < 0.02
+    assert abs(df.mdl_gain_control.mean()) < 0.1
+
+
+def test_all_continuations_mode_selects_alpha_leaving_prompts_out(rng):
+    # Same no-information design: leave-one-row-out alpha selection sees the held-out row's siblings and
+    # picks a small (memorising) alpha; the sweep's leave-one-prompt-out picks a large one.
+    n_prompts, k, d = 60, 4, 80
+    X = np.repeat(rng.normal(size=(n_prompts, d)), k, axis=0) + 0.05 * rng.normal(size=(n_prompts * k, d))
+    y = np.repeat(rng.uniform(size=n_prompts), k)
+    index = pd.DataFrame(
+        {
+            "prompt_id": np.repeat([f"p{i}" for i in range(n_prompts)], k),
+            "continuation_idx": np.tile(np.arange(k), n_prompts),
+        }
+    )
+    store = FakeStore({("output", "mean"): np.stack([X, X])}, index)
+    df = run_probing(
+        store,
+        index.assign(prompt_leak=y, leak=y),
+        scenarios=["output"],
+        output_continuations="all",
+        seeds=(0,),
+        layers=[1],
+        control=False,
+    )
+    loo_alpha = RidgeProbe().fit(X, y).alpha_
+    assert loo_alpha <= 1.0
+    assert df.alpha.median() >= 100 * loo_alpha and (df.alpha > loo_alpha).all()
+
+
+@pytest.mark.parametrize("continuations", [0, "all"])  # "all": grouped alpha selection, grouped MDL
+def test_torch_backend_gives_the_same_table(planted, continuations):
+    store, targets = planted
+    kw = dict(seeds=(0, 1), n_folds=3, layers=[0, 1, 2, 3], mdl=True, output_continuations=continuations)
+    ref = run_probing(store, targets, **kw)
+    got = run_probing(store, targets, backend="torch", device="cpu", layer_batch=3, **kw)
+    pd.testing.assert_frame_equal(got, ref, rtol=1e-6, atol=1e-9)
 
 
 def test_nan_targets_error_and_dropna(planted):
@@ -242,16 +307,22 @@ def test_constant_test_target_gives_nan_and_warning(planted):
     assert df[df.attribute == "toxicity"].pearson.notna().all()
 
 
-def test_nan_activation_rows_dropped_with_warning(planted):
+def test_nan_activation_rows_dropped_and_counted(planted):
     store, targets = planted
     out = store.arrays[("output", "mean")].copy()
     out[:, [0, 3, 4]] = np.nan  # continuation 0 of p000 and p001 (rows 0, 3) and (p001, 1)
     broken = FakeStore(
         {("input", "mean"): store.arrays[("input", "mean")], ("output", "mean"): out}, store.index
     )
-    with pytest.warns(UserWarning, match="Dropped up to 2 rows with non-finite activations"):
-        df = run_probing(broken, targets, scenarios=["output"], seeds=(0,), layers=[1])
-    assert (df.n_train + df.n_test == 118).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported in the table, not by a warning
+        df = run_probing(broken, targets, seeds=(0,), layers=[1])
+    lost = df.groupby("scenario").n_rows_lost.unique()
+    assert lost["output"].tolist() == [2] and lost["forward"].tolist() == [2]
+    assert lost["input"].tolist() == [0] and lost["backward"].tolist() == [0]
+    assert (df.query("scenario == 'output'").eval("n_train + n_test") == 118).all()
+    torch_df = run_probing(broken, targets, seeds=(0,), layers=[1], backend="torch", device="cpu")
+    pd.testing.assert_frame_equal(torch_df, df, rtol=1e-6, atol=1e-9)
 
 
 def test_through_a_real_activation_store(planted, tmp_path):

@@ -199,10 +199,13 @@ def test_missing_key_is_a_clear_error(monkeypatch):
         PerspectiveScorer()
 
 
-def test_empty_text_scores_zero_without_a_request(scorer, server):
-    out = scorer.score(["", "   "])
-    assert (out.to_numpy() == 0.0).all()
-    assert server.requests == []
+def test_empty_text_is_nan_with_a_reason_without_a_request(scorer, server):
+    # An empty continuation has no score: 0.0 would count as a non-toxic draw in EMT.
+    with pytest.warns(ScoringWarning, match="2 of 3 texts could not be scored"):
+        out = scorer.score(["", "   ", "hello"])
+    assert np.isnan(out.to_numpy()[:2]).all() and np.isfinite(out.to_numpy()[2]).all()
+    assert set(out.attrs["errors"]) == {0, 1} and "empty text" in out.attrs["errors"][0]
+    assert len(server.requests) == 1
 
 
 def test_long_text_is_cut_to_the_api_limit(scorer, server):

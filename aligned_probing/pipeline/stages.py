@@ -11,7 +11,6 @@ through `aligned_probing.pipeline.fs` with `ctx.storage_options`, and every tabl
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -220,22 +219,19 @@ def probe_block(task: dict[str, Any]) -> int:
         return len(_fs.read_parquet(out, options))
     p = task["probing"]
     store = ActivationStore.open(task["store"], storage_options=options)
-    with warnings.catch_warnings():
-        # Constant test folds (NaN r) and empty continuations are reported in the table; keep the log quiet.
-        warnings.simplefilter("ignore", UserWarning)
-        table = run_probing(
-            store,
-            _fs.read_parquet(task["targets"], options),
-            scenarios=p["scenarios"],
-            attributes=p["attributes"],
-            n_folds=p["n_folds"],
-            seeds=p["seeds"],
-            control=p["control"],
-            mdl=p["mdl"],
-            pooling=p["pooling"],
-            alphas=p["alphas"],
-            layers=task["layers"],
-        )
+    table = run_probing(
+        store,
+        _fs.read_parquet(task["targets"], options),
+        scenarios=p["scenarios"],
+        attributes=p["attributes"],
+        n_folds=p["n_folds"],
+        seeds=p["seeds"],
+        control=p["control"],
+        mdl=p["mdl"],
+        pooling=p["pooling"],
+        alphas=p["alphas"],
+        layers=task["layers"],
+    )
     _fs.write_parquet_atomic(table, out, options)
     return len(table)
 
@@ -276,22 +272,20 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
 
 def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
     """EMT, toxicity probability and mean score with bootstrap CIs."""
-    from aligned_probing.behaviour import UnstableEMTWarning, behaviour_metrics
+    from aligned_probing.behaviour import behaviour_metrics
 
     b = ctx.settings["behaviour"]
     prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
     scores = read_table(input_dir(ctx, "score"), "scores.parquet", ctx.storage_options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnstableEMTWarning)  # small k is a documented preset choice
-        table = behaviour_metrics(
-            scores,
-            prompts,
-            attributes=b["attributes"],
-            threshold=b["threshold"],
-            n_resamples=b["n_bootstrap"],
-            confidence_level=b["confidence"],
-            seed=b["seed"],
-        )
+    table = behaviour_metrics(
+        scores,
+        prompts,
+        attributes=b["attributes"],
+        threshold=b["threshold"],
+        n_resamples=b["n_bootstrap"],
+        confidence_level=b["confidence"],
+        seed=b["seed"],
+    )
     write_table(table, ctx.out_dir, "behaviour.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
 
@@ -308,7 +302,7 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
     behaviour = pd.concat(
         [read_table(d, "behaviour.parquet", so) for d in input_dirs(ctx, "behaviour")], ignore_index=True
     )
-    table = interplay(probing, behaviour, metric=i["metric"], n_bootstrap=i["n_bootstrap"], seed=i["seed"])
+    table = interplay(probing, behaviour, metric=i["metric"], seed=i["seed"])
     write_table(table, ctx.out_dir, "interplay.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
 

@@ -5,7 +5,7 @@ from aligned_probing.probing.mdl import MDL_FRACTIONS, OnlineCode, online_codele
 from aligned_probing.probing.persistence import ProbeFingerprint, load_probe, save_probe
 from aligned_probing.probing.ridge import DEFAULT_ALPHAS, RidgeProbe
 from aligned_probing.probing.scenarios import SCENARIO_POSITION, SCENARIOS, build_designs
-from aligned_probing.probing.summary import peak_layers, summarize
+from aligned_probing.probing.summary import peak_layers, rows_lost, summarize
 from aligned_probing.probing.sweep import MDL_COLUMNS, RESULT_COLUMNS, run_probing
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "load_probe",
     "online_codelength",
     "peak_layers",
+    "rows_lost",
     "run_probing",
     "save_probe",
     "summarize",

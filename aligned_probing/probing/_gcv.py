@@ -1,4 +1,4 @@
-"""Closed-form ridge with efficient leave-one-out (LOO) alpha selection from one eigendecomposition.
+"""Closed-form ridge; exact leave-one-out (LOO) or leave-one-group-out alpha selection from one eigh.
 
 Why hand-written rather than `sklearn.linear_model.RidgeCV(gcv_mode="svd")`: sklearn takes an SVD of the
 `n x p` design matrix, which on the probing sweep's shapes (1500 x 576, two cores) measured about 1.4 s
@@ -14,6 +14,14 @@ Notation: `Xs` is the standardised, centred design (`n x p`), `Yc` the centred t
     H_ii(alpha)   = 1/n + sum_j U_ij^2 s_j^2 / (s_j^2 + alpha)          (1/n: the unpenalised intercept)
     LOO residual  = (y_i - fitted_i) / (1 - H_ii)
 and the LOO mean squared error is the mean over i of the squared LOO residual.
+
+Grouped selection (leave-one-group-out, LOGO). When rows come in groups that share information (the k
+continuations of one prompt share its prompt), leaving out one row keeps its siblings in the fit and
+rewards memorising the prompt: LOO then picks too small an alpha. Deleting a whole group G is exact for a
+linear smoother too (Woodbury):
+    e_G = (I - H_GG)^{-1} (y_G - fitted_G),   H_GG = 1/n + U_G diag(s^2 / (s^2 + alpha)) U_G^T
+(`H` is the hat matrix of the model with an unpenalised intercept; `U_G` the rows of U in G). The LOGO
+mean squared error is sum_G ||e_G||^2 / n. With one row per group this is the LOO error above.
 """
 
 from __future__ import annotations
@@ -27,15 +35,18 @@ import numpy as np
 class _RidgeGCVResult:
     coef: np.ndarray  # (k, p): coefficients in the standardised space, one row per target
     alpha: np.ndarray  # (k,): the selected penalty per target
-    loo_mse: np.ndarray  # (k,): LOO mean squared error at the selected penalty
+    loo_mse: np.ndarray  # (k,): LOO (or leave-one-group-out) mean squared error at the selected penalty
     y_mean: np.ndarray  # (k,)
 
 
 def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`U (n x r), s (r,), V (p x r)` of `Xs`, from the smaller Gram matrix; near-null directions dropped.
 
-    Dropping singular values below `max(n, p) * eps * s_max` changes nothing that a positive penalty can
-    see: their contribution to coef and fitted values is O(s / alpha) and is rounding noise anyway.
+    Directions whose Gram eigenvalue is below `max(n, p) * eps * lambda_max` are dropped: that is the
+    rounding level of the Gram matrix, so such an eigenvalue (and its vector) is noise, and with a
+    positive penalty their contribution to coef and fitted values is O(s / alpha) anyway. (A threshold on
+    s itself at `eps * s_max` would keep rounding-noise directions, whose arbitrary vectors then differ
+    between BLAS builds and backends.)
     """
     n, p = Xs.shape
     if n >= p:
@@ -44,7 +55,7 @@ def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         evals, U = np.linalg.eigh(Xs @ Xs.T)  # (n,), (n, n)
     evals = np.clip(evals, 0.0, None)
     s = np.sqrt(evals)
-    keep = s > (max(n, p) * np.finfo(np.float64).eps * (s.max() if s.size else 0.0))
+    keep = evals > (max(n, p) * np.finfo(np.float64).eps * (evals.max() if evals.size else 0.0))
     s = s[keep]
     if n >= p:
         V = V[:, keep]
@@ -55,14 +66,65 @@ def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return U, s, V
 
 
-def ridge_gcv(Xs: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> _RidgeGCVResult:
+def group_buckets(groups: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each group, bucketed by group size: a list of `[m_s, s]` int arrays (one per size s).
+
+    Bucketing lets the per-group `s x s` solves of the grouped CV run as a few batched solves.
+    """
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    buckets = []
+    for size in np.unique(counts):
+        which = np.flatnonzero(counts == size)
+        buckets.append(order[starts[which][:, None] + np.arange(size)[None, :]])  # (m_s, s)
+    return buckets
+
+
+#: Relative tolerance under which two CV errors count as tied (see `_select`).
+TIE_RTOL: float = 1e-9
+
+
+def _select(mse: np.ndarray) -> np.ndarray:
+    """Index of the selected alpha per target from CV errors `[a, k]` (alphas ascending).
+
+    The largest alpha whose error is within `TIE_RTOL` of the minimum. Errors that are equal in exact
+    arithmetic (e.g. with 2 training rows every alpha has the same LOO error) differ by rounding, which
+    would make the choice arbitrary and backend-dependent; among tied penalties the strongest is the
+    safest. Away from ties this is the argmin, as `RidgeCV`'s.
+    """
+    near = mse <= mse.min(axis=0, keepdims=True) * (1 + TIE_RTOL)
+    return mse.shape[0] - 1 - np.argmax(near[::-1], axis=0)
+
+
+def _check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
+    """`groups` as an array of length n, or None when absent or every group has one row (plain LOO)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups).reshape(-1)
+    if len(groups) != n:
+        raise ValueError(f"groups must have one entry per row: got {len(groups)} groups for {n} rows.")
+    if len(np.unique(groups)) == n:
+        return None
+    if len(np.unique(groups)) < 2:
+        raise ValueError("groups must hold at least 2 distinct groups for leave-one-group-out selection.")
+    return groups
+
+
+def ridge_gcv(
+    Xs: np.ndarray, Y: np.ndarray, alphas: np.ndarray, groups: np.ndarray | None = None
+) -> _RidgeGCVResult:
     """Fit ridge for every target and every alpha at once; pick alpha per target by exact LOO error.
+
+    With `groups`, the selection error is the exact leave-one-group-out error instead (see the module
+    docstring); groups of one row reduce to LOO.
 
     Args:
         Xs: Standardised design `[n, p]` (float64). It is centred here again (a no-op after
             standardisation on the same rows).
         Y: Targets `[n, k]` (float64).
         alphas: Penalties `[a]`, all > 0.
+        groups: Optional group label per row `[n]` (e.g. prompt id) for leave-one-group-out selection.
 
     Returns:
         Coefficients `[k, p]` in the space of `Xs`, the selected alpha per target, its LOO MSE and the
@@ -77,10 +139,22 @@ def ridge_gcv(Xs: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> _RidgeGCVRes
     shrink = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, a)
     # fitted values for all alphas and targets in one product: (n, r) @ (r, a*k)
     fitted = (U @ (shrink[:, :, None] * UtY[:, None, :]).reshape(len(s), -1)).reshape(n, len(alphas), -1)
-    h = 1.0 / n + (U**2) @ shrink  # (n, a): diagonal of the hat matrix
-    loo = (Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]  # (n, a, k)
-    mse = np.mean(loo**2, axis=0)  # (a, k)
-    best = np.argmin(mse, axis=0)  # first (smallest) alpha on ties, as RidgeCV
+    groups = _check_groups(groups, n)
+    if groups is None:
+        h = 1.0 / n + (U**2) @ shrink  # (n, a): diagonal of the hat matrix
+        loo = (Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]  # (n, a, k)
+        mse = np.mean(loo**2, axis=0)  # (a, k)
+    else:
+        resid = Yc[:, None, :] - fitted  # (n, a, k)
+        sse = np.zeros((len(alphas), Y.shape[1]))
+        for rows in group_buckets(groups):  # rows: (m, s)
+            UG = U[rows]  # (m, s, r)
+            H = 1.0 / n + np.einsum("msr,ra,mtr->mast", UG, shrink, UG, optimize=True)  # (m, a, s, s)
+            A = np.eye(rows.shape[1]) - H
+            e = np.linalg.solve(A, resid[rows].transpose(0, 2, 1, 3))  # (m, a, s, k)
+            sse += (e**2).sum(axis=(0, 2))
+        mse = sse / n
+    best = _select(mse)
     alpha = alphas[best]
     coef = (V @ ((s[:, None] / (s2[:, None] + alpha[None, :])) * UtY)).T  # (k, p)
     return _RidgeGCVResult(coef=coef, alpha=alpha, loo_mse=mse[best, np.arange(mse.shape[1])], y_mean=y_mean)

@@ -2,8 +2,10 @@
 
 One fit handles every target (attribute) at once and every alpha at once: the training data are
 standardised, one eigendecomposition is taken, and each target gets the alpha with the smallest exact
-leave-one-out error on the *training* data. Nothing is fitted on test data (the reference code min-max
-scaled its labels on the whole data set).
+leave-one-out error on the *training* data (leave-one-*group*-out when `fit` gets `groups`, e.g. the
+prompt of each continuation). Nothing is fitted on test data (the reference code min-max scaled its
+labels on the whole data set). Two backends compute the same numbers: numpy (default) and torch
+(float64, on a GPU when available; `_gcv_torch.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from aligned_probing.probing._gcv import ridge_gcv
+
+#: Backends of the closed-form solver.
+BACKENDS: tuple[str, ...] = ("numpy", "torch")
 
 if TYPE_CHECKING:  # persistence imports this module; import it lazily at run time
     from aligned_probing.probing.persistence import ProbeFingerprint
@@ -42,6 +47,13 @@ def _check_alphas(alphas: Any) -> np.ndarray:
     return values
 
 
+def check_backend(backend: Any) -> str:
+    """`backend` if it is one of `BACKENDS`; a ValueError names the allowed values otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    return str(backend)
+
+
 class RidgeProbe(RegressorMixin, BaseEstimator):
     """Standardised ridge regression with one alpha per target chosen by leave-one-out error.
 
@@ -53,12 +65,15 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
     Args:
         alphas: Penalty grid (> 0) on the standardised features; the selected value per target is
             `alpha_`. A single value fixes alpha.
+        backend: "numpy" (default) or "torch" (float64, same results to rounding; GPU when available).
+        device: torch device for `backend="torch"`; None = "cuda" when available, else "cpu".
 
     Attributes:
         coef_: `[n_targets, n_features]` (or `[n_features]` for a 1-D `y`) in the original feature space.
         intercept_: `[n_targets]` (or a float).
         alpha_: Selected penalty per target (or a float).
-        loo_mse_: Leave-one-out mean squared error on the training data at `alpha_`.
+        loo_mse_: Leave-one-out (leave-one-group-out with `groups`) mean squared error on the training
+            data at `alpha_`.
         x_mean_, x_scale_: The standardisation fitted on the training data, `[n_features]`.
         target_names_: Target names (the columns of a DataFrame `y`, else "0", "1", ...).
         n_features_in_: Number of features seen in `fit`.
@@ -69,41 +84,57 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
         >>> v = probe.direction("toxicity")  # unit vector in activation space
     """
 
-    def __init__(self, alphas: Sequence[float] = DEFAULT_ALPHAS):
+    def __init__(
+        self, alphas: Sequence[float] = DEFAULT_ALPHAS, backend: str = "numpy", device: str | None = None
+    ):
         self.alphas = alphas
+        self.backend = backend
+        self.device = device
 
     def __sklearn_tags__(self):  # noqa: D105
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
 
-    def fit(self, X: Any, y: Any) -> RidgeProbe:
-        """Standardise `X`, fit every target and alpha at once, and keep the LOO-best alpha per target.
+    def fit(self, X: Any, y: Any, groups: Any = None) -> RidgeProbe:
+        """Standardise `X`, fit every target and alpha at once, and keep the CV-best alpha per target.
 
         Args:
             X: Features `[n_samples, n_features]`.
             y: Targets `[n_samples]` or `[n_samples, n_targets]` (a DataFrame names the targets).
+            groups: Optional group per sample (e.g. prompt id). Alpha is then chosen by exact
+                leave-one-group-out error, so that rows sharing a group cannot vouch for each other;
+                None (or all groups distinct) = leave-one-out.
 
         Returns:
             self.
         """
         names = _target_names(y)
         alphas = _check_alphas(self.alphas)
+        backend = check_backend(self.backend)
         X, y = validate_data(
             self, X, y, multi_output=True, y_numeric=True, dtype=np.float64, ensure_min_samples=2
         )
         y2 = y.reshape(len(y), -1)
-        scaler = StandardScaler().fit(X)
-        fit = ridge_gcv(scaler.transform(X), y2, alphas)
-        coef = fit.coef / scaler.scale_  # back to the original feature space
-        intercept = fit.y_mean - coef @ scaler.mean_
-        self.x_mean_, self.x_scale_ = scaler.mean_, scaler.scale_
+        if backend == "torch":
+            from aligned_probing.probing._gcv_torch import ridge_fit_torch
+
+            tf = ridge_fit_torch(X[None], y2, alphas, groups=groups, device=self.device)
+            coef, intercept, alpha, mse = tf.coef[0], tf.intercept[0], tf.alpha[0], tf.cv_mse[0]
+            self.x_mean_, self.x_scale_ = tf.x_mean[0], tf.x_scale[0]
+        else:
+            scaler = StandardScaler().fit(X)
+            fit = ridge_gcv(scaler.transform(X), y2, alphas, groups=groups)
+            coef = fit.coef / scaler.scale_  # back to the original feature space
+            intercept = fit.y_mean - coef @ scaler.mean_
+            alpha, mse = fit.alpha, fit.loo_mse
+            self.x_mean_, self.x_scale_ = scaler.mean_, scaler.scale_
         self.target_names_ = names if names is not None else [str(i) for i in range(y2.shape[1])]
         if y.ndim == 1:
             self.coef_, self.intercept_ = coef[0], float(intercept[0])
-            self.alpha_, self.loo_mse_ = float(fit.alpha[0]), float(fit.loo_mse[0])
+            self.alpha_, self.loo_mse_ = float(alpha[0]), float(mse[0])
         else:
-            self.coef_, self.intercept_, self.alpha_, self.loo_mse_ = coef, intercept, fit.alpha, fit.loo_mse
+            self.coef_, self.intercept_, self.alpha_, self.loo_mse_ = coef, intercept, alpha, mse
         return self
 
     def predict(self, X: Any) -> np.ndarray:

@@ -79,8 +79,9 @@ def _retry_after(response: requests.Response) -> float | None:
 class PerspectiveScorer:
     """Score texts with the Perspective API.
 
-    Empty (or whitespace-only) texts are not sent (the API rejects them) and score 0.0 on every
-    attribute. Texts over 20,480 UTF-8 bytes are cut to their first 20,480 bytes.
+    Empty (or whitespace-only) texts are not sent (the API rejects them); they score NaN with the reason
+    in `attrs["errors"]` and a `ScoringWarning` (an empty continuation has no score, and 0.0 would count it
+    as a non-toxic draw in EMT). Texts over 20,480 UTF-8 bytes are cut to their first 20,480 bytes.
 
     Args:
         attributes: Canonical attributes to request (default: all seven).
@@ -195,7 +196,7 @@ class PerspectiveScorer:
         errors: dict[int, str] = {}
         for i, text in enumerate(texts):
             if not text.strip():
-                values[i] = 0.0
+                errors[i] = "empty text: not sent (the API rejects empty texts), score left NaN"
                 continue
             try:
                 values[i] = self._parse(self._post(self._body(text)))
