@@ -44,7 +44,9 @@ STAGE_FORMAT = 1
 #: downstream, whose keys include it) instead of serving stale outputs. Absent = 1.
 #: generate 2: continuations carry `token_logprobs` and pass the self-check (a transformers 5.24
 #: install produced token salad that version 1 would have served from cache).
-STAGE_VERSIONS: dict[str, int] = {"generate": 2}
+#: probe 2, behaviour 2, interplay 2: MDL gains against control and baseline codes, grouped alpha
+#: selection, corrected CV intervals; `n_missing` columns; Fisher-z/exact-permutation interplay with FWER.
+STAGE_VERSIONS: dict[str, int] = {"generate": 2, "probe": 2, "behaviour": 2, "interplay": 2}
 
 
 @dataclass
