@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from aligned_probing.data.templates import SYSTEM_LINES
+from aligned_probing.data.templates import SYSTEM_LINES, render_prompt
 from aligned_probing.encoding.encoder import EmptyContinuationWarning, _pad_batch, _Row, encode
 from aligned_probing.encoding.store import ActivationStore
 from aligned_probing.models import load_model
@@ -431,3 +431,22 @@ def test_aggregators_by_hand():
     assert get_aggregator("last").weights(mask).tolist() == [[0.0, 1.0, 0.0]]
     with pytest.raises(ValueError, match=r"pooling must be one of \['last', 'max', 'mean'\], got 'sum'"):
         get_aggregator("sum")
+
+
+def test_truncated_prompts_are_encoded_as_generation_rendered_them(tiny_model, tmp_path):
+    from aligned_probing.generation import generate_continuations
+
+    long = pd.DataFrame({"prompt_id": ["long"], "text": ["The quick brown fox jumps over the lazy dog. " * 40]})
+    budget = tiny_model.context_length - 12  # generation's rule: context_length - max_new_tokens
+    conts = generate_continuations(tiny_model, long, k=1, seed=0, max_new_tokens=12)
+    conts = conts.assign(token_ids=[conts["token_ids"].iloc[0][:5]])  # shorter than max_new_tokens
+    rendered = render_prompt(tiny_model.tokenizer, long["text"].iloc[0], 0, max_tokens=budget)
+    assert rendered.truncated  # the prompt really was cut
+    store = encode(tiny_model, long, conts, store=tmp_path / "s", max_new_tokens=12)
+    states = _hf_states(tiny_model.hf_model, rendered.input_ids + conts["token_ids"].iloc[0])
+    a, b = rendered.prompt_start, rendered.prompt_end
+    for layer in (0, tiny_model.n_layers):
+        np.testing.assert_allclose(store.layer(layer, "input")[0], states[layer][a:b].mean(0), atol=TOL)
+    # The old rule (room for the longest continuation only) keeps more prompt tokens: a different prompt.
+    old = encode(tiny_model, long, conts, store=tmp_path / "old")
+    assert np.abs(old.layer(tiny_model.n_layers, "input")[0] - store.layer(tiny_model.n_layers, "input")[0]).max() > 1e-4

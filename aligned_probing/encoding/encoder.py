@@ -81,6 +81,7 @@ def encode(
     chunk_rows: int = 256,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    max_new_tokens: int | None = None,
 ) -> ActivationStore:
     """Encode prompts (and their continuations) into `store`, resuming what it already holds.
 
@@ -108,6 +109,10 @@ def encode(
         progress: Show a tqdm progress bar.
         storage_options: fsspec options of a URL `store` (`endpoint_url`, ...). For an
             `ActivationStore`, None keeps the options it was opened with.
+        max_new_tokens: The generation setting the continuations were sampled with. Given, prompts
+            are truncated exactly as generation truncated them (to `context_length - max_new_tokens`
+            tokens), so the teacher-forced prompt is the one that was continued. None: room is left
+            for each prompt's longest continuation (only right when no prompt needed truncating).
 
     Returns:
         The store, holding every requested row.
@@ -149,6 +154,7 @@ def encode(
         template=template,
         use_chat_template=use_chat_template,
         done=store.committed(),
+        max_new_tokens=max_new_tokens,
     )
     # Longest first: similar lengths share a batch (little padding) and memory peaks early.
     rows.sort(key=lambda r: -len(r.ids))
@@ -260,6 +266,7 @@ def _build_rows(
     template: int,
     use_chat_template: bool | None,
     done: set[tuple[str, int]],
+    max_new_tokens: int | None = None,
 ) -> list[_Row]:
     """Render each prompt once and lay out the forward sequences still to encode."""
     texts = dict(zip(prompt_df["prompt_id"], prompt_df["text"], strict=True))
@@ -287,8 +294,9 @@ def _build_rows(
             texts[pid],
             template,
             use_chat_template=use_chat_template,
-            # Leave room for the longest continuation; render_prompt truncates from the left.
-            max_tokens=model.context_length - n,
+            # The same budget generation used (render_prompt truncates from the left); without it,
+            # room for the longest continuation.
+            max_tokens=model.context_length - (max_new_tokens if max_new_tokens is not None else n),
         )
         for pid, n in longest.items()
         if pid in todo

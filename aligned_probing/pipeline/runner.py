@@ -46,7 +46,8 @@ STAGE_FORMAT = 1
 #: install produced token salad that version 1 would have served from cache).
 #: probe 2, behaviour 2, interplay 2: MDL gains against control and baseline codes, grouped alpha
 #: selection, corrected CV intervals; `n_missing` columns; Fisher-z/exact-permutation interplay with FWER.
-STAGE_VERSIONS: dict[str, int] = {"generate": 2, "probe": 2, "behaviour": 2, "interplay": 2}
+#: encode 2: prompts truncated with generation's budget (context_length - max_new_tokens).
+STAGE_VERSIONS: dict[str, int] = {"generate": 2, "encode": 2, "probe": 2, "behaviour": 2, "interplay": 2}
 
 
 @dataclass

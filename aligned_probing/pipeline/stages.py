@@ -188,8 +188,19 @@ def encode_stage(ctx: StageContext) -> dict[str, Any]:
         store=_fs.child(ctx.out_dir, "store"),
         progress=ctx.progress,
         storage_options=ctx.storage_options,
+        # Truncate prompts exactly as generation did: the teacher-forced prompt is the one continued.
+        max_new_tokens=_generation_manifest(input_dir(ctx, "generate"), ctx.storage_options)["max_new_tokens"],
     )
     return {"n_samples": len(store), "n_layers": store.n_layers, "d_model": store.d_model}
+
+
+def _generation_manifest(directory: _fs.Resolved, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a generate stage's continuations were sampled with (their `manifest.json`)."""
+    import json
+
+    from aligned_probing.generation import MANIFEST
+
+    return json.loads(_fs.read_text(_fs.child(directory, "continuations", MANIFEST), storage_options))
 
 
 def probe_targets(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
