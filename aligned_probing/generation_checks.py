@@ -109,7 +109,9 @@ def _uncached_logprobs(model: LoadedModel, prompt_ids: Sequence[int], token_ids:
     return logp.gather(1, target)[:, 0].cpu().numpy()
 
 
-def greedy_decode(model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, use_cache: bool) -> list[int]:
+def greedy_decode(
+    model: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int, *, use_cache: bool
+) -> list[int]:
     """Greedy continuation of one unpadded prompt through `hf_model.generate` (EOS stops it)."""
     config = GenerationConfig(
         do_sample=False,
@@ -147,14 +149,24 @@ def check_greedy(
         uncached = greedy_decode(model, prompt, max_new_tokens, use_cache=False)
         if cached == uncached:
             continue
-        step = next((i for i, (a, b) in enumerate(zip(cached, uncached, strict=False)) if a != b),
-                    min(len(cached), len(uncached)))
+        step = next(
+            (i for i, (a, b) in enumerate(zip(cached, uncached, strict=False)) if a != b),
+            min(len(cached), len(uncached)),
+        )
         gap = _top2_gap(model, list(prompt) + uncached[:step])
         tie = gap <= tie_tol
         ties += int(tie)
         mismatches += int(not tie)
-        details.append({"check": "greedy", "step": step, "top2_gap": gap, "tie": tie,
-                        "cached": cached, "uncached": uncached})
+        details.append(
+            {
+                "check": "greedy",
+                "step": step,
+                "top2_gap": gap,
+                "tie": tie,
+                "cached": cached,
+                "uncached": uncached,
+            }
+        )
     return mismatches, ties, details
 
 
@@ -193,12 +205,21 @@ def check_generation(
     def prompt_ids(text: str, template: int) -> list[int]:
         key = (text, int(template))
         if key not in rendered:
-            rendered[key] = render_prompt(model.tokenizer, text, int(template),
-                                          use_chat_template=use_chat_template, max_tokens=max_tokens).input_ids
+            rendered[key] = render_prompt(
+                model.tokenizer,
+                text,
+                int(template),
+                use_chat_template=use_chat_template,
+                max_tokens=max_tokens,
+            ).input_ids
         return rendered[key]
 
     with_tokens = continuations[continuations["token_ids"].map(len) > 0]
-    chosen = with_tokens.sample(min(n_rows, len(with_tokens)), random_state=seed) if len(with_tokens) else with_tokens
+    chosen = (
+        with_tokens.sample(min(n_rows, len(with_tokens)), random_state=seed)
+        if len(with_tokens)
+        else with_tokens
+    )
     diffs: list[np.ndarray] = []
     for row in chosen.itertuples(index=False):
         recorded = np.asarray(row.token_logprobs, dtype=np.float64)
@@ -210,10 +231,14 @@ def check_generation(
     mean_diff = float(all_diffs.mean()) if len(all_diffs) else float("nan")
 
     firsts = continuations.drop_duplicates("prompt_text").head(n_greedy_prompts)
-    greedy_prompts = [prompt_ids(t, tpl) for t, tpl in zip(firsts["prompt_text"], firsts["template"], strict=True)]
+    greedy_prompts = [
+        prompt_ids(t, tpl) for t, tpl in zip(firsts["prompt_text"], firsts["template"], strict=True)
+    ]
     mismatches, ties, details = check_greedy(model, greedy_prompts, greedy_new_tokens)
 
-    lps = np.concatenate([np.asarray(x, dtype=np.float64) for x in continuations["token_logprobs"]] or [np.zeros(0)])
+    lps = np.concatenate(
+        [np.asarray(x, dtype=np.float64) for x in continuations["token_logprobs"]] or [np.zeros(0)]
+    )
     log_ppl = float(-lps.mean()) if len(lps) else float("nan")
     logprob_ok = not (max_diff > tol)  # NaN (no tokens to check) passes: nothing was generated
     passed = logprob_ok and mismatches == 0
@@ -234,11 +259,22 @@ def check_generation(
             "the KV cache: reinstall the locked set (`make install`), see docs/models.md."
         )
     return GenerationCheck(
-        model=model.name, dtype=model.dtype, n_rows_checked=len(chosen), n_tokens_checked=len(all_diffs),
-        max_abs_logprob_diff=max_diff, mean_abs_logprob_diff=mean_diff, logprob_tolerance=tol,
-        n_greedy_prompts=len(greedy_prompts), greedy_new_tokens=greedy_new_tokens,
-        greedy_mismatches=mismatches, greedy_ties=ties, log_perplexity=log_ppl, n_tokens_total=len(lps),
-        passed=passed, message=message, details=details,
+        model=model.name,
+        dtype=model.dtype,
+        n_rows_checked=len(chosen),
+        n_tokens_checked=len(all_diffs),
+        max_abs_logprob_diff=max_diff,
+        mean_abs_logprob_diff=mean_diff,
+        logprob_tolerance=tol,
+        n_greedy_prompts=len(greedy_prompts),
+        greedy_new_tokens=greedy_new_tokens,
+        greedy_mismatches=mismatches,
+        greedy_ties=ties,
+        log_perplexity=log_ppl,
+        n_tokens_total=len(lps),
+        passed=passed,
+        message=message,
+        details=details,
     )
 
 

@@ -41,8 +41,11 @@ def drop_cache_keyword(model):
     def hook(module, args, kwargs):
         return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "layer_past")}
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for m in model.bridge.modules() if isinstance(m, AttentionBridge)]
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        for m in model.bridge.modules()
+        if isinstance(m, AttentionBridge)
+    ]
     assert handles, "no attention bridge found to break"
     return handles
 
