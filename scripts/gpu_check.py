@@ -35,26 +35,88 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VERSIONED = ["torch", "transformers", "peft", "safetensors", "sklearn", "pandas", "numpy", "scipy", "pyarrow",
-             "pydantic", "zarr", "numcodecs", "transformer_lens", "trl", "datasets", "accelerate", "tokenizers",
-             "matplotlib", "h5py"]
+VERSIONED = [
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "sklearn",
+    "pandas",
+    "numpy",
+    "scipy",
+    "pyarrow",
+    "pydantic",
+    "zarr",
+    "numcodecs",
+    "transformer_lens",
+    "trl",
+    "datasets",
+    "accelerate",
+    "tokenizers",
+    "matplotlib",
+    "h5py",
+]
 
 # Block shapes of the models the paper-scale work uses (vocabulary: the offline tokenizer's).
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64),
-    "gemma3-1b": dict(arch="gemma3", hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512),
-    "llama-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64),
+    "llama-1b": dict(
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+    ),
+    "gemma3-1b": dict(
+        arch="gemma3",
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+    ),
+    "llama-135m": dict(
+        arch="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    ),
 }
 SMALL: dict[str, dict[str, Any]] = {
-    "llama-1b": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "gemma3-1b": dict(arch="gemma3", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8),
-    "llama-135m": dict(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    "llama-1b": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "gemma3-1b": dict(
+        arch="gemma3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+    ),
+    "llama-135m": dict(
+        arch="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ),
 }
 
 
@@ -84,13 +146,19 @@ def build_model(path: Path, shape: dict[str, Any], device: str, seed: int = 0) -
         return path
     tokenizer = build_tokenizer(vocab_size=2000)
     kw = {k: v for k, v in shape.items() if k != "arch"}
-    common = dict(vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    common = dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     if shape["arch"] == "llama":
         config = LlamaConfig(**kw, **common)
     else:
-        config = Gemma3TextConfig(**kw, **common, query_pre_attn_scalar=kw["head_dim"],
-                                  architectures=["Gemma3ForCausalLM"])
+        config = Gemma3TextConfig(
+            **kw, **common, query_pre_attn_scalar=kw["head_dim"], architectures=["Gemma3ForCausalLM"]
+        )
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU: seconds instead of minutes for 1B weights
         model = AutoModelForCausalLM.from_config(config)
@@ -110,6 +178,7 @@ class HashScorer:
         self.attributes = tuple(ATTRIBUTES)
 
     def score(self, texts: list[str]) -> Any:
+        """One column per attribute, in [0, 1]."""
         import pandas as pd
 
         digests = [hashlib.sha256(t.encode()).digest() for t in texts]
@@ -130,38 +199,72 @@ def write_inputs(out: Path, n_prompts: int) -> tuple[Path, Path]:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    subjects = ["The new neighbour", "My manager", "That politician", "The referee", "Our teacher", "The crowd"]
+    subjects = [
+        "The new neighbour",
+        "My manager",
+        "That politician",
+        "The referee",
+        "Our teacher",
+        "The crowd",
+    ]
     verbs = ["said that", "kept shouting", "wrote online that", "told everyone", "whispered", "claimed"]
     lines = []
     for i in range(n_prompts):
         text = f"{subjects[i % 6]} {verbs[(i // 6) % 6]} number {i}"
-        lines.append(json.dumps({"challenging": bool(i % 2),
-                                 "prompt": {"text": text, "toxicity": float(rng.random())}}))
+        lines.append(
+            json.dumps(
+                {"challenging": bool(i % 2), "prompt": {"text": text, "toxicity": float(rng.random())}}
+            )
+        )
     prompts = out / "prompts.jsonl"
     prompts.write_text("\n".join(lines) + "\n")
     benign = out / "benign.jsonl"
-    benign.write_text("".join(json.dumps({"passage": f"Passage {i}: the river flows through the old town "
-                                                     f"and past the market square on day {i}."}) + "\n"
-                              for i in range(32)))
+    benign.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "passage": f"Passage {i}: the river flows through the old town "
+                    f"and past the market square on day {i}."
+                }
+            )
+            + "\n"
+            for i in range(32)
+        )
+    )
     return prompts, benign
 
 
-def pipeline_config(models: dict[str, Path], prompts: Path, run_dir: Path, dtype: str, device: str,
-                    small: bool) -> dict[str, Any]:
+def pipeline_config(
+    models: dict[str, Path], prompts: Path, run_dir: Path, dtype: str, device: str, small: bool
+) -> dict[str, Any]:
     """A small run of every stage on the three models (interplay needs three)."""
     n_layers_causal = 2 if small else 4
     return {
         "name": f"gpu-check-{dtype}",
-        "models": [{"spec": str(p), "name": name, "dtype": dtype, "device": device} for name, p in models.items()],
-        "data": {"prompt_set": str(prompts), "n_prompts": 16 if small else 48, "stratify_by": "prompt_toxicity"},
-        "generation": {"k": 2 if small else 4, "max_new_tokens": 6 if small else 20,
-                       "batch_size": 16 if small else 48},
+        "models": [
+            {"spec": str(p), "name": name, "dtype": dtype, "device": device} for name, p in models.items()
+        ],
+        "data": {
+            "prompt_set": str(prompts),
+            "n_prompts": 16 if small else 48,
+            "stratify_by": "prompt_toxicity",
+        },
+        "generation": {
+            "k": 2 if small else 4,
+            "max_new_tokens": 6 if small else 20,
+            "batch_size": 16 if small else 48,
+        },
         "encoding": {"batch_size": 16 if small else 32},
         "probing": {"n_folds": 3, "seeds": [0], "alphas": [1.0, 100.0]},
         "behaviour": {"n_bootstrap": 50},
         "interplay": {"n_bootstrap": 50},
-        "causal": {"layers": list(range(1, n_layers_causal + 1)), "n_prompts": 4, "k": 2,
-                   "max_new_tokens": 4 if small else 8, "steering_alphas": [-2.0, 0.0, 2.0]},
+        "causal": {
+            "layers": list(range(1, n_layers_causal + 1)),
+            "n_prompts": 4,
+            "k": 2,
+            "max_new_tokens": 4 if small else 8,
+            "steering_alphas": [-2.0, 0.0, 2.0],
+        },
         "output": {"run_dir": str(run_dir), "figure_formats": ["png"]},
         "runtime": {"threads": 1 if small else None},
     }
@@ -172,9 +275,20 @@ def check_tables(run_dir: Path) -> list[str]:
     from aligned_probing.pipeline.results import load_results
 
     results = load_results(run_dir)
-    problems = [f"stage {r.key} is {r.status}" for r in results.timings.itertuples() if r.status != "complete"]
-    for name in ("prompts", "scores", "probing", "behaviour", "interplay", "layer_skipping", "patching",
-                 "steering", "continuations"):
+    problems = [
+        f"stage {r.key} is {r.status}" for r in results.timings.itertuples() if r.status != "complete"
+    ]
+    for name in (
+        "prompts",
+        "scores",
+        "probing",
+        "behaviour",
+        "interplay",
+        "layer_skipping",
+        "patching",
+        "steering",
+        "continuations",
+    ):
         table = getattr(results, name)
         if table is None or len(table) == 0:
             problems.append(f"table {name} is missing or empty")
@@ -223,24 +337,34 @@ def throughput(model_dir: Path, dtype: str, device: str, small: bool) -> dict[st
     from aligned_probing.training.activations import pad_sequences
 
     rows = [list(map(int, t)) for t in conts["token_ids"]]
-    prompt_ids = {pid: model.tokenizer(text)["input_ids"] for pid, text in zip(prompts["prompt_id"], prompts["text"])}
+    prompt_ids = {
+        pid: model.tokenizer(text)["input_ids"]
+        for pid, text in zip(prompts["prompt_id"], prompts["text"], strict=True)
+    }
     seqs = [prompt_ids[p] for p in conts["prompt_id"]]
-    n_tokens = sum(len(a) + len(b) for a, b in zip(seqs, rows))
+    n_tokens = sum(len(a) + len(b) for a, b in zip(seqs, rows, strict=True))
     hf = model.hf_model
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(rows), 32):
-            ids, attn, _ = pad_sequences(seqs[start:start + 32], rows[start:start + 32], model.pad_token_id)
+            ids, attn, _ = pad_sequences(
+                seqs[start : start + 32], rows[start : start + 32], model.pad_token_id
+            )
             ids, attn = ids.to(hf.device), attn.to(hf.device)
-            hidden = hf(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states
+            hidden = hf(
+                input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False
+            ).hidden_states
             w = attn.unsqueeze(-1).float()
             pooled = torch.stack([(h.float() * w).sum(1) / w.sum(1) for h in hidden])  # (L+1, B, d)
             pooled.cpu()
     sync()
     hf_s = time.perf_counter() - t0
-    return {"gen_new_tokens_per_s": float(conts["n_tokens"].sum()) / gen_s,
-            "encode_tokens_per_s": n_tokens / enc_s, "hf_hidden_states_tokens_per_s": n_tokens / hf_s}
+    return {
+        "gen_new_tokens_per_s": float(conts["n_tokens"].sum()) / gen_s,
+        "encode_tokens_per_s": n_tokens / enc_s,
+        "hf_hidden_states_tokens_per_s": n_tokens / hf_s,
+    }
 
 
 def bf16_agreement(model_dir: Path, device: str) -> float:
@@ -250,35 +374,48 @@ def bf16_agreement(model_dir: Path, device: str) -> float:
     from aligned_probing.models import load_model
     from aligned_probing.training.activations import pooled_response_activations
 
-    texts = [("The new neighbour said that", " he would never come back here again"),
-             ("My manager kept shouting", " at everyone in the meeting this morning"),
-             ("That politician wrote online that", " the plan was a complete disaster")]
+    texts = [
+        ("The new neighbour said that", " he would never come back here again"),
+        ("My manager kept shouting", " at everyone in the meeting this morning"),
+        ("That politician wrote online that", " the plan was a complete disaster"),
+    ]
     errors = []
     models = {d: load_model(model_dir, dtype=d, device=device) for d in ("float32", "bfloat16")}
     tok = models["float32"].tokenizer
     p_ids = [tok(p)["input_ids"] for p, _ in texts]
     r_ids = [tok(r)["input_ids"] for _, r in texts]
     for layer in range(models["float32"].n_layers + 1):
-        a32, a16 = (pooled_response_activations(m.hf_model, p_ids, r_ids, layer, pad_token_id=m.pad_token_id)
-                    for m in (models["float32"], models["bfloat16"]))
+        a32, a16 = (
+            pooled_response_activations(m.hf_model, p_ids, r_ids, layer, pad_token_id=m.pad_token_id)
+            for m in (models["float32"], models["bfloat16"])
+        )
         rel = np.linalg.norm(a16 - a32, axis=1) / np.maximum(np.linalg.norm(a32, axis=1), 1e-12)
         errors.append(float(np.median(rel)))
     return max(errors)
 
 
-def finetune(model_dir: Path, prompts: Path, benign: Path, out: Path, dtype: str, device: str,
-             small: bool) -> tuple[float, list[str]]:
+def finetune(
+    model_dir: Path, prompts: Path, benign: Path, out: Path, dtype: str, device: str, small: bool
+) -> tuple[float, list[str]]:
     """A few optimizer steps of every arm; returns (seconds, problems)."""
     from aligned_probing.training import run_finetune
     from aligned_probing.training.config import ARMS
 
     cfg = {
-        "output_dir": str(out), "model": {"spec": str(model_dir), "dtype": dtype, "device": device},
+        "output_dir": str(out),
+        "model": {"spec": str(model_dir), "dtype": dtype, "device": device},
         "data": {"prompts": str(prompts), "n_train": 12 if small else 24, "n_eval": 8 if small else 16},
         "generation": {"k": 3, "max_new_tokens": 4 if small else 12, "batch_size": 32},
         "probes": {"layer": 0.5, "n_ensemble": 2, "n_heldout": 2},
-        "training": {"arms": list(ARMS), "max_steps": 2, "per_device_batch_size": 4,
-                     "gradient_accumulation_steps": 1, "max_length": 48, "learning_rate": 1e-4, "seeds": [0]},
+        "training": {
+            "arms": list(ARMS),
+            "max_steps": 2,
+            "per_device_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_length": 48,
+            "learning_rate": 1e-4,
+            "seeds": [0],
+        },
         "evaluation": {"n_benign": 4, "ppl_max_length": 32, "n_boot": 50, "benign_path": str(benign)},
     }
     start = time.perf_counter()
@@ -302,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--out", default="runs/gpu_check")
     parser.add_argument("--scorer", choices=["hash", "embedded"], default="hash")
-    parser.add_argument("--bf16-tol", type=float, default=0.05,
-                        help="max median relative L2 error of bf16 vs float32 pooled residuals, any layer")
+    parser.add_argument(
+        "--bf16-tol",
+        type=float,
+        default=0.05,
+        help="max median relative L2 error of bf16 vs float32 pooled residuals, any layer",
+    )
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args(argv)
 
@@ -332,27 +473,43 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: build_model(out / "models" / name, shape, args.device) for name, shape in shapes.items()}
     build_s = time.perf_counter() - t0
     prompts, benign = write_inputs(out, 64)
-    summary: dict[str, Any] = {"device": args.device, "small": args.small, "build_s": build_s, "dtypes": {},
-                               "versions": versions_used}
+    summary: dict[str, Any] = {
+        "device": args.device,
+        "small": args.small,
+        "build_s": build_s,
+        "dtypes": {},
+        "versions": versions_used,
+    }
     problems: list[str] = []
     for dtype in args.dtypes:
         row: dict[str, Any] = {}
         wall, probe_s, bad = run_pipeline(
-            pipeline_config(models, prompts, out / f"run-{dtype}", dtype, args.device, args.small))
+            pipeline_config(models, prompts, out / f"run-{dtype}", dtype, args.device, args.small)
+        )
         row.update(pipeline_s=wall, probe_s=probe_s)
         problems += [f"[{dtype}] {b}" for b in bad]
         row.update(throughput(models["llama-1b"], dtype, args.device, args.small))
         if not args.skip_finetune:
-            ft_s, bad = finetune(models["llama-135m"], prompts, benign, out / f"finetune-{dtype}", dtype,
-                                 args.device, args.small)
+            ft_s, bad = finetune(
+                models["llama-135m"],
+                prompts,
+                benign,
+                out / f"finetune-{dtype}",
+                dtype,
+                args.device,
+                args.small,
+            )
             row["finetune_s"] = ft_s
             problems += [f"[{dtype}] {b}" for b in bad]
         summary["dtypes"][dtype] = row
     if "bfloat16" in args.dtypes and "float32" in args.dtypes:
         agreement = {name: bf16_agreement(models[name], args.device) for name in ("llama-1b", "gemma3-1b")}
         summary["bf16_rel_error"] = agreement
-        problems += [f"bf16 vs float32 residuals of {n}: relative error {e:.4f} > tol {args.bf16_tol}"
-                     for n, e in agreement.items() if not e <= args.bf16_tol]
+        problems += [
+            f"bf16 vs float32 residuals of {n}: relative error {e:.4f} > tol {args.bf16_tol}"
+            for n, e in agreement.items()
+            if not e <= args.bf16_tol
+        ]
     summary["problems"] = problems
     summary["total_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -362,25 +519,43 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_summary(summary: dict[str, Any], shapes: dict[str, dict[str, Any]], tol: float) -> str:
     """The one-screen summary."""
-    lines = [f"gpu_check on {summary['device']} ({summary['versions']['gpu']}), small={summary['small']}, "
-             f"models built in {summary['build_s']:.0f} s:"]
+    lines = [
+        f"gpu_check on {summary['device']} ({summary['versions']['gpu']}), small={summary['small']}, "
+        f"models built in {summary['build_s']:.0f} s:"
+    ]
     for name, s in shapes.items():
-        lines.append(f"  {name:11s} {s['arch']:6s} d={s['hidden_size']} L={s['num_hidden_layers']} "
-                     f"heads={s['num_attention_heads']}/{s['num_key_value_heads']}")
-    lines.append(f"{'dtype':9s} {'pipeline s':>10s} {'probe s':>8s} {'gen tok/s':>10s} {'enc tok/s':>10s} "
-                 f"{'HF hs tok/s':>11s} {'enc/HF':>6s} {'finetune s':>10s}")
+        lines.append(
+            f"  {name:11s} {s['arch']:6s} d={s['hidden_size']} L={s['num_hidden_layers']} "
+            f"heads={s['num_attention_heads']}/{s['num_key_value_heads']}"
+        )
+    lines.append(
+        f"{'dtype':9s} {'pipeline s':>10s} {'probe s':>8s} {'gen tok/s':>10s} {'enc tok/s':>10s} "
+        f"{'HF hs tok/s':>11s} {'enc/HF':>6s} {'finetune s':>10s}"
+    )
     for dtype, r in summary["dtypes"].items():
         ratio = r["encode_tokens_per_s"] / r["hf_hidden_states_tokens_per_s"]
-        lines.append(f"{dtype:9s} {r['pipeline_s']:10.1f} {r['probe_s']:8.1f} {r['gen_new_tokens_per_s']:10.0f} "
-                     f"{r['encode_tokens_per_s']:10.0f} {r['hf_hidden_states_tokens_per_s']:11.0f} {ratio:6.2f} "
-                     f"{r.get('finetune_s', float('nan')):10.1f}")
+        lines.append(
+            f"{dtype:9s} {r['pipeline_s']:10.1f} {r['probe_s']:8.1f} {r['gen_new_tokens_per_s']:10.0f} "
+            f"{r['encode_tokens_per_s']:10.0f} {r['hf_hidden_states_tokens_per_s']:11.0f} {ratio:6.2f} "
+            f"{r.get('finetune_s', float('nan')):10.1f}"
+        )
     if "bf16_rel_error" in summary:
-        lines.append("bf16 vs float32 pooled residuals, max over layers of the median relative L2 error: "
-                     + ", ".join(f"{n} {e:.4f}" for n, e in summary["bf16_rel_error"].items())
-                     + f" (tolerance {tol})")
-    lines.append("throughput: generation and encoding on llama-1b; pipeline = every stage on all three models")
-    lines.append(f"total {summary['total_s']:.0f} s; " + ("ALL CHECKS PASSED" if not summary["problems"]
-                                                         else "FAILED:\n  " + "\n  ".join(summary["problems"])))
+        lines.append(
+            "bf16 vs float32 pooled residuals, max over layers of the median relative L2 error: "
+            + ", ".join(f"{n} {e:.4f}" for n, e in summary["bf16_rel_error"].items())
+            + f" (tolerance {tol})"
+        )
+    lines.append(
+        "throughput: generation and encoding on llama-1b; pipeline = every stage on all three models"
+    )
+    lines.append(
+        f"total {summary['total_s']:.0f} s; "
+        + (
+            "ALL CHECKS PASSED"
+            if not summary["problems"]
+            else "FAILED:\n  " + "\n  ".join(summary["problems"])
+        )
+    )
     return "\n".join(lines)
 
 

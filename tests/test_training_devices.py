@@ -57,8 +57,13 @@ def sampled(tiny_model):
 
 def test_generation_labelling_pooling_and_perplexity_move_inputs(tiny_model, sampled):
     with DeviceGuard(tiny_model.hf_model) as guard:
-        acts = pooled_response_activations(tiny_model.hf_model, sampled.prompt_ids,
-                                           list(sampled.table["token_ids"]), 2, pad_token_id=tiny_model.pad_token_id)
+        acts = pooled_response_activations(
+            tiny_model.hf_model,
+            sampled.prompt_ids,
+            list(sampled.table["token_ids"]),
+            2,
+            pad_token_id=tiny_model.pad_token_id,
+        )
         ppl = perplexity(tiny_model.hf_model, tiny_model.tokenizer, ["Hello world, a test.", "Another text."])
     assert guard.n_checked >= 2 and acts.shape == sampled.activations.shape and ppl > 1
 
@@ -84,12 +89,27 @@ def test_one_training_step_of_each_trainer_moves_inputs(arm, tiny_llama_dir, sam
     model, tok = load_trainable(tiny_llama_dir)
     labels = np.arange(len(sampled.table)) % 2
     probes = fit_probe_set(sampled.activations, labels, meta={"layer": 2})
-    common = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
-                  save_strategy="no", use_cpu=True, bf16=False, max_length=48, disable_tqdm=True)
+    common = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        max_length=48,
+        disable_tqdm=True,
+    )
     with DeviceGuard(model) as guard:
         if arm == "probe_sft":
-            train_probe_sft(model, tok, sft_texts(sampled, 1), ProbeSFTConfig(**common),
-                            penalty=ProbePenalty(probes), peft_config=lora_config(r=2, alpha=4))
+            train_probe_sft(
+                model,
+                tok,
+                sft_texts(sampled, 1),
+                ProbeSFTConfig(**common),
+                penalty=ProbePenalty(probes),
+                peft_config=lora_config(r=2, alpha=4),
+            )
         else:
             scored = sampled.table.assign(probe_score=probes.predict_proba(sampled.activations))
             pairs = build_preference_pairs(scored, score="probe_score")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aligned_probing.training.finetuned import load_trainable
-from aligned_probing.training.probes import auroc, fit_probe_set
+from aligned_probing.training.probes import fit_probe_set
 from aligned_probing.training.retention import perplexity, probe_aurocs, retrained_auroc, toxicity_summary
 
 

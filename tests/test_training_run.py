@@ -37,7 +37,8 @@ def tiny_config(tiny_llama_dir, tmp_path):
     return {
         "output_dir": str(tmp_path / "run"),
         "model": {"spec": str(tiny_llama_dir)},
-        "data": {"prompts": str(_rtp_jsonl(tmp_path / "prompts.jsonl")), "n_train": 12, "n_eval": 8, "seed": 0},
+        "data": {"prompts": str(_rtp_jsonl(tmp_path / "prompts.jsonl")), "n_train": 12, "n_eval": 8,
+                 "seed": 0},
         "generation": {"k": 3, "max_new_tokens": 4, "batch_size": 36},
         "probes": {"layer": 2, "n_ensemble": 2, "n_heldout": 2},
         # probe_dpo_ensemble differs from probe_dpo only in its ranker; three arms keep this short.
@@ -60,17 +61,19 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     assert all(set(g["metric"]) == expected_metrics for _, g in results.groupby(["arm", "seed"]))
     # Every AUROC has a prompt-bootstrap CI around it.
     aurocs = results[results["metric"].str.startswith("auroc_")].dropna(subset=["value"])
-    assert len(aurocs) and ((aurocs["ci_low"] <= aurocs["value"]) & (aurocs["value"] <= aurocs["ci_high"])).all()
+    inside = (aurocs["ci_low"] <= aurocs["value"]) & (aurocs["value"] <= aurocs["ci_high"])
+    assert len(aurocs) and inside.all()
     # On the base model the retrained probe is fitted on the frozen probe's own rows: same scores.
     base = results[results["arm"] == "base"].set_index("metric")["value"]
     assert base["auroc_retrained"] == pytest.approx(base["auroc_frozen"], abs=1e-6)
     # Paired comparisons: every two arms and each arm vs base, per probe kind.
     comparisons = pd.read_parquet(out / "comparisons.parquet")
-    assert {("probe_dpo", "classifier_dpo"), ("probe_dpo", "base")} <= set(zip(comparisons["arm_a"],
-                                                                               comparisons["arm_b"]))
+    compared = set(zip(comparisons["arm_a"], comparisons["arm_b"], strict=True))
+    assert {("probe_dpo", "classifier_dpo"), ("probe_dpo", "base")} <= compared
     assert set(comparisons["n_seeds"]) == {2}
     # The prompts came from the jsonl file.
-    file_texts = set(pd.read_json(tiny_config["data"]["prompts"], lines=True)["prompt"].map(lambda p: p["text"]))
+    records = pd.read_json(tiny_config["data"]["prompts"], lines=True)["prompt"]
+    file_texts = set(records.map(lambda p: p["text"]))
     assert set(pd.read_parquet(out / "base" / "eval_samples.parquet")["prompt_text"]) <= file_texts
     ppl = results[results["metric"] == "perplexity"]["value"]
     assert (ppl > 1).all() and np.isfinite(ppl).all()
@@ -90,7 +93,8 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     # Fine-tuned models and intermediate adapters, loadable, never pickled.
     for arm in ("probe_dpo", "probe_sft"):
         for seed in (0, 1):
-            assert (out / arm / f"seed{seed}" / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors").exists()
+            checkpoint = out / arm / f"seed{seed}" / "checkpoints" / "checkpoint-1"
+            assert (checkpoint / "adapter_model.safetensors").exists()
         assert load_model(out / arm / "seed1" / "merged").n_layers == 3
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
 

@@ -14,17 +14,28 @@ from aligned_probing.training.sources import best_probe_layer, resolve_probe_lay
 
 
 def _rtp_jsonl(path, n):
-    lines = [json.dumps({"filename": f"f{i}", "begin": 0, "end": 10, "challenging": bool(i % 2),
-                         "prompt": {"text": f"Prompt number {i} says", "toxicity": (i % 10) / 10},
-                         "continuation": {"text": " something", "toxicity": 0.1}}) for i in range(n)]
+    lines = [
+        json.dumps(
+            {
+                "filename": f"f{i}",
+                "begin": 0,
+                "end": 10,
+                "challenging": bool(i % 2),
+                "prompt": {"text": f"Prompt number {i} says", "toxicity": (i % 10) / 10},
+                "continuation": {"text": " something", "toxicity": 0.1},
+            }
+        )
+        for i in range(n)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def test_prompts_come_from_an_rtp_jsonl_file(tmp_path):
     path = _rtp_jsonl(tmp_path / "prompts.jsonl", 30)
-    cfg = load_finetune_config({"probes": {"layer": 1},
-                                "data": {"prompts": str(path), "n_train": 12, "n_eval": 8}})
+    cfg = load_finetune_config(
+        {"probes": {"layer": 1}, "data": {"prompts": str(path), "n_train": 12, "n_eval": 8}}
+    )
     train, evaluation = split_prompts(cfg)
     assert len(train) == 12 and len(evaluation) == 8
     assert not set(train["prompt_id"]) & set(evaluation["prompt_id"])
@@ -37,7 +48,9 @@ def test_prompts_come_from_an_rtp_jsonl_file(tmp_path):
 
 def test_too_few_prompts_names_the_counts(tmp_path):
     path = _rtp_jsonl(tmp_path / "prompts.jsonl", 10)
-    cfg = load_finetune_config({"probes": {"layer": 1}, "data": {"prompts": str(path), "n_train": 8, "n_eval": 4}})
+    cfg = load_finetune_config(
+        {"probes": {"layer": 1}, "data": {"prompts": str(path), "n_train": 8, "n_eval": 4}}
+    )
     with pytest.raises(ValueError, match=r"has 10 prompts, fewer than .* = 12"):
         split_prompts(cfg)
 
@@ -45,12 +58,25 @@ def test_too_few_prompts_names_the_counts(tmp_path):
 def _probing_table(peak: int, n_layers: int = 6, model: str = "m") -> pd.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
-    for attribute, scenario, top in (("toxicity", "output", peak), ("toxicity", "input", 1), ("insult", "output", 5)):
+    for attribute, scenario, top in (
+        ("toxicity", "output", peak),
+        ("toxicity", "input", 1),
+        ("insult", "output", 5),
+    ):
         for layer in range(n_layers + 1):
             for fold in range(3):
                 r = 0.8 - 0.1 * abs(layer - top) + rng.normal(0, 0.01)
-                rows.append({"model": model, "attribute": attribute, "scenario": scenario, "layer": layer,
-                             "n_layers": n_layers, "fold": fold, "pearson": r})
+                rows.append(
+                    {
+                        "model": model,
+                        "attribute": attribute,
+                        "scenario": scenario,
+                        "layer": layer,
+                        "n_layers": n_layers,
+                        "fold": fold,
+                        "pearson": r,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -84,10 +110,13 @@ def test_resolve_layer_index_depth_and_best(monkeypatch, tmp_path):
 
     def fake_load_results(run_dir):
         seen["run_dir"] = run_dir
-        return SimpleNamespace(probing=pd.concat([_probing_table(peak=4, model="mine"),
-                                                  _probing_table(peak=2, model="other")]))
+        return SimpleNamespace(
+            probing=pd.concat([_probing_table(peak=4, model="mine"), _probing_table(peak=2, model="other")])
+        )
 
     monkeypatch.setattr(results_module, "load_results", fake_load_results)
     assert resolve_probe_layer(cfg(layer="best", probing_run=str(tmp_path)), 6, "mine") == 4
     assert str(seen["run_dir"]) == str(tmp_path)
-    assert resolve_probe_layer(cfg(layer="best", probing_run=str(tmp_path), probing_model="other"), 6, "x") == 2
+    assert (
+        resolve_probe_layer(cfg(layer="best", probing_run=str(tmp_path), probing_model="other"), 6, "x") == 2
+    )

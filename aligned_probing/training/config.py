@@ -184,7 +184,9 @@ class FinetuneConfig(_Section):
                 "an absolute layer index."
             )
         if layer == "best" and self.probes.probing_run is None:
-            raise ValueError("probes.layer = 'best' needs probes.probing_run (an aligned-probing run directory).")
+            raise ValueError(
+                "probes.layer = 'best' needs probes.probing_run (an aligned-probing run directory)."
+            )
         return self
 
 

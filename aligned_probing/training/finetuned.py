@@ -35,7 +35,9 @@ def load_trainable(
 
     path = Path(source).expanduser()
     if path.exists() and not (path / "config.json").exists():
-        raise ValueError(f"source must be a Hugging Face directory with config.json or a hub name, got {path}.")
+        raise ValueError(
+            f"source must be a Hugging Face directory with config.json or a hub name, got {path}."
+        )
     name = str(path) if path.exists() else str(source)
     extra = {} if path.exists() or revision is None else {"revision": revision}
     tokenizer = AutoTokenizer.from_pretrained(name, **extra)

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aligned_probing.training.config import FinetuneConfig, load_finetune_config
 from aligned_probing.training.activations import pooled_response_activations
+from aligned_probing.training.config import FinetuneConfig, load_finetune_config
 from aligned_probing.training.data import (
     LabelledSamples,
     benign_texts,
@@ -45,7 +45,7 @@ from aligned_probing.training.retention import (
     perplexity,
     toxicity_summary,
 )
-from aligned_probing.training.sources import build_scorer, resolve_probe_layer, split_prompts
+from aligned_probing.training.sources import resolve_probe_layer, split_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def get_training_scorer(scorer: Any) -> Any:
     return get_scorer(scorer.name, **scorer.options)
 
 
-def _sample(model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any, layer: int) -> LabelledSamples:
+def _sample(
+    model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any, layer: int
+) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
     g = cfg.generation
@@ -189,7 +191,9 @@ class _Context:
     texts: list[str]
 
 
-def _evaluate(model: Any, ctx: _Context, arm: str, seed: int, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _evaluate(
+    model: Any, ctx: _Context, arm: str, seed: int, out_dir: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Toxicity, probe AUROCs with CIs (frozen, ensemble, held-out, retrained) and perplexity of one model.
 
     Every AUROC is measured on all of this model's continuations of the eval prompts. The retrained
@@ -209,18 +213,20 @@ def _evaluate(model: Any, ctx: _Context, arm: str, seed: int, out_dir: Path) -> 
     )
     retrained = fit_probe_set(refit_X, half.table["label"].to_numpy(), n_probes=1, C=cfg.probes.C,
                               seed=cfg.probes.seed)
-    sets = {"frozen": ctx.probes["train"], "ensemble": ctx.probes["ensemble"], "heldout": ctx.probes["heldout"],
-            "retrained": retrained}
+    sets = {"frozen": ctx.probes["train"], "ensemble": ctx.probes["ensemble"],
+            "heldout": ctx.probes["heldout"], "retrained": retrained}
     y = samples.table["label"].to_numpy()
     pids = samples.table["prompt_id"].to_numpy()
     rows, score_frames = [], []
     for kind, ps in sets.items():
         scores = ps.decision_function(samples.activations)
-        value, low, high = auroc_with_ci(pids, scores, y, n_boot=ev.n_boot, seed=cfg.data.seed, level=ev.ci_level)
+        value, low, high = auroc_with_ci(pids, scores, y, n_boot=ev.n_boot, seed=cfg.data.seed,
+                                         level=ev.ci_level)
         rows.append({"metric": f"auroc_{kind}", "value": value, "ci_low": low, "ci_high": high, "n": len(y)})
         score_frames.append(pd.DataFrame({"probe": kind, "prompt_id": pids, "score": scores, "label": y}))
     rows.append({"metric": "n_toxic_test", "value": float(y.sum()), "n": len(y)})
-    tox = toxicity_summary(samples.table, threshold=cfg.probes.threshold, n_boot=ev.n_boot, seed=cfg.data.seed)
+    tox = toxicity_summary(samples.table, threshold=cfg.probes.threshold, n_boot=ev.n_boot,
+                           seed=cfg.data.seed)
     rows += [{"metric": r.metric, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
               "n": r.n_continuations} for r in tox.itertuples()]
     rows.append({"metric": "perplexity", "n": len(ctx.texts), "value": perplexity(
@@ -261,11 +267,12 @@ def paired_comparisons(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 
             diff, low, high = paired_auroc_difference(fa, fb, n_boot=n_boot, seed=seed, level=level)
             rows.append({"arm_a": arm_a, "arm_b": arm_b, "metric": f"auroc_{probe}", "difference": diff,
                          "ci_low": low, "ci_high": high, "n_seeds": len(seeds)})
-    return pd.DataFrame(rows, columns=["arm_a", "arm_b", "metric", "difference", "ci_low", "ci_high", "n_seeds"])
+    columns = ["arm_a", "arm_b", "metric", "difference", "ci_low", "ci_high", "n_seeds"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def results_wide(results: pd.DataFrame) -> pd.DataFrame:
-    """The paper-style table: one row per arm (means over seeds), toxicity, AUROCs, perplexity before/after."""
+    """The paper-style table, one row per arm (means over seeds): toxicity, AUROCs, perplexity."""
     base = results[results["arm"] == "base"].groupby("metric")["value"].mean()
     rows = []
     for arm, group in results[results["arm"] != "base"].groupby("arm", sort=False):
@@ -335,7 +342,8 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
     # Resolve everything before writing anything (a bad option or path leaves output_dir untouched).
     scorer = get_training_scorer(cfg.scorer)
     train_prompts, eval_prompts = split_prompts(cfg)
-    base = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    m = cfg.model
+    base = load_model(m.spec, dtype=m.dtype, device=m.device, revision=m.revision)
     layer = resolve_probe_layer(cfg, base.n_layers, base.name)
     texts = benign_texts(cfg.evaluation.n_benign, path=cfg.evaluation.benign_path, seed=cfg.data.seed)
 
@@ -369,7 +377,8 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
             score_frames.append(scores)
             del tuned
             pd.concat(frames, ignore_index=True).to_parquet(out / "results.parquet", index=False)
-    results = pd.concat(frames, ignore_index=True)[["arm", "seed", "metric", "value", "ci_low", "ci_high", "n"]]
+    columns = ["arm", "seed", "metric", "value", "ci_low", "ci_high", "n"]
+    results = pd.concat(frames, ignore_index=True)[columns]
     ev = cfg.evaluation
     comparisons = paired_comparisons(pd.concat(score_frames, ignore_index=True), n_boot=ev.n_boot,
                                      seed=cfg.data.seed, level=ev.ci_level)

@@ -98,7 +98,8 @@ def sft_examples(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seq
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(
-            f"prompt_ids and response_ids must have the same length, got {len(prompt_ids)} and {len(response_ids)}."
+            f"prompt_ids and response_ids must have the same length, got {len(prompt_ids)} and "
+            f"{len(response_ids)}."
         )
     examples = []
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):

@@ -43,8 +43,8 @@ def split_prompts(cfg: FinetuneConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     n_needed = d.n_train + d.n_eval
     if len(prompt_set.df) < n_needed:
         raise ValueError(
-            f"data.prompts {d.prompts!r} has {len(prompt_set.df)} prompts, fewer than data.n_train + data.n_eval "
-            f"= {n_needed}; lower them or use a larger source."
+            f"data.prompts {d.prompts!r} has {len(prompt_set.df)} prompts, fewer than "
+            f"data.n_train + data.n_eval = {n_needed}; lower them or use a larger source."
         )
     prompts = prompt_set.sample(n_needed, stratify_by=None, seed=d.seed).df
     rng = np.random.default_rng(d.seed)
@@ -53,8 +53,9 @@ def split_prompts(cfg: FinetuneConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return prompts[~is_eval], prompts[is_eval]
 
 
-def best_probe_layer(probing: pd.DataFrame, *, attribute: str, scenario: str, model: str | None,
-                     n_layers: int) -> int:
+def best_probe_layer(
+    probing: pd.DataFrame, *, attribute: str, scenario: str, model: str | None, n_layers: int
+) -> int:
     """The layer with the highest mean test Pearson r in an aligned-probing table.
 
     Args:
@@ -72,12 +73,13 @@ def best_probe_layer(probing: pd.DataFrame, *, attribute: str, scenario: str, mo
         if len(models) != 1:
             raise ValueError(f"The probing run has models {models}; set probes.probing_model to one of them.")
         model = models[0]
-    rows = probing[(probing["model"] == model) & (probing["attribute"] == attribute)
-                   & (probing["scenario"] == scenario)]
+    rows = probing[
+        (probing["model"] == model) & (probing["attribute"] == attribute) & (probing["scenario"] == scenario)
+    ]
     if rows.empty:
         raise ValueError(
-            f"No probing rows for model={model!r}, attribute={attribute!r}, scenario={scenario!r}; the run has "
-            f"models {models}, attributes {sorted(probing['attribute'].unique())}, scenarios "
+            f"No probing rows for model={model!r}, attribute={attribute!r}, scenario={scenario!r}; "
+            f"the run has models {models}, attributes {sorted(probing['attribute'].unique())}, scenarios "
             f"{sorted(probing['scenario'].unique())}."
         )
     run_layers = int(rows["n_layers"].iloc[0])
@@ -106,17 +108,15 @@ def resolve_probe_layer(cfg: FinetuneConfig, n_layers: int, model_name: str) -> 
         model = p.probing_model
         if model is None and model_name in set(results.probing["model"]):
             model = model_name
-        return best_probe_layer(results.probing, attribute=p.best_attribute, scenario=p.best_scenario,
-                                model=model, n_layers=n_layers)
+        return best_probe_layer(
+            results.probing,
+            attribute=p.best_attribute,
+            scenario=p.best_scenario,
+            model=model,
+            n_layers=n_layers,
+        )
     if isinstance(p.layer, float):
         return int(round(p.layer * n_layers))
     if p.layer > n_layers:
         raise ValueError(f"probes.layer must be in [0, {n_layers}] for {model_name}, got {p.layer}.")
     return int(p.layer)
-
-
-def build_scorer(cfg: FinetuneConfig) -> Any:
-    """The configured scorer (`get_scorer(name, **options)`); unknown options raise here."""
-    from aligned_probing.scoring import get_scorer
-
-    return get_scorer(cfg.scorer.name, **cfg.scorer.options)

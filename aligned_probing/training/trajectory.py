@@ -83,8 +83,9 @@ def checkpoint_aurocs(
         batch_size: Sequences per forward pass.
 
     Returns:
-        Tidy rows: `arm` (`base` for step 0), `seed` (-1 outside seed dirs), `checkpoint`, `step`, `probe`, `auroc`, `n_test`,
-        `n_toxic`. The base rows are repeated for every arm so each arm's curve starts at step 0.
+        Tidy rows: `arm` (`base` for step 0), `seed` (-1 outside seed dirs), `checkpoint`, `step`,
+        `probe`, `auroc`, `n_test`, `n_toxic`. The base rows are repeated for every arm so each
+        arm's curve starts at step 0.
     """
     missing = sorted(set(SAMPLE_COLUMNS) - set(samples.columns))
     if missing:
