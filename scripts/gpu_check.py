@@ -22,12 +22,15 @@ the packages the GPU image lacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
+import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +188,31 @@ class HashScorer:
         return pd.DataFrame({a: [d[i] / 255 for d in digests] for i, a in enumerate(self.attributes)})
 
 
-def use_hash_scorer() -> None:
-    """Route `get_scorer` (pipeline scoring) and the fine-tuning scorer to `HashScorer`."""
+@contextlib.contextmanager
+def check_environment(hash_scorer: bool) -> Iterator[None]:
+    """Offline hub and, with `hash_scorer`, `HashScorer` for every scorer; everything restored on exit.
+
+    Restoring matters when `main` runs in-process (the test): other code must see the real scorers.
+    """
     import aligned_probing.scoring as scoring
     from aligned_probing.training import run as finetune_run
 
-    scoring.get_scorer = lambda name="embedded", **options: HashScorer()
-    finetune_run.get_training_scorer = lambda section: HashScorer()
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
+    saved = (scoring.get_scorer, finetune_run.get_training_scorer)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the check never downloads anything
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    if hash_scorer:
+        scoring.get_scorer = lambda name="embedded", **options: HashScorer()
+        finetune_run.get_training_scorer = lambda section: HashScorer()
+    try:
+        yield
+    finally:
+        scoring.get_scorer, finetune_run.get_training_scorer = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def write_inputs(out: Path, n_prompts: int) -> tuple[Path, Path]:
@@ -447,11 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args(argv)
+    with check_environment(hash_scorer=args.scorer == "hash"):
+        return _check(args)
 
-    import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the check never downloads anything
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+def _check(args: argparse.Namespace) -> int:
     versions_used = versions()
     print("versions: " + ", ".join(f"{k}={v}" for k, v in versions_used.items()), flush=True)
     if args.device.startswith("cuda"):
@@ -460,8 +481,6 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("FAIL: --device cuda but torch.cuda.is_available() is False", flush=True)
             return 1
-    if args.scorer == "hash":
-        use_hash_scorer()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import shutil

@@ -44,8 +44,12 @@ def test_hash_scorer_is_deterministic_and_reports_every_attribute():
 
 @pytest.mark.slow  # every stage on three tiny models in two dtypes plus four arms: ~1-2 min on a free CPU
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, capsys):
+    import aligned_probing.scoring as scoring
+
     gpu_check = _load()
+    real_get_scorer = scoring.get_scorer
     code = gpu_check.main(["--device", "cpu", "--small", "--out", str(tmp_path)])
+    assert scoring.get_scorer is real_get_scorer, "main must restore the real scorers"
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert code == 0, summary["problems"]
