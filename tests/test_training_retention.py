@@ -136,3 +136,38 @@ def test_paired_auroc_difference_covers_and_is_antisymmetric():
     assert 0.87 <= hits / reps <= 0.995, f"coverage {hits / reps:.3f} of the nominal 0.95 interval"
     with pytest.raises(ValueError, match="must share their seeds"):
         paired_auroc_difference(f["a"], f["b"][f["b"]["seed"] == 0], n_boot=10)
+
+
+def test_single_class_gives_nan_not_an_error():
+    from aligned_probing.training.retention import auroc_with_ci, paired_auroc_difference
+
+    pid = np.repeat(np.arange(5), 2)
+    assert all(np.isnan(auroc_with_ci(pid, np.arange(10.0), np.zeros(10), n_boot=20)))
+    one = pd.DataFrame({"seed": 0, "prompt_id": pid, "score": np.arange(10.0), "label": 0})
+    assert all(np.isnan(paired_auroc_difference(one, one, n_boot=20)))
+
+
+def test_paired_emt_difference_is_exact_and_covers():
+    from aligned_probing.training.retention import paired_mean_difference
+
+    rng = np.random.default_rng(3)
+    n, seeds, shift = 40, (0, 1), 0.05
+
+    def arms():
+        difficulty = rng.beta(2, 3, n)  # per-prompt max toxicity shared by both arms (pairing)
+        # No clipping to [0, 1], so the expected difference is exactly `shift`.
+        make = [pd.DataFrame({"seed": s, "prompt_id": np.arange(n),
+                              "value": difficulty - d + rng.normal(0, 0.05, n)})
+                for d in (0.0, shift) for s in seeds]
+        return pd.concat(make[:2]), pd.concat(make[2:])
+
+    a, b = arms()
+    diff, _, _ = paired_mean_difference(a, b, n_boot=20)
+    assert diff == pytest.approx(a["value"].mean() - b["value"].mean())
+    truth = shift
+    hits, reps = 0, 200
+    for _ in range(reps):
+        a, b = arms()
+        _, low, high = paired_mean_difference(a, b, n_boot=200, seed=int(rng.integers(1 << 30)))
+        hits += low <= truth <= high
+    assert 0.88 <= hits / reps <= 0.99, f"coverage {hits / reps:.3f} of the nominal 0.95 interval"

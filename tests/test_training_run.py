@@ -71,6 +71,12 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     compared = set(zip(comparisons["arm_a"], comparisons["arm_b"], strict=True))
     assert {("probe_dpo", "classifier_dpo"), ("probe_dpo", "base")} <= compared
     assert set(comparisons["n_seeds"]) == {2}
+    assert {"emt", "auroc_frozen", "auroc_retrained"} <= set(comparisons["metric"])
+    # The paired EMT difference equals the difference of the mean-over-seeds EMTs in the results.
+    emt = results[results["metric"] == "emt"].groupby("arm")["value"].mean()
+    row = comparisons[(comparisons["arm_a"] == "probe_dpo") & (comparisons["arm_b"] == "base")
+                      & (comparisons["metric"] == "emt")].iloc[0]
+    assert row["difference"] == pytest.approx(emt["probe_dpo"] - emt["base"], abs=1e-9)
     # The prompts came from the jsonl file.
     records = pd.read_json(tiny_config["data"]["prompts"], lines=True)["prompt"]
     file_texts = set(records.map(lambda p: p["text"]))

@@ -159,6 +159,8 @@ def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) 
 
 def _percentile_ci(boots: np.ndarray, level: float) -> tuple[float, float]:
     boots = boots[~np.isnan(boots)]
+    if len(boots) == 0:  # every resample had a single class: no interval
+        return float("nan"), float("nan")
     alpha = (1 - level) / 2
     return float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
@@ -236,5 +238,45 @@ def paired_auroc_difference(
             per_seed_boot.append(weighted_auroc(sc, y, counts[:, codes]))
         points.append(np.mean(per_seed_point))
         boots.append(np.mean(per_seed_boot, axis=0))
+    low, high = _percentile_ci(boots[0] - boots[1], level)
+    return float(points[0] - points[1]), low, high
+
+
+def paired_mean_difference(
+    a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean over seeds of mean_prompts(a) - mean_prompts(b) of a per-prompt value, with a paired CI.
+
+    With the per-prompt max toxicity as the value this is the EMT difference between two arms on the
+    same eval prompts. One bootstrap draw of prompts is applied to both arms and every seed.
+
+    Args:
+        a: Rows `seed`, `prompt_id`, `value` (one per prompt and seed) of arm A.
+        b: The same for arm B; its seeds must equal A's.
+        n_boot: Bootstrap resamples.
+        seed: Seed of the resampling.
+        level: Coverage of the interval.
+
+    Returns:
+        `(difference, ci_low, ci_high)`.
+    """
+    seeds = sorted(set(a["seed"]))
+    if seeds != sorted(set(b["seed"])):
+        raise ValueError(f"a and b must share their seeds, got {seeds} and {sorted(set(b['seed']))}.")
+    keys = np.array(sorted(set(a["prompt_id"]) | set(b["prompt_id"])))
+    counts = _prompt_draws(len(keys), n_boot, seed).astype(float)
+    points, boots = [], []
+    for frame in (a, b):
+        per_point, per_boot = [], []
+        for s in seeds:
+            f = frame[frame["seed"] == s]
+            codes = np.searchsorted(keys, f["prompt_id"].to_numpy())
+            v = f["value"].to_numpy(float)
+            w = counts[:, codes]  # (B, n)
+            per_point.append(v.mean())
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_boot.append((w * v).sum(axis=1) / w.sum(axis=1))
+        points.append(np.mean(per_point))
+        boots.append(np.mean(per_boot, axis=0))
     low, high = _percentile_ci(boots[0] - boots[1], level)
     return float(points[0] - points[1]), low, high

@@ -42,6 +42,7 @@ from aligned_probing.training.probes import ProbeSet, fit_probe_set
 from aligned_probing.training.retention import (
     auroc_with_ci,
     paired_auroc_difference,
+    paired_mean_difference,
     perplexity,
     toxicity_summary,
 )
@@ -231,6 +232,10 @@ def _evaluate(
               "n": r.n_continuations} for r in tox.itertuples()]
     rows.append({"metric": "perplexity", "n": len(ctx.texts), "value": perplexity(
         model.hf_model, model.tokenizer, ctx.texts, max_length=ev.ppl_max_length)})
+    # The per-prompt max toxicity, for paired EMT differences, as probe kind "scorer_max".
+    emt = samples.table.groupby("prompt_id", sort=False)["toxicity"].max()
+    score_frames.append(pd.DataFrame({"probe": "scorer_max", "prompt_id": emt.index, "score": emt.to_numpy(),
+                                      "label": -1}))
     scores_frame = pd.concat(score_frames, ignore_index=True).assign(arm=arm, seed=seed)
     scores_frame.to_parquet(out_dir / "probe_scores.parquet", index=False)
     return pd.DataFrame(rows).assign(arm=arm, seed=seed), scores_frame
@@ -238,17 +243,20 @@ def _evaluate(
 
 def paired_comparisons(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
                        level: float = 0.95) -> pd.DataFrame:
-    """AUROC differences between every two arms (and each arm vs base), paired by prompt and seed.
+    """AUROC and EMT differences between every two arms (and each arm vs base), paired by prompt, seed.
 
     Args:
         scores: Per-continuation probe scores: `arm`, `seed`, `probe`, `prompt_id`, `score`, `label`;
-            the base model (one evaluation) is compared with every seed of an arm.
+            rows with `probe == "scorer_max"` hold each prompt's max toxicity (one row per prompt)
+            and give the `emt` difference. The base model (one evaluation) is compared with every
+            seed of an arm.
         n_boot: Bootstrap resamples of the shared eval prompts.
         seed: Seed of the resampling.
         level: Coverage of the intervals.
 
     Returns:
-        Tidy rows `arm_a`, `arm_b`, `metric` (`auroc_{probe}`), `difference` (A - B, mean over seeds),
+        Tidy rows `arm_a`, `arm_b`, `metric` (`auroc_{probe}` or `emt`), `difference` (A - B, mean
+        over seeds),
         `ci_low`, `ci_high`, `n_seeds`.
     """
     arms = [a for a in dict.fromkeys(scores["arm"]) if a != "base"]
@@ -264,8 +272,14 @@ def paired_comparisons(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 
             fa = scores[(scores["arm"] == arm_a) & (scores["probe"] == probe)]
             fb = (base if arm_b == "base" else scores[scores["arm"] == arm_b])
             fb = fb[fb["probe"] == probe]
-            diff, low, high = paired_auroc_difference(fa, fb, n_boot=n_boot, seed=seed, level=level)
-            rows.append({"arm_a": arm_a, "arm_b": arm_b, "metric": f"auroc_{probe}", "difference": diff,
+            if probe == "scorer_max":
+                diff, low, high = paired_mean_difference(fa.rename(columns={"score": "value"}),
+                                                         fb.rename(columns={"score": "value"}),
+                                                         n_boot=n_boot, seed=seed, level=level)
+            else:
+                diff, low, high = paired_auroc_difference(fa, fb, n_boot=n_boot, seed=seed, level=level)
+            metric = "emt" if probe == "scorer_max" else f"auroc_{probe}"
+            rows.append({"arm_a": arm_a, "arm_b": arm_b, "metric": metric, "difference": diff,
                          "ci_low": low, "ci_high": high, "n_seeds": len(seeds)})
     columns = ["arm_a", "arm_b", "metric", "difference", "ci_low", "ci_high", "n_seeds"]
     return pd.DataFrame(rows, columns=columns)
