@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -500,29 +501,56 @@ def _check(args: argparse.Namespace) -> int:
         "versions": versions_used,
     }
     problems: list[str] = []
+    log = out / "steps.log"  # the trainers' and stages' chatter; the screen keeps the summary
+
+    def attempt(name: str, step: Any) -> Any:
+        """Run one step with its output in `log`; a crash becomes a problem and the check goes on."""
+        with open(log, "a") as stream, contextlib.redirect_stdout(stream):
+            try:
+                return step()
+            except Exception as exc:  # noqa: BLE001 - report every failing step, not only the first
+                traceback.print_exc(file=stream)
+                problems.append(f"{name} raised {type(exc).__name__}: {str(exc)[:300]} (traceback: {log})")
+                return None
+
     for dtype in args.dtypes:
         row: dict[str, Any] = {}
-        wall, probe_s, bad = run_pipeline(
-            pipeline_config(models, prompts, out / f"run-{dtype}", dtype, args.device, args.small)
-        )
-        row.update(pipeline_s=wall, probe_s=probe_s)
-        problems += [f"[{dtype}] {b}" for b in bad]
-        row.update(throughput(models["llama-1b"], dtype, args.device, args.small))
-        if not args.skip_finetune:
-            ft_s, bad = finetune(
-                models["llama-135m"],
-                prompts,
-                benign,
-                out / f"finetune-{dtype}",
-                dtype,
-                args.device,
-                args.small,
-            )
-            row["finetune_s"] = ft_s
+        config = pipeline_config(models, prompts, out / f"run-{dtype}", dtype, args.device, args.small)
+        done = attempt(f"[{dtype}] pipeline", lambda config=config: run_pipeline(config))
+        if done is not None:
+            wall, probe_s, bad = done
+            row.update(pipeline_s=wall, probe_s=probe_s)
             problems += [f"[{dtype}] {b}" for b in bad]
+        rates = attempt(
+            f"[{dtype}] throughput",
+            lambda dtype=dtype: throughput(models["llama-1b"], dtype, args.device, args.small),
+        )
+        row.update(rates or {})
+        if not args.skip_finetune:
+            done = attempt(
+                f"[{dtype}] fine-tuning",
+                lambda dtype=dtype: finetune(
+                    models["llama-135m"],
+                    prompts,
+                    benign,
+                    out / f"finetune-{dtype}",
+                    dtype,
+                    args.device,
+                    args.small,
+                ),
+            )
+            if done is not None:
+                row["finetune_s"] = done[0]
+                problems += [f"[{dtype}] {b}" for b in done[1]]
         summary["dtypes"][dtype] = row
     if "bfloat16" in args.dtypes and "float32" in args.dtypes:
-        agreement = {name: bf16_agreement(models[name], args.device) for name in ("llama-1b", "gemma3-1b")}
+        agreement = {}
+        for name in ("llama-1b", "gemma3-1b"):
+            error = attempt(
+                f"bf16 agreement of {name}", lambda name=name: bf16_agreement(models[name], args.device)
+            )
+            if error is not None:
+                agreement[name] = error
         summary["bf16_rel_error"] = agreement
         problems += [
             f"bf16 vs float32 residuals of {n}: relative error {e:.4f} > tol {args.bf16_tol}"
@@ -551,7 +579,16 @@ def format_summary(summary: dict[str, Any], shapes: dict[str, dict[str, Any]], t
         f"{'dtype':9s} {'pipeline s':>10s} {'probe s':>8s} {'gen tok/s':>10s} {'enc tok/s':>10s} "
         f"{'HF hs tok/s':>11s} {'enc/HF':>6s} {'finetune s':>10s}"
     )
+    nan = float("nan")
     for dtype, r in summary["dtypes"].items():
+        r = {
+            "pipeline_s": nan,
+            "probe_s": nan,
+            "gen_new_tokens_per_s": nan,
+            "encode_tokens_per_s": nan,
+            "hf_hidden_states_tokens_per_s": nan,
+            **r,
+        }
         ratio = r["encode_tokens_per_s"] / r["hf_hidden_states_tokens_per_s"]
         lines.append(
             f"{dtype:9s} {r['pipeline_s']:10.1f} {r['probe_s']:8.1f} {r['gen_new_tokens_per_s']:10.0f} "

@@ -58,3 +58,26 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, capsys):
         row = summary["dtypes"][dtype]
         assert row["gen_new_tokens_per_s"] > 0 and row["encode_tokens_per_s"] > 0 and row["finetune_s"] > 0
     assert all(0 <= e <= 0.05 for e in summary["bf16_rel_error"].values())
+
+
+def test_a_failing_step_is_reported_and_the_check_goes_on(tmp_path, capsys, monkeypatch):
+    """One GPU run must show every failure: a crashing step becomes a problem, the rest still runs."""
+    gpu_check = _load()
+
+    def broken_pipeline(config):
+        raise RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu")
+
+    rates = {"gen_new_tokens_per_s": 1.0, "encode_tokens_per_s": 2.0, "hf_hidden_states_tokens_per_s": 4.0}
+    monkeypatch.setattr(gpu_check, "run_pipeline", broken_pipeline)
+    monkeypatch.setattr(gpu_check, "throughput", lambda *a: rates)
+    monkeypatch.setattr(gpu_check, "finetune", lambda *a: (3.0, []))
+    monkeypatch.setattr(gpu_check, "bf16_agreement", lambda *a: 0.2)
+    code = gpu_check.main(["--device", "cpu", "--small", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "[float32] pipeline raised RuntimeError: Expected all tensors" in printed
+    assert "[bfloat16] pipeline raised RuntimeError" in printed
+    assert "relative error 0.2000 > tol 0.05" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dtypes"]["float32"]["finetune_s"] == 3.0  # later steps still ran
+    assert "Traceback" in (tmp_path / "steps.log").read_text()
