@@ -133,3 +133,15 @@ def test_offline_hub_name_fails_fast_and_writes_nothing(tiny_config, monkeypatch
     with pytest.raises(HubUnavailableError, match="Pass a local path instead"):
         run_module.run_finetune(cfg)
     assert not run_module.Path(tiny_config["output_dir"]).exists()
+
+
+def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
+    """Offline, a hub name is read from the local cache without any request (fails at once if absent)."""
+    import time
+
+    from aligned_probing.training.finetuned import load_trainable
+
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="cached files"):
+        load_trainable("some-org/not-cached-model", local_files_only=True)
+    assert time.perf_counter() - start < 10

@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 
 def load_trainable(
-    source: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None
+    source: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
+    local_files_only: bool = False,
 ) -> tuple[Any, Any]:
     """A plain (un-bridged) Hugging Face causal LM and tokenizer from a local directory or a hub name.
 
@@ -30,6 +31,7 @@ def load_trainable(
         source: A local Hugging Face directory (with config.json) or a hub repo id.
         dtype: Parameter dtype (float32 master weights; the Trainer autocasts to bf16 on a GPU).
         revision: Hub revision, for hub names.
+        local_files_only: Read a hub name from the local cache only (no request to the hub).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +41,9 @@ def load_trainable(
             f"source must be a Hugging Face directory with config.json or a hub name, got {path}."
         )
     name = str(path) if path.exists() else str(source)
-    extra = {} if path.exists() or revision is None else {"revision": revision}
+    extra: dict[str, Any] = {} if path.exists() or revision is None else {"revision": revision}
+    if local_files_only and not path.exists():
+        extra["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

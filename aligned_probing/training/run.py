@@ -136,7 +136,11 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
 
     t = cfg.training
     seed_dir = arm_dir / f"seed{seed}"
-    model, tokenizer = load_trainable(source, revision=cfg.model.revision)
+    hub_name = not Path(source).exists()
+    # load_model has already found a hub model in the cache or reached the hub; offline, read the
+    # cache without a request that would otherwise retry for minutes.
+    offline = hub_name and _hub_offline()
+    model, tokenizer = load_trainable(source, revision=cfg.model.revision, local_files_only=offline)
     peft_cfg = lora_config(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
     log = TrainingLogCallback()
     callbacks = [log] + ([AdapterCheckpointCallback(seed_dir / "checkpoints", t.checkpoint_every, tokenizer)]
@@ -177,6 +181,12 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
     info = {"arm": arm, "seed": seed, "base": str(source), "config": cfg.model_dump(),
             "global_step": log.global_step, "log_history": log.log_history, **info_extra}
     return save_finetuned(trained, tokenizer, seed_dir, info=info)["merged"]
+
+
+def _hub_offline() -> bool:
+    from aligned_probing.models.hub import offline_reason
+
+    return offline_reason() is not None
 
 
 @dataclass
