@@ -60,3 +60,114 @@ def test_perplexity_matches_hf_loss(tiny_llama_dir):
         nll = sum(float(model(input_ids=i, labels=i).loss) * (i.shape[1] - 1) for i in ids)
     expected = np.exp(nll / sum(i.shape[1] - 1 for i in ids))
     assert perplexity(model, tok, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
+
+
+def _auc(score, label):
+    from aligned_probing.training.retention import weighted_auroc
+
+    return weighted_auroc(score, label, np.ones((1, len(score))))[0]
+
+
+def _clustered(rng, n_prompts, per_prompt, d, prompt_sd=1.0, u=None):
+    """Scores with a shared prompt effect u (so rows of a prompt are dependent) plus d x label."""
+    u = rng.normal(0, prompt_sd, n_prompts) if u is None else u
+    pid = np.repeat(np.arange(n_prompts), per_prompt)
+    # Labels too depend on the prompt (toxic prompts give toxic continuations).
+    p_toxic = 1 / (1 + np.exp(-(u[pid] - 1.0)))
+    label = (rng.random(len(pid)) < p_toxic).astype(int)
+    score = u[pid] + d * label + rng.normal(0, 1, len(pid))
+    return pid, score, label
+
+
+def test_auroc_ci_matches_roc_auc_and_covers_by_simulation():
+    from sklearn.metrics import roc_auc_score
+
+    from aligned_probing.training.retention import auroc_with_ci
+
+    rng = np.random.default_rng(1)
+    pid, score, label = _clustered(rng, 40, 4, d=1.0)
+    value, low, high = auroc_with_ci(pid, np.round(score, 1), label, n_boot=50)  # ties: average ranks
+    assert value == pytest.approx(roc_auc_score(label, np.round(score, 1)), abs=1e-12)
+    assert low < value < high
+    # Truth: the expected AUROC at this design, by Monte Carlo.
+    truth = np.mean([_auc(s, y) for _, s, y in (_clustered(rng, 50, 4, d=1.0) for _ in range(1500))])
+    hits = 0
+    reps = 200
+    for _ in range(reps):
+        pid, score, label = _clustered(rng, 50, 4, d=1.0)
+        _, low, high = auroc_with_ci(pid, score, label, n_boot=200, seed=int(rng.integers(1 << 30)))
+        hits += low <= truth <= high
+    assert 0.88 <= hits / reps <= 0.99, f"coverage {hits / reps:.3f} of the nominal 0.95 interval"
+
+
+def test_paired_auroc_difference_covers_and_is_antisymmetric():
+    from aligned_probing.training.retention import paired_auroc_difference
+
+    rng = np.random.default_rng(2)
+    n_prompts, per_prompt, seeds = 50, 4, (0, 1)
+
+    def arms():
+        u = rng.normal(0, 1.0, n_prompts)  # the same eval prompts for both arms (pairing)
+        frames = {}
+        for name, d in (("a", 1.2), ("b", 0.7)):
+            parts = []
+            for s in seeds:
+                pid, score, label = _clustered(rng, n_prompts, per_prompt, d, u=u)
+                parts.append(pd.DataFrame({"seed": s, "prompt_id": pid, "score": score, "label": label}))
+            frames[name] = pd.concat(parts, ignore_index=True)
+        return frames
+
+    def point(f):
+        return np.mean([_auc(f["score"].to_numpy()[f["seed"] == s], f["label"].to_numpy()[f["seed"] == s])
+                        for s in seeds])
+
+    truth = np.mean([point(f["a"]) - point(f["b"]) for f in (arms() for _ in range(300))])
+    assert truth > 0.05
+    f = arms()
+    ab = paired_auroc_difference(f["a"], f["b"], n_boot=50, seed=0)
+    ba = paired_auroc_difference(f["b"], f["a"], n_boot=50, seed=0)
+    assert ab[0] == pytest.approx(point(f["a"]) - point(f["b"]))
+    assert ab[0] == pytest.approx(-ba[0]) and ab[1] == pytest.approx(-ba[2])
+    hits, reps = 0, 100
+    for _ in range(reps):
+        f = arms()
+        _, low, high = paired_auroc_difference(f["a"], f["b"], n_boot=150, seed=int(rng.integers(1 << 30)))
+        hits += low <= truth <= high
+    assert 0.87 <= hits / reps <= 0.995, f"coverage {hits / reps:.3f} of the nominal 0.95 interval"
+    with pytest.raises(ValueError, match="must share their seeds"):
+        paired_auroc_difference(f["a"], f["b"][f["b"]["seed"] == 0], n_boot=10)
+
+
+def test_single_class_gives_nan_not_an_error():
+    from aligned_probing.training.retention import auroc_with_ci, paired_auroc_difference
+
+    pid = np.repeat(np.arange(5), 2)
+    assert all(np.isnan(auroc_with_ci(pid, np.arange(10.0), np.zeros(10), n_boot=20)))
+    one = pd.DataFrame({"seed": 0, "prompt_id": pid, "score": np.arange(10.0), "label": 0})
+    assert all(np.isnan(paired_auroc_difference(one, one, n_boot=20)))
+
+
+def test_paired_emt_difference_is_exact_and_covers():
+    from aligned_probing.training.retention import paired_mean_difference
+
+    rng = np.random.default_rng(3)
+    n, seeds, shift = 40, (0, 1), 0.05
+
+    def arms():
+        difficulty = rng.beta(2, 3, n)  # per-prompt max toxicity shared by both arms (pairing)
+        # No clipping to [0, 1], so the expected difference is exactly `shift`.
+        make = [pd.DataFrame({"seed": s, "prompt_id": np.arange(n),
+                              "value": difficulty - d + rng.normal(0, 0.05, n)})
+                for d in (0.0, shift) for s in seeds]
+        return pd.concat(make[:2]), pd.concat(make[2:])
+
+    a, b = arms()
+    diff, _, _ = paired_mean_difference(a, b, n_boot=20)
+    assert diff == pytest.approx(a["value"].mean() - b["value"].mean())
+    truth = shift
+    hits, reps = 0, 200
+    for _ in range(reps):
+        a, b = arms()
+        _, low, high = paired_mean_difference(a, b, n_boot=200, seed=int(rng.integers(1 << 30)))
+        hits += low <= truth <= high
+    assert 0.88 <= hits / reps <= 0.99, f"coverage {hits / reps:.3f} of the nominal 0.95 interval"

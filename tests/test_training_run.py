@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -21,31 +22,65 @@ class _HashScorer:
         return pd.DataFrame({"toxicity": values})
 
 
+def _rtp_jsonl(path, n=40):
+    from aligned_probing.data import embedded_prompts
+
+    texts = embedded_prompts("rtp-challenging").df["text"].head(n)
+    path.write_text("".join(json.dumps({"challenging": True, "prompt": {"text": t, "toxicity": None}}) + "\n"
+                            for t in texts))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tiny_llama_dir, tmp_path):
+    # A local Hugging Face directory (the tiny random model) and an RTP jsonl file as the prompts.
     return {
         "output_dir": str(tmp_path / "run"),
         "model": {"spec": str(tiny_llama_dir)},
-        "data": {"prompts": "rtp-challenging", "n_train": 12, "n_eval": 8, "seed": 0},
+        "data": {"prompts": str(_rtp_jsonl(tmp_path / "prompts.jsonl")), "n_train": 12, "n_eval": 8,
+                 "seed": 0},
         "generation": {"k": 3, "max_new_tokens": 4, "batch_size": 36},
         "probes": {"layer": 2, "n_ensemble": 2, "n_heldout": 2},
         # probe_dpo_ensemble differs from probe_dpo only in its ranker; three arms keep this short.
         "training": {"arms": ["probe_dpo", "classifier_dpo", "probe_sft"], "max_steps": 1,
                      "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-                     "max_length": 48, "checkpoint_every": 1, "learning_rate": 1e-3},
+                     "max_length": 48, "checkpoint_every": 1, "learning_rate": 1e-3, "seeds": [0, 1]},
         "evaluation": {"n_benign": 4, "ppl_max_length": 32, "n_boot": 20},
     }
 
 
 @pytest.mark.slow  # end to end: four generations, three trainings, ~1-2 min on a free CPU
 def test_run_finetune_all_arms(tiny_config, monkeypatch):
-    monkeypatch.setattr(run_module, "get_training_scorer", lambda name: _HashScorer())
+    monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
     results = run_module.run_finetune(tiny_config)
     out = run_module.Path(tiny_config["output_dir"])
     assert set(results["arm"]) == {"base", "probe_dpo", "classifier_dpo", "probe_sft"}
+    assert set(results.loc[results["arm"] != "base", "seed"]) == {0, 1}
     expected_metrics = {"auroc_frozen", "auroc_ensemble", "auroc_heldout", "auroc_retrained", "emt",
                         "toxic_rate", "mean_toxicity", "perplexity", "n_toxic_test"}
-    assert all(set(g["metric"]) == expected_metrics for _, g in results.groupby("arm"))
+    assert all(set(g["metric"]) == expected_metrics for _, g in results.groupby(["arm", "seed"]))
+    # Every AUROC has a prompt-bootstrap CI around it.
+    aurocs = results[results["metric"].str.startswith("auroc_")].dropna(subset=["value"])
+    inside = (aurocs["ci_low"] <= aurocs["value"]) & (aurocs["value"] <= aurocs["ci_high"])
+    assert len(aurocs) and inside.all()
+    # On the base model the retrained probe is fitted on the frozen probe's own rows: same scores.
+    base = results[results["arm"] == "base"].set_index("metric")["value"]
+    assert base["auroc_retrained"] == pytest.approx(base["auroc_frozen"], abs=1e-6)
+    # Paired comparisons: every two arms and each arm vs base, per probe kind.
+    comparisons = pd.read_parquet(out / "comparisons.parquet")
+    compared = set(zip(comparisons["arm_a"], comparisons["arm_b"], strict=True))
+    assert {("probe_dpo", "classifier_dpo"), ("probe_dpo", "base")} <= compared
+    assert set(comparisons["n_seeds"]) == {2}
+    assert {"emt", "auroc_frozen", "auroc_retrained"} <= set(comparisons["metric"])
+    # The paired EMT difference equals the difference of the mean-over-seeds EMTs in the results.
+    emt = results[results["metric"] == "emt"].groupby("arm")["value"].mean()
+    row = comparisons[(comparisons["arm_a"] == "probe_dpo") & (comparisons["arm_b"] == "base")
+                      & (comparisons["metric"] == "emt")].iloc[0]
+    assert row["difference"] == pytest.approx(emt["probe_dpo"] - emt["base"], abs=1e-9)
+    # The prompts came from the jsonl file.
+    records = pd.read_json(tiny_config["data"]["prompts"], lines=True)["prompt"]
+    file_texts = set(records.map(lambda p: p["text"]))
+    assert set(pd.read_parquet(out / "base" / "eval_samples.parquet")["prompt_text"]) <= file_texts
     ppl = results[results["metric"] == "perplexity"]["value"]
     assert (ppl > 1).all() and np.isfinite(ppl).all()
     wide = pd.read_csv(out / "results_wide.csv")
@@ -63,6 +98,50 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     assert (pd.read_parquet(out / "probe_dpo" / "pairs.parquet")["ranking"] == "probe_score").all()
     # Fine-tuned models and intermediate adapters, loadable, never pickled.
     for arm in ("probe_dpo", "probe_sft"):
-        assert (out / arm / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors").exists()
-        assert load_model(out / arm / "merged").n_layers == 3
+        for seed in (0, 1):
+            checkpoint = out / arm / f"seed{seed}" / "checkpoints" / "checkpoint-1"
+            assert (checkpoint / "adapter_model.safetensors").exists()
+        assert load_model(out / arm / "seed1" / "merged").n_layers == 3
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
+
+
+def test_rejected_configs_write_nothing(tiny_config, tmp_path, monkeypatch):
+    """Every check runs before `output_dir` is created: a refused secret is never saved."""
+    out = run_module.Path(tiny_config["output_dir"])
+    bad_option = {**tiny_config, "scorer": {"name": "tox-block", "options": {"not_an_option": 1}}}
+    with pytest.raises(ValueError, match=r"takes the options .* got unknown \['not_an_option'\]"):
+        run_module.run_finetune(bad_option)
+    secret = {**tiny_config, "scorer": {"name": "perspective", "options": {"api_key": "sk-123"}}}
+    with pytest.raises(ValueError, match="must not hold credentials"):
+        run_module.run_finetune(secret)
+    monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
+    too_deep = {**tiny_config, "probes": {"layer": 7}}
+    with pytest.raises(ValueError, match=r"probes.layer must be in \[0, 3\]"):
+        run_module.run_finetune(too_deep)
+    missing = {**tiny_config, "data": {**tiny_config["data"], "prompts": str(tmp_path / "nope.jsonl")}}
+    with pytest.raises(FileNotFoundError):
+        run_module.run_finetune(missing)
+    assert not out.exists()
+
+
+def test_offline_hub_name_fails_fast_and_writes_nothing(tiny_config, monkeypatch):
+    from aligned_probing.models.hub import HubUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
+    cfg = {**tiny_config, "model": {"spec": "some-org/not-cached-model"}}
+    with pytest.raises(HubUnavailableError, match="Pass a local path instead"):
+        run_module.run_finetune(cfg)
+    assert not run_module.Path(tiny_config["output_dir"]).exists()
+
+
+def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
+    """Offline, a hub name is read from the local cache without any request (fails at once if absent)."""
+    import time
+
+    from aligned_probing.training.finetuned import load_trainable
+
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="cached files"):
+        load_trainable("some-org/not-cached-model", local_files_only=True)
+    assert time.perf_counter() - start < 10

@@ -12,7 +12,7 @@ from aligned_probing.training.activations import capture_residual, pooled_respon
 from aligned_probing.training.finetuned import load_trainable, lora_config
 from aligned_probing.training.penalty import ProbePenalty
 from aligned_probing.training.probes import fit_probe_set
-from aligned_probing.training.sft import ProbeSFTConfig, train_probe_sft
+from aligned_probing.training.sft import ProbeSFTConfig, sft_examples, train_probe_sft
 
 PROMPTS = ["The quick brown fox", "You are a", "What a lovely day", "This is a test", "hello world"] * 2
 COMPLETIONS = [" jumps over the lazy dog.", " stupid idiot and I hate you.", " for a walk in the park.",
@@ -33,6 +33,54 @@ def _fit(model, tok):
     r_ids = [tok(c)["input_ids"] for c in COMPLETIONS]
     acts = pooled_response_activations(model, p_ids, r_ids, LAYER, pad_token_id=tok.pad_token_id)
     return fit_probe_set(acts, np.array([0, 1] * 5), meta={"layer": LAYER})
+
+
+def _id_texts(tok):
+    return pd.DataFrame({"prompt_token_ids": [tok(p)["input_ids"] for p in PROMPTS],
+                         "token_ids": [tok(c)["input_ids"] for c in COMPLETIONS]})
+
+
+def test_sft_examples_mask_exactly_the_generated_ids():
+    examples = sft_examples([[5, 6, 7], [5]], [[8, 9], [10, 11, 12]])
+    assert examples == [
+        # prompt 5 6 7 | generated 8 9
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+        # prompt 5 | generated 10 11 12
+        {"input_ids": [5, 10, 11, 12], "labels": [-100, 10, 11, 12]},
+    ]
+    with pytest.raises(ValueError, match=r"response_ids\[0\] is empty"):
+        sft_examples([[1]], [[]])
+
+
+def test_trainer_batch_pools_generated_ids_without_eos(tiny_llama_dir, tmp_path):
+    """TRL must neither append EOS nor re-tokenize: the penalty mask is the generated ids' positions."""
+    from datasets import Dataset
+
+    from aligned_probing.training.sft import ProbePenaltySFTTrainer
+
+    model, tok = load_trainable(tiny_llama_dir)
+    eos = tok.eos_token_id
+    # Arbitrary generated ids, no EOS at the end: they must reach the model unchanged.
+    prompt = [[12, 13, 14], [15]]
+    gen = [[40, 41], [42, 43, 44]]
+    ds = Dataset.from_list(sft_examples(prompt, gen))
+    args = ProbeSFTConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", use_cpu=True,
+                          bf16=False, max_length=64, per_device_train_batch_size=2)
+    trainer = ProbePenaltySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                     peft_config=lora_config(r=2, alpha=4),
+                                     penalty=ProbePenalty(_fit(model, tok)))
+    batch = next(iter(trainer.get_train_dataloader()))
+    pad = tok.pad_token_id
+    assert sorted(batch["input_ids"].tolist()) == sorted([[12, 13, 14, 40, 41], [15, 42, 43, 44, pad]]), (
+        f"the trainer changed the ids (EOS appended or re-tokenized): {batch['input_ids'].tolist()}"
+    )
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        mask = [int(v != -100) for v in labels]
+        if ids[0] == 12:  # prompt 12 13 14 | generated 40 41
+            assert mask == [0, 0, 0, 1, 1]
+        else:  # prompt 15 | generated 42 43 44 | padding
+            assert mask == [0, 1, 1, 1, 0]
+        assert eos not in [i for i, m in zip(ids, mask, strict=True) if m]
 
 
 @pytest.fixture
@@ -66,7 +114,8 @@ def test_trainer_loss_adds_lambda_times_penalty_with_gradient(fitted, tmp_path):
 
     from aligned_probing.training.sft import ProbePenaltySFTTrainer
 
-    ds = Dataset.from_pandas(pd.DataFrame({"prompt": PROMPTS[:2], "completion": COMPLETIONS[:2]}))
+    ds = Dataset.from_list(sft_examples([tok(p)["input_ids"] for p in PROMPTS[:2]],
+                                        [tok(c)["input_ids"] for c in COMPLETIONS[:2]]))
     args = ProbeSFTConfig(output_dir=str(tmp_path), probe_lambda=3.0, report_to="none", save_strategy="no",
                           use_cpu=True, bf16=False, max_length=64, gradient_checkpointing=False,
                           per_device_train_batch_size=2)
@@ -105,7 +154,7 @@ def test_a_few_steps_lower_the_frozen_probe_score(tiny_llama_dir, tmp_path):
                               save_strategy="no",
                               use_cpu=True, bf16=False, max_length=64, gradient_checkpointing=False,
                               logging_steps=1, disable_tqdm=True, seed=0)
-        texts = pd.DataFrame({"prompt": PROMPTS, "completion": COMPLETIONS})
+        texts = _id_texts(tok)
         trained = train_probe_sft(model, tok, texts, args, penalty=ProbePenalty(probes),
                                   peft_config=lora_config(r=4, alpha=8))
         after[lam] = _probe_scores(trained, tok, probes)[1].mean()

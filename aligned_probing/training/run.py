@@ -2,15 +2,19 @@
 
 Layout of `output_dir`:
     base/               continuations + labels (Parquet), probes/{train,ensemble,heldout}/
-    {arm}/adapter/      LoRA adapter (safetensors) + tokenizer + finetune.json
-    {arm}/merged/       merged HF model, loadable by `load_model` (joins the model zoo)
-    {arm}/checkpoints/  adapters every `training.checkpoint_every` steps (if > 0)
-    {arm}/eval_samples.parquet, base/{train,eval}_samples.parquet
+    {arm}/seed{s}/adapter/      LoRA adapter (safetensors) + tokenizer + finetune.json
+    {arm}/seed{s}/merged/       merged HF model, loadable by `load_model` (joins the model zoo)
+    {arm}/seed{s}/checkpoints/  adapters every `training.checkpoint_every` steps (if > 0)
+    {arm}/seed{s}/eval_samples.parquet, base/{train,eval}_samples.parquet
                         continuations with scores, labels and token ids (prompt and response), so
                         activations can be re-read later through any checkpoint (`trajectory.py`)
-    {arm}/pairs.parquet DPO pairs (DPO arms)
-    results.parquet     tidy rows: arm, metric, value, ci_low, ci_high, n
-    results_wide.csv    the paper-style table (one row per arm)
+    {arm}/pairs.parquet DPO pairs (DPO arms; the same for every seed)
+    results.parquet     tidy rows: arm, seed, metric, value, ci_low, ci_high, n
+    comparisons.parquet paired differences between arms (same eval prompts and seeds), with CIs
+    results_wide.csv    the paper-style table (one row per arm, means over seeds)
+
+Everything the run needs is resolved before anything is written (scorer and its options, prompts,
+model, probe layer), so a rejected config leaves `output_dir` untouched.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from aligned_probing.training.activations import pooled_response_activations
 from aligned_probing.training.config import FinetuneConfig, load_finetune_config
 from aligned_probing.training.data import (
     LabelledSamples,
@@ -33,23 +39,30 @@ from aligned_probing.training.data import (
     split_by_prompt,
 )
 from aligned_probing.training.probes import ProbeSet, fit_probe_set
-from aligned_probing.training.retention import perplexity, probe_aurocs, retrained_auroc, toxicity_summary
+from aligned_probing.training.retention import (
+    auroc_with_ci,
+    paired_auroc_difference,
+    paired_mean_difference,
+    perplexity,
+    toxicity_summary,
+)
+from aligned_probing.training.sources import resolve_probe_layer, split_prompts
 
 logger = logging.getLogger(__name__)
 
-
-def get_training_scorer(name: str) -> Any:
-    """The scorer by name, through `aligned_probing.scoring.get_scorer` when it exists."""
-    import aligned_probing.scoring as scoring
-
-    if hasattr(scoring, "get_scorer"):
-        return scoring.get_scorer(name)
-    from aligned_probing.scoring.jigsaw import JigsawScorer  # until the scorer registry lands
-
-    return JigsawScorer("tox-block")
+PROBE_KINDS = ("frozen", "ensemble", "heldout", "retrained")
 
 
-def _sample(model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any) -> LabelledSamples:
+def get_training_scorer(scorer: Any) -> Any:
+    """The configured scorer (a `ScorerSection`); unknown options raise before anything is written."""
+    from aligned_probing.scoring import get_scorer
+
+    return get_scorer(scorer.name, **scorer.options)
+
+
+def _sample(
+    model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any, layer: int
+) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
     g = cfg.generation
@@ -57,8 +70,26 @@ def _sample(model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any)
         model, prompts, k=g.k, seed=g.seed, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
         top_p=g.top_p, template=g.template, batch_size=g.batch_size,
     )
-    return label_continuations(model, conts, scorer=scorer, layer=cfg.probes.layer,
+    return label_continuations(model, conts, scorer=scorer, layer=layer,
                                threshold=cfg.probes.threshold, max_new_tokens=g.max_new_tokens)
+
+
+def probe_halves(train: LabelledSamples, cfg: FinetuneConfig) -> tuple[LabelledSamples, LabelledSamples]:
+    """Disjoint prompt halves of `train`: (a) for the training probe and ensemble, (b) for held-out probes.
+
+    Raises:
+        ValueError: When a half has a single class.
+    """
+    heldout_mask = split_by_prompt(train.table, test_size=0.5, seed=cfg.probes.seed + 1)
+    a, b = train.subset(~heldout_mask), train.subset(heldout_mask)
+    for name, half in (("probe training half", a), ("held-out half", b)):
+        y = half.table["label"].to_numpy()
+        if len(np.unique(y)) < 2:
+            raise ValueError(
+                f"The {name} has a single class (toxic share {y.mean():.2f}); raise data.n_train or pick "
+                "more toxic prompts so the scorer labels both classes."
+            )
+    return a, b
 
 
 def fit_run_probes(train: LabelledSamples, cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, ProbeSet]:
@@ -68,15 +99,8 @@ def fit_run_probes(train: LabelledSamples, cfg: FinetuneConfig, meta: dict[str, 
     with their own seeds, and are never used as a training signal.
     """
     p = cfg.probes
-    heldout_mask = split_by_prompt(train.table, test_size=0.5, seed=p.seed + 1)
-    a, b = train.subset(~heldout_mask), train.subset(heldout_mask)
+    a, b = probe_halves(train, cfg)
     y_a, y_b = a.table["label"].to_numpy(), b.table["label"].to_numpy()
-    for name, y in (("probe training half", y_a), ("held-out half", y_b)):
-        if len(np.unique(y)) < 2:
-            raise ValueError(
-                f"The {name} has a single class (toxic share {y.mean():.2f}); raise data.n_train or pick "
-                "more toxic prompts so the scorer labels both classes."
-            )
     common = {**meta, "threshold": p.threshold}
     return {
         "train": fit_probe_set(a.activations, y_a, n_probes=1, C=p.C, seed=p.seed, meta=common),
@@ -87,9 +111,16 @@ def fit_run_probes(train: LabelledSamples, cfg: FinetuneConfig, meta: dict[str, 
     }
 
 
-def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[str, ProbeSet],
-               cfg: FinetuneConfig, arm_dir: Path) -> Path:
-    """Train one arm and return its merged model directory."""
+def sft_texts(train: LabelledSamples, per_prompt: int) -> pd.DataFrame:
+    """The SFT training rows: prompt ids and generated ids of the first `per_prompt` continuations."""
+    table = train.table.assign(prompt_token_ids=[list(map(int, p)) for p in train.prompt_ids])
+    keep = table["continuation_idx"] < per_prompt
+    return table.loc[keep, ["prompt_id", "prompt_token_ids", "token_ids"]].reset_index(drop=True)
+
+
+def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dict[str, ProbeSet],
+               cfg: FinetuneConfig, arm_dir: Path, seed: int) -> Path:
+    """Train one arm with one seed and return its merged model directory."""
     from trl import DPOConfig
 
     from aligned_probing.training.dpo import build_preference_pairs, train_dpo
@@ -104,27 +135,34 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
     from aligned_probing.training.sft import ProbeSFTConfig, train_probe_sft
 
     t = cfg.training
-    model, tokenizer = load_trainable(base_dir)
+    seed_dir = arm_dir / f"seed{seed}"
+    hub_name = not Path(source).exists()
+    # load_model has already found a hub model in the cache or reached the hub; offline, read the
+    # cache without a request that would otherwise retry for minutes.
+    offline = hub_name and _hub_offline()
+    model, tokenizer = load_trainable(source, revision=cfg.model.revision, local_files_only=offline)
     peft_cfg = lora_config(r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout)
     log = TrainingLogCallback()
-    callbacks = [log] + ([AdapterCheckpointCallback(arm_dir / "checkpoints", t.checkpoint_every, tokenizer)]
+    callbacks = [log] + ([AdapterCheckpointCallback(seed_dir / "checkpoints", t.checkpoint_every, tokenizer)]
                          if t.checkpoint_every else [])
     # No Trainer checkpoints (they pickle optimizer state and training_args.bin); see finetuned.py.
     common = dict(
-        output_dir=str(arm_dir / "trainer"), learning_rate=t.learning_rate,
+        output_dir=str(seed_dir / "trainer"), learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=t.seed,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=seed,
         report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
         gradient_checkpointing=False, use_cpu=cfg.model.device == "cpu", disable_tqdm=True,
-        # TRL defaults to bf16 autocast, which on CPU is slow and stays patched into the returned
-        # model's forward (logits then differ ~1e-2 from the saved merged weights).
-        bf16=cfg.model.device != "cpu" and cfg.model.dtype != "float16",
+        # Master weights stay float32; on a GPU the forward is autocast to the model's dtype (mixed
+        # precision), so `dtype = "float32"` trains in full precision. TRL defaults to bf16 autocast,
+        # which on CPU is slow and stays patched into the returned model's forward (logits then
+        # differ ~1e-2 from the saved merged weights): never on CPU.
+        bf16=cfg.model.device != "cpu" and cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.device != "cpu" and cfg.model.dtype == "float16",
     )
     table = train.table
     if arm == "probe_sft":
-        texts = table[table["continuation_idx"] < t.sft_continuations_per_prompt]
-        texts = texts.rename(columns={"text": "completion"})[["prompt", "completion"]]
+        texts = sft_texts(train, t.sft_continuations_per_prompt)
         args = ProbeSFTConfig(probe_lambda=t.probe_lambda, **common)
         trained = train_probe_sft(model, tokenizer, texts, args, penalty=ProbePenalty(probes["train"]),
                                   peft_config=peft_cfg, callbacks=callbacks)
@@ -140,52 +178,137 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
                          **common)
         trained = train_dpo(model, tokenizer, pairs, args, peft_config=peft_cfg, callbacks=callbacks)
         info_extra = {"n_pairs": len(pairs)}
-    info = {"arm": arm, "base": str(base_dir), "config": cfg.model_dump(), "global_step": log.global_step,
-            "log_history": log.log_history, **info_extra}
-    return save_finetuned(trained, tokenizer, arm_dir, info=info)["merged"]
+    info = {"arm": arm, "seed": seed, "base": str(source), "config": cfg.model_dump(),
+            "global_step": log.global_step, "log_history": log.log_history, **info_extra}
+    return save_finetuned(trained, tokenizer, seed_dir, info=info)["merged"]
 
 
-def _evaluate(model: Any, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet], cfg: FinetuneConfig,
-              scorer: Any, texts: list[str], arm: str, out_dir: Path) -> pd.DataFrame:
-    """Toxicity, probe AUROCs (frozen, ensemble, held-out, retrained) and perplexity of one model."""
-    ev = cfg.evaluation
-    samples = _sample(model, eval_prompts, cfg, scorer)
+def _hub_offline() -> bool:
+    from aligned_probing.models.hub import offline_reason
+
+    return offline_reason() is not None
+
+
+@dataclass
+class _Context:
+    """What every evaluation shares: eval prompts, frozen probes, the probe-training half, the scorer."""
+
+    cfg: FinetuneConfig
+    layer: int
+    eval_prompts: pd.DataFrame
+    probes: dict[str, ProbeSet]
+    probe_half: LabelledSamples
+    scorer: Any
+    texts: list[str]
+
+
+def _evaluate(
+    model: Any, ctx: _Context, arm: str, seed: int, out_dir: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Toxicity, probe AUROCs with CIs (frozen, ensemble, held-out, retrained) and perplexity of one model.
+
+    Every AUROC is measured on all of this model's continuations of the eval prompts. The retrained
+    probe is fitted on exactly the rows the frozen training probe was fitted on (the same texts and
+    labels, re-encoded by this model), so it has the same amount of data.
+
+    Returns:
+        The tidy metric rows and the per-continuation probe scores (for paired comparisons).
+    """
+    cfg, ev = ctx.cfg, ctx.cfg.evaluation
+    samples = _sample(model, ctx.eval_prompts, cfg, ctx.scorer, ctx.layer)
     save_samples(samples, out_dir / "eval_samples.parquet")
-    fit_mask = split_by_prompt(samples.table, test_size=ev.retrain_fraction, seed=cfg.probes.seed + 7)
-    fit, test = samples.subset(fit_mask), samples.subset(~fit_mask)
-    y_test = test.table["label"].to_numpy()
-    rows = []
-    for r in probe_aurocs({"frozen": probes["train"], "ensemble": probes["ensemble"],
-                           "heldout": probes["heldout"]}, test.activations, y_test).itertuples():
-        rows.append({"metric": f"auroc_{r.probe}", "value": r.auroc, "n": r.n_test})
-    rows.append({"metric": "auroc_retrained", "n": len(y_test), "value": retrained_auroc(
-        fit.activations, fit.table["label"].to_numpy(), test.activations, y_test, C=cfg.probes.C,
-        seed=cfg.probes.seed)})
-    rows.append({"metric": "n_toxic_test", "value": float(y_test.sum()), "n": len(y_test)})
+    half = ctx.probe_half
+    refit_X = pooled_response_activations(
+        model.hf_model, half.prompt_ids, [list(t) for t in half.table["token_ids"]], ctx.layer,
+        pad_token_id=model.pad_token_id,
+    )
+    retrained = fit_probe_set(refit_X, half.table["label"].to_numpy(), n_probes=1, C=cfg.probes.C,
+                              seed=cfg.probes.seed)
+    sets = {"frozen": ctx.probes["train"], "ensemble": ctx.probes["ensemble"],
+            "heldout": ctx.probes["heldout"], "retrained": retrained}
+    y = samples.table["label"].to_numpy()
+    pids = samples.table["prompt_id"].to_numpy()
+    rows, score_frames = [], []
+    for kind, ps in sets.items():
+        scores = ps.decision_function(samples.activations)
+        value, low, high = auroc_with_ci(pids, scores, y, n_boot=ev.n_boot, seed=cfg.data.seed,
+                                         level=ev.ci_level)
+        rows.append({"metric": f"auroc_{kind}", "value": value, "ci_low": low, "ci_high": high, "n": len(y)})
+        score_frames.append(pd.DataFrame({"probe": kind, "prompt_id": pids, "score": scores, "label": y}))
+    rows.append({"metric": "n_toxic_test", "value": float(y.sum()), "n": len(y)})
     tox = toxicity_summary(samples.table, threshold=cfg.probes.threshold, n_boot=ev.n_boot,
                            seed=cfg.data.seed)
     rows += [{"metric": r.metric, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
               "n": r.n_continuations} for r in tox.itertuples()]
-    rows.append({"metric": "perplexity", "n": len(texts), "value": perplexity(
-        model.hf_model, model.tokenizer, texts, max_length=ev.ppl_max_length)})
-    return pd.DataFrame(rows).assign(arm=arm)
+    rows.append({"metric": "perplexity", "n": len(ctx.texts), "value": perplexity(
+        model.hf_model, model.tokenizer, ctx.texts, max_length=ev.ppl_max_length)})
+    # The per-prompt max toxicity, for paired EMT differences, as probe kind "scorer_max".
+    emt = samples.table.groupby("prompt_id", sort=False)["toxicity"].max()
+    score_frames.append(pd.DataFrame({"probe": "scorer_max", "prompt_id": emt.index, "score": emt.to_numpy(),
+                                      "label": -1}))
+    scores_frame = pd.concat(score_frames, ignore_index=True).assign(arm=arm, seed=seed)
+    scores_frame.to_parquet(out_dir / "probe_scores.parquet", index=False)
+    return pd.DataFrame(rows).assign(arm=arm, seed=seed), scores_frame
+
+
+def paired_comparisons(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> pd.DataFrame:
+    """AUROC and EMT differences between every two arms (and each arm vs base), paired by prompt, seed.
+
+    Args:
+        scores: Per-continuation probe scores: `arm`, `seed`, `probe`, `prompt_id`, `score`, `label`;
+            rows with `probe == "scorer_max"` hold each prompt's max toxicity (one row per prompt)
+            and give the `emt` difference. The base model (one evaluation) is compared with every
+            seed of an arm.
+        n_boot: Bootstrap resamples of the shared eval prompts.
+        seed: Seed of the resampling.
+        level: Coverage of the intervals.
+
+    Returns:
+        Tidy rows `arm_a`, `arm_b`, `metric` (`auroc_{probe}` or `emt`), `difference` (A - B, mean
+        over seeds),
+        `ci_low`, `ci_high`, `n_seeds`.
+    """
+    arms = [a for a in dict.fromkeys(scores["arm"]) if a != "base"]
+    seeds = sorted(set(scores.loc[scores["arm"] != "base", "seed"]))
+    base = scores[scores["arm"] == "base"]
+    if not base.empty:  # the base model has no training seed: compare it with every seed
+        base = pd.concat([base.assign(seed=s) for s in seeds], ignore_index=True)
+    pairs = [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
+    pairs += [(a, "base") for a in arms] if not base.empty else []
+    rows = []
+    for arm_a, arm_b in pairs:
+        for probe in dict.fromkeys(scores["probe"]):
+            fa = scores[(scores["arm"] == arm_a) & (scores["probe"] == probe)]
+            fb = (base if arm_b == "base" else scores[scores["arm"] == arm_b])
+            fb = fb[fb["probe"] == probe]
+            if probe == "scorer_max":
+                diff, low, high = paired_mean_difference(fa.rename(columns={"score": "value"}),
+                                                         fb.rename(columns={"score": "value"}),
+                                                         n_boot=n_boot, seed=seed, level=level)
+            else:
+                diff, low, high = paired_auroc_difference(fa, fb, n_boot=n_boot, seed=seed, level=level)
+            metric = "emt" if probe == "scorer_max" else f"auroc_{probe}"
+            rows.append({"arm_a": arm_a, "arm_b": arm_b, "metric": metric, "difference": diff,
+                         "ci_low": low, "ci_high": high, "n_seeds": len(seeds)})
+    columns = ["arm_a", "arm_b", "metric", "difference", "ci_low", "ci_high", "n_seeds"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def results_wide(results: pd.DataFrame) -> pd.DataFrame:
-    """The paper-style table: one row per arm, toxicity before/after, AUROCs, perplexity before/after."""
-    base = results[results["arm"] == "base"].set_index("metric")["value"]
+    """The paper-style table, one row per arm (means over seeds): toxicity, AUROCs, perplexity."""
+    base = results[results["arm"] == "base"].groupby("metric")["value"].mean()
     rows = []
     for arm, group in results[results["arm"] != "base"].groupby("arm", sort=False):
-        v = group.set_index("metric")
-        rows.append({
-            "arm": arm,
-            "emt_before": base.get("emt"), "emt_after": v.loc["emt", "value"],
-            "emt_after_ci": f"[{v.loc['emt', 'ci_low']:.3f}, {v.loc['emt', 'ci_high']:.3f}]",
-            "toxic_rate_before": base.get("toxic_rate"), "toxic_rate_after": v.loc["toxic_rate", "value"],
-            **{f"auroc_{p}": v.loc[f"auroc_{p}", "value"]
-               for p in ("frozen", "ensemble", "heldout", "retrained")},
-            "ppl_before": base.get("perplexity"), "ppl_after": v.loc["perplexity", "value"],
-        })
+        v = group.groupby("metric")[["value", "ci_low", "ci_high"]].mean()
+        row = {"arm": arm, "n_seeds": group["seed"].nunique(),
+               "emt_before": base.get("emt"), "emt_after": v.loc["emt", "value"],
+               "toxic_rate_before": base.get("toxic_rate"), "toxic_rate_after": v.loc["toxic_rate", "value"]}
+        if group["seed"].nunique() == 1:  # with several seeds the per-seed CIs live in results.parquet
+            row["emt_after_ci"] = f"[{v.loc['emt', 'ci_low']:.3f}, {v.loc['emt', 'ci_high']:.3f}]"
+        row.update({f"auroc_{p}": v.loc[f"auroc_{p}", "value"] for p in PROBE_KINDS})
+        row.update({"ppl_before": base.get("perplexity"), "ppl_after": v.loc["perplexity", "value"]})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -205,68 +328,85 @@ def completed_results(config: str | Path | dict | FinetuneConfig) -> pd.DataFram
     return pd.read_parquet(out / "results.parquet")
 
 
+def _trainable_source(base: Any, cfg: FinetuneConfig, out: Path) -> str | Path:
+    """What `load_trainable` reads: the model's local directory, its hub name, or a merged copy.
+
+    A PEFT adapter spec is merged by `load_model` onto its base (whose directory is `base.path`), so
+    the merged weights are written once to `base/model/` and trained from there.
+    """
+    spec = Path(cfg.model.spec).expanduser()
+    if spec.is_dir() and (spec / "adapter_config.json").exists():
+        target = out / "base" / "model"
+        base.hf_model.save_pretrained(target, safe_serialization=True)
+        base.tokenizer.save_pretrained(target)
+        return target
+    return base.path if base.path is not None else cfg.model.spec
+
+
 def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
-    """Run every configured arm and return the tidy results (also written to `output_dir`).
+    """Run every configured arm with every training seed and return the tidy results.
 
     Args:
         config: A TOML path, a dict, or a `FinetuneConfig`.
 
     Returns:
-        Tidy rows `arm` (`base` for the model before fine-tuning), `metric`, `value`, `ci_low`,
-        `ci_high`, `n`.
+        Tidy rows `arm` (`base` for the model before fine-tuning), `seed` (-1 for base), `metric`,
+        `value`, `ci_low`, `ci_high`, `n`; also written to `output_dir` with `comparisons.parquet`.
 
     Example:
         >>> results = run_finetune("configs/finetune_quick.toml")  # doctest: +SKIP
         >>> results_wide(results)  # doctest: +SKIP
     """
-    from aligned_probing.data import embedded_prompts
     from aligned_probing.models import load_model
 
-    # Offline and private: TRL's trainers ping a telemetry endpoint unless told not to.
+    # Private: TRL's trainers ping a telemetry endpoint unless told not to. The hub itself is not
+    # switched off: a hub name is read from the local cache, and offline `load_model` fails at once.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config)
+    # Resolve everything before writing anything (a bad option or path leaves output_dir untouched).
+    scorer = get_training_scorer(cfg.scorer)
+    train_prompts, eval_prompts = split_prompts(cfg)
+    m = cfg.model
+    base = load_model(m.spec, dtype=m.dtype, device=m.device, revision=m.revision)
+    layer = resolve_probe_layer(cfg, base.n_layers, base.name)
+    texts = benign_texts(cfg.evaluation.n_benign, path=cfg.evaluation.benign_path, seed=cfg.data.seed)
+
     out = Path(cfg.output_dir)
     (out / "base").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    scorer = get_training_scorer(cfg.scorer)
-    base = load_model(cfg.model.spec, dtype=cfg.model.dtype, device=cfg.model.device)
-    if base.path is None:
-        raise ValueError(f"model.spec {cfg.model.spec!r} has no local Hugging Face directory to fine-tune.")
-    if cfg.probes.layer > base.n_layers:
-        raise ValueError(
-            f"probes.layer must be in [0, {base.n_layers}] for {base.name}, got {cfg.probes.layer}."
-        )
-    d = cfg.data
-    prompts = embedded_prompts(d.prompts).sample(d.n_train + d.n_eval, stratify_by=None, seed=d.seed).df
-    rng = np.random.default_rng(d.seed)
-    is_eval = np.zeros(len(prompts), dtype=bool)
-    is_eval[rng.choice(len(prompts), size=d.n_eval, replace=False)] = True
-    train_prompts, eval_prompts = prompts[~is_eval], prompts[is_eval]
-
-    train = _sample(base, train_prompts, cfg, scorer)
+    (out / "resolved.json").write_text(json.dumps({"layer": layer, "n_layers": base.n_layers,
+                                                   "model": base.name, "revision": base.revision}, indent=2))
+    train = _sample(base, train_prompts, cfg, scorer, layer)
     save_samples(train, out / "base" / "train_samples.parquet")
-    meta = {"model": base.name, "revision": base.revision, "hook_name": base.hook_names[cfg.probes.layer],
-            "layer": cfg.probes.layer, "pooling": "mean_response", "d_model": base.d_model}
+    meta = {"model": base.name, "revision": base.revision, "hook_name": base.hook_names[layer],
+            "layer": layer, "pooling": "mean_response", "d_model": base.d_model}
     probes = fit_run_probes(train, cfg, meta)
     for name, ps in probes.items():
         ps.save(out / "base" / "probes" / name)
-    texts = benign_texts(cfg.evaluation.n_benign, seed=d.seed)
-    frames = [_evaluate(base, eval_prompts, probes, cfg, scorer, texts, "base", out / "base")]
+    ctx = _Context(cfg, layer, eval_prompts, probes, probe_halves(train, cfg)[0], scorer, texts)
+    frame, scores = _evaluate(base, ctx, "base", -1, out / "base")
+    frames, score_frames = [frame], [scores]
     frames[0].to_parquet(out / "results.parquet", index=False)  # partial results survive an interruption
-    base_dir = Path(base.path)
+    source = _trainable_source(base, cfg, out)
     del base
     for arm in cfg.training.arms:
-        arm_dir = out / arm
-        arm_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("training arm %s", arm)
-        merged_dir = _train_arm(arm, base_dir, train, probes, cfg, arm_dir)
-        tuned = load_model(merged_dir, dtype=cfg.model.dtype, device=cfg.model.device)
-        frames.append(_evaluate(tuned, eval_prompts, probes, cfg, scorer, texts, arm, arm_dir))
-        del tuned
-        results = pd.concat(frames, ignore_index=True)
-        results.to_parquet(out / "results.parquet", index=False)  # after every arm: partial results survive
-    results = pd.concat(frames, ignore_index=True)[["arm", "metric", "value", "ci_low", "ci_high", "n"]]
+        for seed in cfg.training.seeds:
+            arm_dir = out / arm
+            (arm_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+            logger.info("training arm %s, seed %d", arm, seed)
+            merged_dir = _train_arm(arm, source, train, probes, cfg, arm_dir, seed)
+            tuned = load_model(merged_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+            frame, scores = _evaluate(tuned, ctx, arm, seed, arm_dir / f"seed{seed}")
+            frames.append(frame)
+            score_frames.append(scores)
+            del tuned
+            pd.concat(frames, ignore_index=True).to_parquet(out / "results.parquet", index=False)
+    columns = ["arm", "seed", "metric", "value", "ci_low", "ci_high", "n"]
+    results = pd.concat(frames, ignore_index=True)[columns]
+    ev = cfg.evaluation
+    comparisons = paired_comparisons(pd.concat(score_frames, ignore_index=True), n_boot=ev.n_boot,
+                                     seed=cfg.data.seed, level=ev.ci_level)
+    comparisons.to_parquet(out / "comparisons.parquet", index=False)
     results.to_parquet(out / "results.parquet", index=False)
     results_wide(results).to_csv(out / "results_wide.csv", index=False)
     return results

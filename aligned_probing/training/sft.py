@@ -3,10 +3,16 @@
 The penalty is computed on the trained model's own residual activations at the probe's layer,
 pooled over the completion tokens (the positions where `labels != -100`), during the same forward
 pass that gives the LM loss, so one backward pass sends both gradients into the LoRA weights.
+
+The trainer receives token ids, not text (`sft_examples`): the prompt ids the continuation was
+generated from and exactly the generated ids. From text, TRL would re-tokenize the decoded
+continuation (which need not give the generated ids back) and append an EOS token that the probe
+never saw during fitting, so the penalty would pool different tokens than the probe was fitted on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +83,33 @@ class ProbePenaltySFTTrainer(SFTTrainer):
         )
 
 
+def sft_examples(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[dict]:
+    """Pre-tokenized SFT examples: `input_ids` = prompt + response ids, `labels` -100 on the prompt.
+
+    TRL uses an `input_ids` column as is (no EOS appended, no re-tokenization) and a `labels`
+    column as the loss mask, so LM loss and probe penalty cover exactly the response ids.
+
+    Args:
+        prompt_ids: Rendered prompt ids per sample.
+        response_ids: Generated ids per sample (non-empty).
+
+    Returns:
+        One dict per sample with `input_ids` and `labels` (lists of int).
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(
+            f"prompt_ids and response_ids must have the same length, got {len(prompt_ids)} and "
+            f"{len(response_ids)}."
+        )
+    examples = []
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        p, r = [int(t) for t in p], [int(t) for t in r]
+        if not r:
+            raise ValueError(f"response_ids[{i}] is empty; drop empty continuations first.")
+        examples.append({"input_ids": p + r, "labels": [-100] * len(p) + r})
+    return examples
+
+
 def train_probe_sft(
     model: Any,
     tokenizer: Any,
@@ -92,8 +125,8 @@ def train_probe_sft(
     Args:
         model: A plain Hugging Face causal LM (see `finetuned.load_trainable`).
         tokenizer: Its tokenizer (with a pad token).
-        texts: A DataFrame with `prompt` (rendered prompt string) and `completion` columns; the LM
-            loss and the penalty both cover the completion tokens only.
+        texts: A DataFrame with `prompt_token_ids` and `token_ids` (generated ids) per sample; the
+            LM loss and the penalty both cover exactly the generated tokens.
         args: The `ProbeSFTConfig`.
         penalty: The frozen probe penalty.
         peft_config: A `peft.LoraConfig`.
@@ -104,10 +137,10 @@ def train_probe_sft(
     """
     from datasets import Dataset
 
-    missing = sorted({"prompt", "completion"} - set(texts.columns))
+    missing = sorted({"prompt_token_ids", "token_ids"} - set(texts.columns))
     if missing:
         raise ValueError(f"texts lacks columns {missing}; it has {sorted(texts.columns)}.")
-    dataset = Dataset.from_pandas(texts[["prompt", "completion"]].reset_index(drop=True))
+    dataset = Dataset.from_list(sft_examples(list(texts["prompt_token_ids"]), list(texts["token_ids"])))
     trainer = ProbePenaltySFTTrainer(
         model=model,
         args=args,

@@ -83,8 +83,9 @@ def checkpoint_aurocs(
         batch_size: Sequences per forward pass.
 
     Returns:
-        Tidy rows: `arm` (`base` for step 0), `checkpoint`, `step`, `probe`, `auroc`, `n_test`,
-        `n_toxic`. The base rows are repeated for every arm so each arm's curve starts at step 0.
+        Tidy rows: `arm` (`base` for step 0), `seed` (-1 outside seed dirs), `checkpoint`, `step`,
+        `probe`, `auroc`, `n_test`, `n_toxic`. The base rows are repeated for every arm so each
+        arm's curve starts at step 0.
     """
     missing = sorted(set(SAMPLE_COLUMNS) - set(samples.columns))
     if missing:
@@ -111,19 +112,24 @@ def checkpoint_aurocs(
     base = score(None)
     frames = []
     for arm_dir in map(Path, arm_dirs):
-        frames.append(base.assign(arm=arm_dir.name, checkpoint="base", step=0))
+        # `run_finetune` writes {arm}/seed{s}/; the arm is then the parent directory's name.
+        is_seed_dir = arm_dir.name.startswith("seed") and arm_dir.name[4:].lstrip("-").isdigit()
+        label = arm_dir.parent.name if is_seed_dir else arm_dir.name
+        seed = int(arm_dir.name[4:]) if is_seed_dir else -1
+        frames.append(base.assign(arm=label, seed=seed, checkpoint="base", step=0))
         for name, step, directory in list_checkpoints(arm_dir):
-            frames.append(score(directory).assign(arm=arm_dir.name, checkpoint=name, step=step))
+            frames.append(score(directory).assign(arm=label, seed=seed, checkpoint=name, step=step))
     if not frames:
-        frames.append(base.assign(arm="base", checkpoint="base", step=0))
+        frames.append(base.assign(arm="base", seed=-1, checkpoint="base", step=0))
     table = pd.concat(frames, ignore_index=True)
     table["auroc"] = table["auroc"].astype(float)
-    return table[["arm", "checkpoint", "step", "probe", "auroc", "n_test", "n_toxic"]]
+    return table[["arm", "seed", "checkpoint", "step", "probe", "auroc", "n_test", "n_toxic"]]
 
 
 def auroc_change(table: pd.DataFrame) -> pd.DataFrame:
     """Per (arm, probe): AUROC at step 0 and at the last checkpoint, and the change (NaN-safe)."""
-    ends = table.sort_values("step").groupby(["arm", "probe"], sort=False)["auroc"]
+    keys = ["arm", "seed", "probe"] if "seed" in table.columns else ["arm", "probe"]
+    ends = table.sort_values("step").groupby(keys, sort=False)["auroc"]
     out = pd.DataFrame({"auroc_start": ends.first(), "auroc_end": ends.last()}).reset_index()
     out["change"] = out["auroc_end"] - out["auroc_start"]
     out.loc[~np.isfinite(out["change"]), "change"] = np.nan
