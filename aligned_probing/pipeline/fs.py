@@ -291,3 +291,10 @@ def zarr_store(location: Location, storage_options: StorageOptions = None, *, re
     return zarr.storage.FsspecStore.from_url(
         os.fspath(location).rstrip("/"), storage_options=dict(storage_options or {}), read_only=read_only
     )
+
+
+def rm(location: Location, storage_options: StorageOptions = None) -> None:
+    """Delete one file (local or on object storage); a missing file is not an error."""
+    fs, path = filesystem(location, storage_options)
+    if fs.exists(path):
+        fs.rm_file(path)
