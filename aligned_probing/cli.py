@@ -274,6 +274,9 @@ def report(
     _setup_logging()
     try:
         path = build_report(run_dir, out_path=out)
+    except (FileNotFoundError, ValueError) as err:  # not a run directory: a usage error
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(int(ExitCode.CONFIG)) from None
     except Exception as err:  # one line and its exit code (see ExitCode)
         raise _fail(err) from None
     typer.echo(f"report: {path.resolve()}")

@@ -28,7 +28,10 @@ COMMANDS = [
 @pytest.fixture
 def config(tmp_path) -> Path:
     path = tmp_path / "c.toml"
-    path.write_text(f'name = "t"\n[[models]]\nspec = "m"\n[output]\nrun_dir = "{tmp_path / "run"}"\n')
+    path.write_text(
+        f'name = "t"\n[[models]]\nspec = "smollm2-135m-instruct"\nname = "m"\n'
+        f'[output]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
     return path
 
 
@@ -82,15 +85,17 @@ def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
 def test_run_dispatches_to_the_pipeline(config, monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_run(cfg, *, stages, dry_run, progress, config_text):
+    def fake_run(cfg, *, stages, dry_run, progress, config_text, overrides):
         from aligned_probing.pipeline import RunResult
 
-        seen.update(k=cfg.generation.k, stages=stages, progress=progress, text=config_text)
+        seen.update(k=cfg.generation.k, stages=stages, progress=progress, text=config_text, sets=overrides)
         return RunResult(tmp_path, [], tmp_path / "report.html")
 
     monkeypatch.setattr("aligned_probing.pipeline.run", fake_run)
     assert main(["probe", str(config), "--set", "generation.k=3", "--no-progress"]) == 0
-    assert seen == {"k": 3, "stages": ["probe"], "progress": False, "text": config.read_text()}
+    assert seen == {
+        "k": 3, "stages": ["probe"], "progress": False, "text": config.read_text(), "sets": ["generation.k=3"]
+    }
     assert f"report: {tmp_path / 'report.html'}" in capsys.readouterr().out
 
 
