@@ -268,3 +268,59 @@ def test_nan_weights_stop_generation_with_the_model_name(tiny_llama_dir):
     prompts = PromptSet.from_texts(["hello there", "a second prompt"], source="t")
     with pytest.raises(NonFiniteLogitsError, match=rf"model {model.name!r}, generation batch"):
         generate_continuations(model, prompts, k=1, seed=0, max_new_tokens=3)
+
+
+# ---------------------------------------------------------------------- a real SIGKILL during generation
+_RUNNER = """
+import sys
+from aligned_probing import pipeline
+from aligned_probing.pipeline.config import RunConfig
+cfg = RunConfig.from_toml(sys.argv[1])
+pipeline.run(cfg, stages=["score"], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_sigkilled_during_generation_resumes_to_identical_tables(tmp_path):
+    from tests._tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "tiny", seed=0)
+
+    def config(run: str) -> Path:
+        path = tmp_path / f"{run}.toml"
+        path.write_text(
+            '[[models]]\nspec = "./tiny"\n[data]\nn_prompts = 24\n'
+            "[generation]\nk = 2\nmax_new_tokens = 24\nbatch_size = 1\n"
+            f'[probing]\nn_folds = 2\n[causal]\nenabled = false\n[output]\nrun_dir = "{tmp_path / run}"\n'
+            "[runtime]\nthreads = 1\n"
+        )
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", _RUNNER, str(config("killed"))], env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and child.poll() is None:
+            parts = list((tmp_path / "killed" / "stages").glob("generate--*/continuations/part-*.parquet"))
+            if parts:
+                break
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    gen_dir = next((tmp_path / "killed" / "stages").glob("generate--*"))
+    assert not (gen_dir / "stage.json").exists(), "the run finished before it was killed"
+    resumed = pipeline.run(RunConfig.from_toml(config("killed")), stages=["score"], progress=False)
+    assert [r.status for r in resumed.records] == ["cached", "ran", "ran"]  # the lock did not block it
+    reference = pipeline.run(RunConfig.from_toml(config("reference")), stages=["score"], progress=False)
+    gen = {r.name: r.dir for r in resumed.records}, {r.name: r.dir for r in reference.records}
+    pd.testing.assert_frame_equal(
+        _stages.read_continuations(gen[0]["generate"]), _stages.read_continuations(gen[1]["generate"]),
+        check_exact=True,
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(gen[0]["score"] / "scores.parquet"), pd.read_parquet(gen[1]["score"] / "scores.parquet"),
+        check_exact=True,
+    )
