@@ -399,17 +399,21 @@ def doctor(
     ]
     if load_models:
         results += [_check(f"model {name}", _model_check(name)) for name in registry_names()]
+    self_check_ok = True
     if load_models:
         from aligned_probing.models import DEFAULT_MODEL
 
-        results.append(_check(f"generation self-check ({DEFAULT_MODEL})", _generation_check(DEFAULT_MODEL)))
+        self_check_ok = _check(f"generation self-check ({DEFAULT_MODEL})", _generation_check(DEFAULT_MODEL))
+        results.append(self_check_ok)
     results.append(_check("embedded scorer reproduces its Keras fixture", _scorer_check(1e-5)))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     typer.echo(f"[info] chromium (report rendering test): {chromium or 'not found'}")
     failed = results.count(False)
     typer.echo(f"{len(results) - failed} of {len(results)} checks passed")
+    if not self_check_ok:  # the install produces meaningless text: its own exit code
+        raise typer.Exit(int(ExitCode.SELF_CHECK))
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(int(ExitCode.INTERNAL))
 
 
 @app.command()

@@ -128,6 +128,21 @@ def test_doctor_reports_every_check(monkeypatch, capsys):
     assert f"{len(cli.EMBEDDED_PACKAGES) + 4} of {len(cli.EMBEDDED_PACKAGES) + 4} checks passed" in out
 
 
+def test_doctor_exits_with_the_self_check_code_when_generation_fails(monkeypatch, capsys):
+    from aligned_probing.generation_checks import GenerationCheckError
+
+    class Fake:
+        n_layers, d_model = 3, 32
+
+    def salad():
+        raise GenerationCheckError("cached and uncached log-probabilities differ by 7.1 nats")
+
+    monkeypatch.setattr("aligned_probing.models.load_model", lambda name: Fake())
+    monkeypatch.setattr("aligned_probing.cli._generation_check", lambda name: salad)
+    assert main(["doctor"]) == cli.ExitCode.SELF_CHECK
+    assert "[FAIL] generation self-check (smollm2-135m-instruct): GenerationCheckError" in capsys.readouterr().out
+
+
 def test_doctor_fails_with_the_reason(monkeypatch, capsys):
     monkeypatch.setitem(cli.EMBEDDED_PACKAGES, "not_a_real_module_xyz", "xyz==1")
     monkeypatch.setattr("aligned_probing.scoring.verify_embedded_scorer", lambda: 0.5)
