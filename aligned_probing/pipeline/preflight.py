@@ -31,8 +31,10 @@ def _device_problem(v: ModelVariant) -> str | None:
             '(torch.cuda.is_available() is False); set device = "cpu" or run where a GPU is visible.'
         )
     if device.startswith("cuda") and ":" in device:
-        index = int(device.split(":", 1)[1] or 0)
-        if index >= torch.cuda.device_count():
+        suffix = device.split(":", 1)[1]
+        if not suffix.isdigit():
+            return f'model {v.name!r}: device = {v.device!r} is not a torch device; use "cuda" or "cuda:0".'
+        if int(suffix) >= torch.cuda.device_count():
             return f"model {v.name!r}: device = {v.device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist."
     if device == "mps" and not torch.backends.mps.is_available():
         return f'model {v.name!r}: device = "mps", but MPS is not available here; set device = "cpu".'
