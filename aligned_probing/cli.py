@@ -146,6 +146,8 @@ def classify(err: BaseException) -> tuple[ExitCode, str]:
         return ExitCode.CONFIG, text
     if isinstance(err, ConnectionError):
         return ExitCode.DATA, text
+    if isinstance(err, OSError):  # e.g. disk full while writing the run directory's files
+        return ExitCode.STAGE, f"the run failed: {type(err).__name__}: {err} (check free disk space and permissions)"
     return ExitCode.INTERNAL, (
         f"internal error: {type(err).__name__}: {err} (please report it; --verbose prints the traceback)"
     )
@@ -461,8 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except typer.Exit as exc:
         return int(exc.exit_code)
-    except typer.Abort:
-        return 1
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        return 130
     except typer.TyperException as exc:
         exc.show()
         return int(getattr(exc, "exit_code", ExitCode.CONFIG))

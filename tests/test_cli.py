@@ -250,6 +250,7 @@ def test_every_error_kind_has_its_exit_code():
         (in_stage(GenerationCheckError("token salad")), cli.ExitCode.SELF_CHECK),
         (RunLockedError("in use by pid 1"), cli.ExitCode.LOCKED),
         (IndexError("list index out of range"), cli.ExitCode.INTERNAL),
+        (OSError(28, "No space left on device"), cli.ExitCode.STAGE),
     ]
     for err, expected in cases:
         code, message = cli.classify(err)
@@ -297,3 +298,12 @@ def test_models_verify_rehashes_the_cache(capsys, monkeypatch, tmp_path):
     assert main(["models", "--verify"]) == cli.ExitCode.DATA
     captured = capsys.readouterr()
     assert "INVALID" in captured.out and "corrupt" in captured.err
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(config, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("aligned_probing.pipeline.run", interrupted)
+    assert main(["run", str(config)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
