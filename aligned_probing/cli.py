@@ -95,6 +95,7 @@ class ExitCode(enum.IntEnum):
     LOCKED = 6  #: another run holds the run directory
 
 
+INTERRUPTED = 130  # Ctrl-C, the shell's convention (typer's too)
 _VERBOSE = {"on": False}
 
 
@@ -463,13 +464,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except typer.Exit as exc:
         return int(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted: run the same command again to resume", err=True)
-        return 130
+    except typer.Abort:
+        return 1
     except typer.TyperException as exc:
         exc.show()
         return int(getattr(exc, "exit_code", ExitCode.CONFIG))
-    return code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
+    code = code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
+    if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130); no command of ours uses that code
+        typer.echo("interrupted: run the same command again to resume", err=True)
+    return code
 
 
 if __name__ == "__main__":
