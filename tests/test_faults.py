@@ -324,3 +324,18 @@ def test_a_run_sigkilled_during_generation_resumes_to_identical_tables(tmp_path)
         pd.read_parquet(gen[0]["score"] / "scores.parquet"), pd.read_parquet(gen[1]["score"] / "scores.parquet"),
         check_exact=True,
     )
+
+
+# ---------------------------------------------------------------------- a damaged stage table (item 4)
+def test_a_truncated_stage_table_is_a_data_error_naming_the_file(tmp_path):
+    from aligned_probing.cli import ExitCode, classify
+    from aligned_probing.data import DataError
+
+    calls: list[str] = []
+    records = execute(_chain(calls), tmp_path, load_model=_load, progress=False)
+    table = records[0].dir / "table.parquet"
+    _stages.write_table(pd.DataFrame({"x": np.arange(100.0)}), records[0].dir, "table.parquet")
+    table.write_bytes(table.read_bytes()[:-40])
+    with pytest.raises(DataError, match=rf"{table} is unreadable .* delete that directory") as info:
+        _stages.read_table(records[0].dir, "table.parquet")
+    assert classify(info.value)[0] == ExitCode.DATA
