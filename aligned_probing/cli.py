@@ -10,11 +10,13 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import json
 import logging
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
@@ -54,6 +56,17 @@ ExecutorOpt = Annotated[
         "overrides runtime.executor.",
     ),
 ]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print tracebacks and INFO logs on the console too.")
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Re-hash every local model and prompt file instead of trusting hashes remembered by "
+        "(path, size, mtime).",
+    ),
+]
 RayAddressOpt = Annotated[
     str | None,
     typer.Option("--ray-address", help="Ray cluster address (auto, ray://head:10001); with --executor ray."),
@@ -70,12 +83,84 @@ EMBEDDED_PACKAGES: dict[str, str] = {
 }
 
 
-def _setup_logging() -> None:
+class ExitCode(enum.IntEnum):
+    """Exit codes of every command (documented in docs/cli.md)."""
+
+    OK = 0
+    INTERNAL = 1  #: an unexpected error (a bug): the traceback is in the run log, or use --verbose
+    CONFIG = 2  #: invalid config or command line
+    DATA = 3  #: input data cannot be used (prompt file, hub unreachable, corrupt stored artifact)
+    STAGE = 4  #: a stage failed (scorer outage, out of memory, disk full, ...)
+    SELF_CHECK = 5  #: the generation self-check failed: the install produces meaningless text
+    LOCKED = 6  #: another run holds the run directory
+
+
+INTERRUPTED = 130  # Ctrl-C, the shell's convention (typer's too)
+_VERBOSE = {"on": False}
+
+
+def _setup_logging(verbose: bool = False) -> None:
     """Warnings and errors on the console; the pipeline logs INFO to RUN_DIR/logs/run.log."""
+    _VERBOSE["on"] = verbose
     handler = logging.StreamHandler()
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+
+
+def classify(err: BaseException) -> tuple[ExitCode, str]:
+    """The exit code of an error and the one line the user sees (what failed and how to fix it).
+
+    Args:
+        err: An exception that escaped a command.
+
+    Returns:
+        (exit code, message).
+    """
+    from aligned_probing.data.schema import DataError
+    from aligned_probing.encoding.store import StoreCorruptError
+    from aligned_probing.generation_checks import GenerationCheckError
+    from aligned_probing.models.hub import HubUnavailableError
+    from aligned_probing.pipeline.config import ConfigError
+    from aligned_probing.pipeline.lock import RunLockedError
+    from aligned_probing.pipeline.runner import failed_stage
+
+    stage = failed_stage(err)
+    where = f"stage {stage} failed: " if stage else ""
+    text = f"{where}{type(err).__name__}: {err}" if stage else str(err)
+    if isinstance(err, GenerationCheckError):
+        return ExitCode.SELF_CHECK, f"{text} (run `aligned-probing doctor` to check the install)"
+    if isinstance(err, RunLockedError):
+        return ExitCode.LOCKED, text
+    if isinstance(err, ConfigError):
+        return ExitCode.CONFIG, text
+    if isinstance(err, DataError | StoreCorruptError | HubUnavailableError | FileNotFoundError | UnicodeError):
+        return ExitCode.DATA, text
+    if stage:
+        hint = " (the traceback is in RUN_DIR/logs/run.log; --verbose prints it)"
+        if isinstance(err, MemoryError):
+            hint = " (out of memory: lower the batch sizes)" + hint
+        elif isinstance(err, OSError):
+            hint = " (an I/O error: check free disk space and permissions)" + hint
+        return ExitCode.STAGE, text + hint
+    if isinstance(err, ValueError | ImportError | TypeError):
+        return ExitCode.CONFIG, text
+    if isinstance(err, ConnectionError):
+        return ExitCode.DATA, text
+    if isinstance(err, OSError):  # e.g. disk full while writing the run directory's files
+        return ExitCode.STAGE, f"the run failed: {type(err).__name__}: {err} (check free disk space and permissions)"
+    return ExitCode.INTERNAL, (
+        f"internal error: {type(err).__name__}: {err} (please report it; --verbose prints the traceback)"
+    )
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    """Print the one-line error (and with --verbose the traceback); return the Exit to raise."""
+    code, message = classify(err)
+    if _VERBOSE["on"]:
+        traceback.print_exception(err, file=sys.stderr)
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(int(code))
 
 
 def _executor_overrides(executor: str | None, ray_address: str | None) -> list[str]:
@@ -92,20 +177,27 @@ def _run_stages(
     progress: bool,
     executor: str | None = None,
     ray_address: str | None = None,
+    verbose: bool = False,
+    verify: bool = False,
 ) -> None:
     from aligned_probing import pipeline
-    from aligned_probing.pipeline.config import ConfigError, RunConfig
+    from aligned_probing.pipeline.config import RunConfig
 
-    _setup_logging()
+    _setup_logging(verbose)
     try:
         sets = [*(overrides or []), *_executor_overrides(executor, ray_address)]
+        sets += ["runtime.verify_inputs=true"] if verify else []
         cfg = RunConfig.from_toml(config, overrides=sets)
         result = pipeline.run(
-            cfg, stages=stages, dry_run=dry_run, progress=progress, config_text=config.read_text()
+            cfg,
+            stages=stages,
+            dry_run=dry_run,
+            progress=progress,
+            config_text=config.read_text(),
+            overrides=sets,
         )
-    except (ConfigError, ValueError, ImportError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except Exception as err:  # every error becomes one line and its exit code (see ExitCode)
+        raise _fail(err) from None
     width = max((len(r.key) for r in result.records), default=10)
     for rec in result.records:
         seconds = "" if rec.seconds is None else f"{rec.seconds:8.1f} s"
@@ -132,9 +224,11 @@ def run(
     progress: ProgressOpt = True,
     executor: ExecutorOpt = None,
     ray_address: RayAddressOpt = None,
+    verbose: VerboseOpt = False,
+    verify: VerifyOpt = False,
 ) -> None:
     """Run every stage of CONFIG that is not cached yet, then write the HTML report."""
-    _run_stages(config, set_, None, dry_run, progress, executor, ray_address)
+    _run_stages(config, set_, None, dry_run, progress, executor, ray_address, verbose, verify)
 
 
 def _stage_command(name: str, doc: str) -> Callable[..., None]:
@@ -145,8 +239,10 @@ def _stage_command(name: str, doc: str) -> Callable[..., None]:
         progress: ProgressOpt = True,
         executor: ExecutorOpt = None,
         ray_address: RayAddressOpt = None,
+        verbose: VerboseOpt = False,
+        verify: VerifyOpt = False,
     ) -> None:
-        _run_stages(config, set_, [name], dry_run, progress, executor, ray_address)
+        _run_stages(config, set_, [name], dry_run, progress, executor, ray_address, verbose, verify)
 
     command.__doc__ = f"{doc} (and any stage it needs that is not cached yet)."
     command.__name__ = name
@@ -181,14 +277,25 @@ def report(
     _setup_logging()
     try:
         path = build_report(run_dir, out_path=out)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # not a run directory: a usage error
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(int(ExitCode.CONFIG)) from None
+    except Exception as err:  # one line and its exit code (see ExitCode)
+        raise _fail(err) from None
     typer.echo(f"report: {path.resolve()}")
 
 
 @app.command()
-def models() -> None:
+def models(
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Re-hash every file of every converted-model cache entry (catches a rewrite that kept its "
+            "size and mtime); exit code 3 when an entry is corrupt.",
+        ),
+    ] = False,
+) -> None:
     """List the embedded model registry and the converted-model cache."""
     from aligned_probing.models import list_cache, list_registry
 
@@ -201,10 +308,18 @@ def models() -> None:
             f"  {row['name']:<24} {row['display_name']:<24} {row['n_layers']:>3} layers  "
             f"d_model {row['d_model']:<5} {state}"
         )
-    entries = list_cache()
+    entries = list_cache(verify=verify)
     typer.echo(f"cache: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         typer.echo(f"  {e.key:<40} {e.size_bytes / 1e6:8.1f} MB  {'ok' if e.valid else 'INVALID'}  {e.path}")
+    bad = [e for e in entries if not e.valid]
+    if bad:
+        typer.echo(
+            f"error: {len(bad)} cache entr{'y is' if len(bad) == 1 else 'ies are'} corrupt; they are rebuilt on "
+            "next load, or delete them now: " + ", ".join(str(e.path) for e in bad),
+            err=True,
+        )
+        raise typer.Exit(int(ExitCode.DATA))
 
 
 def _check(label: str, func: Callable[[], str]) -> bool:
@@ -287,17 +402,21 @@ def doctor(
     ]
     if load_models:
         results += [_check(f"model {name}", _model_check(name)) for name in registry_names()]
+    self_check_ok = True
     if load_models:
         from aligned_probing.models import DEFAULT_MODEL
 
-        results.append(_check(f"generation self-check ({DEFAULT_MODEL})", _generation_check(DEFAULT_MODEL)))
+        self_check_ok = _check(f"generation self-check ({DEFAULT_MODEL})", _generation_check(DEFAULT_MODEL))
+        results.append(self_check_ok)
     results.append(_check("embedded scorer reproduces its Keras fixture", _scorer_check(1e-5)))
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     typer.echo(f"[info] chromium (report rendering test): {chromium or 'not found'}")
     failed = results.count(False)
     typer.echo(f"{len(results) - failed} of {len(results)} checks passed")
+    if not self_check_ok:  # the install produces meaningless text: its own exit code
+        raise typer.Exit(int(ExitCode.SELF_CHECK))
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(int(ExitCode.INTERNAL))
 
 
 @app.command()
@@ -306,7 +425,10 @@ def finetune(config: ConfigArg) -> None:
     from aligned_probing.training import run_finetune
 
     _setup_logging()
-    results = run_finetune(config)
+    try:
+        results = run_finetune(config)
+    except Exception as err:  # one line and its exit code (see ExitCode)
+        raise _fail(err) from None
     typer.echo(results.to_string(index=False))
 
 
@@ -346,8 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except typer.TyperException as exc:
         exc.show()
-        return int(getattr(exc, "exit_code", 1))
-    return code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
+        return int(getattr(exc, "exit_code", ExitCode.CONFIG))
+    code = code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
+    if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130); no command of ours uses that code
+        typer.echo("interrupted: run the same command again to resume", err=True)
+    return code
 
 
 if __name__ == "__main__":

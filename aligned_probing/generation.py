@@ -100,6 +100,10 @@ def nucleus(logits: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[
     return ids, top * keep
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """A model produced NaN (or +inf, or all -inf) logits while sampling; the message names model and batch."""
+
+
 class _PerRowSampler(LogitsProcessor):
     """Samples each row with its own generator and returns scores that force that draw.
 
@@ -110,14 +114,18 @@ class _PerRowSampler(LogitsProcessor):
     teacher-forced forward (`aligned_probing.generation_checks`).
     """
 
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float) -> None:
+    def __init__(
+        self, generators: list[torch.Generator], temperature: float, top_p: float, where: str = "a batch"
+    ) -> None:
         self.generators = generators
         self.temperature = temperature
         self.top_p = top_p
+        self.where = where  # named in the error for non-finite logits: model and batch
         self.logprobs: list[torch.Tensor] = []  # one (batch,) float32 tensor per decoding step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # scores: (batch, vocab), float32
+        self._check_finite(scores)
         if self.temperature == 0:
             choice = scores.argmax(dim=-1)
         else:
@@ -128,6 +136,17 @@ class _PerRowSampler(LogitsProcessor):
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, choice.view(-1, 1), 0.0)
         return forced
+
+    def _check_finite(self, scores: torch.Tensor) -> None:
+        """Raise `NonFiniteLogitsError` for rows with NaN, +inf or only -inf (-inf alone is a masked token)."""
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        if bool(bad.any()):
+            rows = torch.nonzero(bad).flatten().tolist()
+            raise NonFiniteLogitsError(
+                f"{self.where}: the model produced non-finite logits at decoding step {len(self.logprobs)} for "
+                f"batch row(s) {rows[:8]}. Its weights are damaged or overflow in this dtype: try dtype = "
+                '"float32", and check the converted-model cache with `aligned-probing models --verify`.'
+            )
 
     def _draw(self, ids: torch.Tensor, probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One inverse-CDF draw from a row's nucleus with one uniform from its own generator.
@@ -320,7 +339,12 @@ def _generate_batch(
         use_cache=True,
         repetition_penalty=1.0,
     )
-    sampler = _PerRowSampler(generators, temperature, top_p)
+    first = items[0] if items else (0, 0)
+    where = (
+        f"model {model.name!r}, generation batch of {len(items)} starting at prompt {prompt_ids[first[0]]!r} "
+        f"continuation {first[1]}"
+    )
+    sampler = _PerRowSampler(generators, temperature, top_p, where)
     with torch.inference_mode(), warnings.catch_warnings():
         # The model's own sampling keys (temperature, top_p) are unused in greedy mode: not news.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers\.generation")

@@ -28,7 +28,10 @@ COMMANDS = [
 @pytest.fixture
 def config(tmp_path) -> Path:
     path = tmp_path / "c.toml"
-    path.write_text(f'name = "t"\n[[models]]\nspec = "m"\n[output]\nrun_dir = "{tmp_path / "run"}"\n')
+    path.write_text(
+        f'name = "t"\n[[models]]\nspec = "smollm2-135m-instruct"\nname = "m"\n'
+        f'[output]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
     return path
 
 
@@ -82,15 +85,17 @@ def test_missing_config_file_is_a_usage_error(tmp_path, capsys):
 def test_run_dispatches_to_the_pipeline(config, monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_run(cfg, *, stages, dry_run, progress, config_text):
+    def fake_run(cfg, *, stages, dry_run, progress, config_text, overrides):
         from aligned_probing.pipeline import RunResult
 
-        seen.update(k=cfg.generation.k, stages=stages, progress=progress, text=config_text)
+        seen.update(k=cfg.generation.k, stages=stages, progress=progress, text=config_text, sets=overrides)
         return RunResult(tmp_path, [], tmp_path / "report.html")
 
     monkeypatch.setattr("aligned_probing.pipeline.run", fake_run)
     assert main(["probe", str(config), "--set", "generation.k=3", "--no-progress"]) == 0
-    assert seen == {"k": 3, "stages": ["probe"], "progress": False, "text": config.read_text()}
+    assert seen == {
+        "k": 3, "stages": ["probe"], "progress": False, "text": config.read_text(), "sets": ["generation.k=3"]
+    }
     assert f"report: {tmp_path / 'report.html'}" in capsys.readouterr().out
 
 
@@ -121,6 +126,21 @@ def test_doctor_reports_every_check(monkeypatch, capsys):
     assert "[ ok ] embedded scorer reproduces its Keras fixture" in out
     assert "[ ok ] generation self-check (smollm2-135m-instruct)" in out
     assert f"{len(cli.EMBEDDED_PACKAGES) + 4} of {len(cli.EMBEDDED_PACKAGES) + 4} checks passed" in out
+
+
+def test_doctor_exits_with_the_self_check_code_when_generation_fails(monkeypatch, capsys):
+    from aligned_probing.generation_checks import GenerationCheckError
+
+    class Fake:
+        n_layers, d_model = 3, 32
+
+    def salad():
+        raise GenerationCheckError("cached and uncached log-probabilities differ by 7.1 nats")
+
+    monkeypatch.setattr("aligned_probing.models.load_model", lambda name: Fake())
+    monkeypatch.setattr("aligned_probing.cli._generation_check", lambda name: salad)
+    assert main(["doctor"]) == cli.ExitCode.SELF_CHECK
+    assert "[FAIL] generation self-check (smollm2-135m-instruct): GenerationCheckError" in capsys.readouterr().out
 
 
 def test_doctor_fails_with_the_reason(monkeypatch, capsys):
@@ -163,3 +183,127 @@ def test_console_script_is_declared():
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"aligned-probing": "aligned_probing.cli:app"}
+
+
+# ---------------------------------------------------------------------- issue 17: validation, exit codes, messages
+def test_a_rejected_secret_is_never_written(config, tmp_path, capsys):
+    code = main(["run", str(config), "--set", 'scoring.options={api_key="s3cr3t-key"}'])
+    captured = capsys.readouterr()
+    assert code == 2 and "scoring.options must not hold credentials" in captured.err
+    assert not (tmp_path / "run").exists()
+    assert "s3cr3t-key" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize(
+    ("sets", "code", "match"),
+    [
+        (['probing.attributes=["toxicityy"]'], 2, "probing.attributes must name attributes of scorer 'embedded'"),
+        (['behaviour.attributes=["threat", "obscene"]'], 2, "got unknown ['obscene']"),
+        (['models=[{spec = "smollm2-135m-instruct", name = "m", device = "cuda:97"}]'], 2, "device = 'cuda:97'"),
+        (['data.prompt_set="./nope.jsonl"'], 3, "no such prompt file"),
+        (['data.stratify_by="prompt_nonsense"'], 2, "data.stratify_by must be a prompt-score column"),
+        (['scoring.options={batch_sise=3}'], 2, "got unknown ['batch_sise']"),
+    ],
+)
+def test_dry_run_validates_before_the_first_stage(config, tmp_path, capsys, sets, code, match):
+    args = ["run", str(config), "--dry-run"] + [x for s in sets for x in ("--set", s)]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_with_a_hub_model_offline_is_a_data_error(config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    assert main(["run", str(config), "--dry-run", "--set", 'models=[{spec = "some-org/some-model"}]']) == 3
+    err = capsys.readouterr().err
+    assert "Cannot load model spec 'some-org/some-model'" in err and "HF_HUB_OFFLINE is set" in err
+
+
+def test_max_new_tokens_beyond_the_context_is_caught_before_any_stage(tiny_llama_dir, tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[[models]]\nspec = "{tiny_llama_dir}"\nname = "tiny"\n[generation]\nmax_new_tokens = 256\n'
+        f'[causal]\nenabled = false\n[output]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "generation.max_new_tokens (256) must be smaller than the context of model 'tiny' (256 tokens" in err
+
+
+def test_every_error_kind_has_its_exit_code():
+    from aligned_probing.generation_checks import GenerationCheckError
+    from aligned_probing.models.hub import HubUnavailableError
+    from aligned_probing.pipeline.lock import RunLockedError
+    from aligned_probing.scoring.cache import ScoringFailedError
+
+    def in_stage(err):
+        err.stage_key = "score/m/t0"
+        return err
+
+    cases = [
+        (FileNotFoundError("No such prompt file: x.jsonl"), cli.ExitCode.DATA),
+        (HubUnavailableError("hub down"), cli.ExitCode.DATA),
+        (in_stage(OSError(28, "No space left on device")), cli.ExitCode.STAGE),
+        (in_stage(ScoringFailedError("scorer down")), cli.ExitCode.STAGE),
+        (in_stage(GenerationCheckError("token salad")), cli.ExitCode.SELF_CHECK),
+        (RunLockedError("in use by pid 1"), cli.ExitCode.LOCKED),
+        (IndexError("list index out of range"), cli.ExitCode.INTERNAL),
+        (OSError(28, "No space left on device"), cli.ExitCode.STAGE),
+    ]
+    for err, expected in cases:
+        code, message = cli.classify(err)
+        assert code == expected, (err, code)
+        assert "\n" not in message
+    assert len({int(c) for c in cli.ExitCode}) == len(cli.ExitCode) == 7
+    assert "free disk space" in cli.classify(cases[2][0])[1] and "stage score/m/t0 failed" in cli.classify(cases[2][0])[1]
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    for c in cli.ExitCode:
+        assert f"| {int(c)} |" in docs
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_stage_prints_one_line_and_the_traceback_only_when_verbose(config, capsys, monkeypatch, verbose):
+    from aligned_probing.pipeline import stages
+
+    def broken(settings):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(stages, "build_scorer", broken)
+    args = ["generate", str(config), "--no-progress"] + (["--verbose"] if verbose else [])
+    assert main(args) == cli.ExitCode.STAGE
+    err = capsys.readouterr().err
+    assert "error: stage prompts failed: IndexError: list index out of range" in err
+    assert ("Traceback" in err) == verbose
+    log = (Path(str(config).replace("c.toml", "run")) / "logs" / "run.log").read_text()
+    assert "Traceback" in log  # the run log always has it
+
+
+def test_models_verify_rehashes_the_cache(capsys, monkeypatch, tmp_path):
+    import os
+
+    from aligned_probing.models import cache as _model_cache
+
+    monkeypatch.setenv("ALIGNED_PROBING_CACHE", str(tmp_path))
+    path = _model_cache.get_or_build("entry", lambda out: (out / "w.safetensors").write_bytes(bytes(2 << 20)))
+    weights = path / "w.safetensors"
+    stat = weights.stat()
+    with weights.open("r+b") as fh:
+        fh.write(os.urandom(1 << 20))  # 1 MiB overwritten in place
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the mtime kept
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if str(path) in x)
+    assert " ok " in line  # size and mtime unchanged: the quick check cannot see it
+    assert main(["models", "--verify"]) == cli.ExitCode.DATA
+    captured = capsys.readouterr()
+    assert "INVALID" in captured.out and "corrupt" in captured.err
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(config, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("aligned_probing.pipeline.run", interrupted)
+    assert main(["run", str(config)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

@@ -184,3 +184,51 @@ def test_causal_layer_block_is_a_positive_int_or_none():
     assert RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 2}}).runtime.causal_layer_block == 2
     with pytest.raises(ConfigError, match=r"runtime.causal_layer_block: Input should be greater than 0"):
         RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 0}})
+
+
+# ---------------------------------------------------------------------- issue 17
+@pytest.mark.parametrize("off", ["false", '"none"', '"None"'])
+def test_stratification_can_be_turned_off_from_toml(tmp_path, off):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[[models]]\nspec = "m"\n[data]\nstratify_by = {off}\n')
+    assert RunConfig.from_toml(path).data.stratify_by is None
+    assert RunConfig.from_toml(path, overrides=['data.stratify_by="prompt_insult"']).data.stratify_by == (
+        "prompt_insult"
+    )
+
+
+def test_relative_prompt_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "p.txt").write_text("a\nb\n")
+    path = tmp_path / "cfg" / "c.toml"
+    path.write_text('[[models]]\nspec = "m"\n[data]\nprompt_set = "p.txt"\n')
+    monkeypatch.chdir(tmp_path)
+    assert RunConfig.from_toml(path).data.prompt_set == str(tmp_path / "cfg" / "p.txt")
+    path.write_text('[[models]]\nspec = "m"\n[data]\nprompt_set = "./missing.jsonl"\n')
+    assert RunConfig.from_toml(path).data.prompt_set == str(tmp_path / "cfg" / "missing.jsonl")
+    for kept in ("rtp-challenging", "allenai/real-toxicity-prompts"):  # names, not paths
+        path.write_text(f'[[models]]\nspec = "m"\n[data]\nprompt_set = "{kept}"\n')
+        assert RunConfig.from_toml(path).data.prompt_set == kept
+
+
+@pytest.mark.parametrize("option", ["api_key", "token", "client_secret"])
+def test_credentials_in_scoring_options_are_refused_without_echoing_them(option):
+    data = {"models": [{"spec": "m"}], "scoring": {"scorer": "perspective", "options": {option: "s3cr3t-value"}}}
+    with pytest.raises(ConfigError, match=rf"scoring.options must not hold credentials.*'{option}'") as info:
+        RunConfig.from_dict(data)
+    assert "s3cr3t-value" not in str(info.value)
+
+
+def test_the_effective_config_round_trips_through_toml(tmp_path):
+    import tomllib
+
+    from aligned_probing.pipeline.config import config_to_toml
+
+    cfg = RunConfig.from_toml(
+        ROOT / "tests" / "data" / "tiny.toml",
+        overrides=["probing.seeds=[1]", "data.stratify_by=false", "runtime.resources.generate={num_gpus=1}",
+                   'description="quote \\" and \\\\ backslash"', 'models=[{spec="m", variants=[{dtype="float16"}]}]'],
+    )
+    text = config_to_toml(cfg, comment="line one\nline two")
+    assert text.startswith("# line one\n# line two\n")
+    assert RunConfig.from_dict(tomllib.loads(text)) == cfg

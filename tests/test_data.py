@@ -355,3 +355,129 @@ def test_load_prompts_dispatches_on_spec(tmp_path, rtp_file, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="Cannot load 'someone/some-set'"):
         load_prompts("someone/some-set")
+
+
+# ---------------------------------------------------------------------- prompt sources (issue 17, items 2 and 7)
+def _rtp_line(text: str, toxicity: float) -> str:
+    return json.dumps({"prompt": {"text": text, "toxicity": toxicity}, "challenging": False})
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "options"),
+    [
+        ("p.csv", "comment,tox,extra\nfirst prompt,0.1,a\nsecond prompt,0.9,b\n",
+         {"text_column": "comment", "score_columns": {"tox": "toxicity"}}),
+        ("p.tsv", "text\ttoxicity\nfirst prompt\t0.1\nsecond prompt\t0.9\n", {}),
+        ("p.txt", "first prompt\nsecond prompt\n", {}),
+        ("p.jsonl", _rtp_line("first prompt", 0.1) + "\n" + _rtp_line("second prompt", 0.9) + "\n", {}),
+    ],
+)
+def test_every_file_format_loads_through_one_schema(tmp_path, name, content, options):
+    from aligned_probing.data import PromptSource, load_prompt_source
+
+    (tmp_path / name).write_text(content)
+    prompts = load_prompt_source(PromptSource(prompt_set=str(tmp_path / name), **options))
+    assert prompts.texts == ["first prompt", "second prompt"]
+    if not name.endswith(".txt"):
+        np.testing.assert_allclose(prompts.df["prompt_toxicity"], [0.1, 0.9])
+
+
+def test_a_saved_dataset_directory_loads_with_its_split_and_columns(tmp_path):
+    import datasets
+
+    from aligned_probing.data import PromptSource, load_prompt_source
+
+    ds = datasets.DatasetDict(
+        {"test": datasets.Dataset.from_dict({"body": ["one prompt", "two prompt"], "tox": [0.2, 0.7]})}
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    source = PromptSource(prompt_set=str(tmp_path / "ds"), split="test", text_column="body",
+                          score_columns={"tox": "toxicity"})
+    prompts = load_prompt_source(source)
+    assert prompts.texts == ["one prompt", "two prompt"]
+    np.testing.assert_allclose(prompts.df["prompt_toxicity"], [0.2, 0.7])
+    with pytest.raises(ValueError, match=r"data.split must be one of \['test'\]"):
+        load_prompt_source(source.model_copy(update={"split": "train"}))
+
+
+def test_a_missing_prompt_file_names_the_path(tmp_path):
+    from aligned_probing.data import PromptSource, load_prompt_source
+
+    with pytest.raises(FileNotFoundError, match=rf"no such prompt file '{tmp_path / 'nope.csv'}'"):
+        load_prompt_source(PromptSource(prompt_set=str(tmp_path / "nope.csv")))
+
+
+def test_editing_a_prompt_file_in_place_changes_its_key(tmp_path):
+    from aligned_probing.data import PromptSource, prompt_source_key
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(_rtp_line("first prompt", 0.1) + "\n")
+    source = PromptSource(prompt_set=str(path))
+    before = prompt_source_key(source)
+    stat = path.stat()
+    path.write_text(_rtp_line("fir5t prompt", 0.1) + "\n")  # same size, same mtime
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prompt_source_key(source) != before
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    (directory / "a.txt").write_text("x")
+    dir_key = prompt_source_key(PromptSource(prompt_set=str(directory), format="hf-disk"))
+    (directory / "a.txt").write_text("y")
+    assert prompt_source_key(PromptSource(prompt_set=str(directory), format="hf-disk")) != dir_key
+    assert prompt_source_key(PromptSource())["format"] == "embedded"
+
+
+def test_an_edited_prompt_file_recomputes_the_prompts_stage_and_everything_after(tmp_path):
+    from aligned_probing.pipeline import build_plan
+    from aligned_probing.pipeline.config import RunConfig
+    from aligned_probing.pipeline.runner import stage_hashes
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(_rtp_line("first prompt", 0.1) + "\n" + _rtp_line("second prompt", 0.9) + "\n")
+    cfg = RunConfig.from_dict(
+        {
+            "models": [{"spec": "smollm2-135m-instruct", "name": "m"}],
+            "data": {"prompt_set": str(path), "n_prompts": 2},
+            "probing": {"n_folds": 2},
+            "causal": {"enabled": False},
+        }
+    )
+    before = stage_hashes(build_plan(cfg))
+    path.write_text(_rtp_line("first prompt", 0.1) + "\n" + _rtp_line("second prompt", 0.8) + "\n")
+    after = stage_hashes(build_plan(cfg))
+    assert {k for k in before if before[k] != after[k]} == set(before)  # every stage reads the prompts
+
+
+def test_the_prompts_stage_reads_a_csv_next_to_the_config(tmp_path, monkeypatch):
+    from aligned_probing import pipeline
+    from aligned_probing.pipeline import stages
+    from aligned_probing.pipeline.config import RunConfig
+
+    class LengthScorer:
+        id = "length"
+        attributes = ("toxicity",)
+
+        def score(self, texts):
+            return pd.DataFrame({"toxicity": [len(t) / 100 for t in texts]})
+
+    monkeypatch.setattr(stages, "build_scorer", lambda settings: LengthScorer())
+    monkeypatch.setattr("aligned_probing.pipeline.preflight._scorer_attributes", lambda cfg: (("toxicity",), None))
+    (tmp_path / "data").mkdir()
+    texts = [f"prompt number {i}" + "!" * i for i in range(6)]
+    pd.DataFrame({"body": texts}).to_csv(tmp_path / "data" / "prompts.csv", index=False)
+    (tmp_path / "run.toml").write_text(
+        '[[models]]\nspec = "smollm2-135m-instruct"\n'
+        '[data]\nprompt_set = "data/prompts.csv"\ntext_column = "body"\nn_prompts = 4\nstratify_by = false\n'
+        f'[probing]\nn_folds = 2\n[causal]\nenabled = false\n[output]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative prompt paths resolve against the config file, not the cwd
+    cfg = RunConfig.from_toml(tmp_path / "run.toml")
+    assert cfg.data.prompt_set == str(tmp_path / "data" / "prompts.csv") and cfg.data.stratify_by is None
+    result = pipeline.run(cfg, stages=["prompts"], progress=False)
+    table = pd.read_parquet(result.records[0].dir / "prompts.parquet")
+    assert len(table) == 4 and set(table["text"]) <= set(texts)
+    np.testing.assert_allclose(table["prompt_toxicity"], [len(t) / 100 for t in table["text"]])

@@ -346,7 +346,10 @@ def test_causal_blocks_through_ray_give_the_local_tables(ray_cluster, tiny_run_c
 @pytest.fixture
 def cli_config(tmp_path) -> Path:
     path = tmp_path / "c.toml"
-    path.write_text(f'name = "t"\n[[models]]\nspec = "m"\n[output]\nrun_dir = "{tmp_path / "run"}"\n')
+    # A registry model: the run checks its models before the executor (a bare unknown name fails there).
+    path.write_text(
+        f'name = "t"\n[[models]]\nspec = "smollm2-135m-instruct"\nname = "m"\n[output]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
     return path
 
 

@@ -512,3 +512,91 @@ def test_gemma_loads_with_18_layers():
     assert (model.n_layers, model.d_model) == (18, 640)
     assert len(model.hook_names) == 19 and model.hook_names[-1] == "blocks.17.hook_resid_post"
     assert type(model.hf_model).__name__ == "Gemma3ForCausalLM"
+
+
+# ---------------------------------------------------------------------- content keys of local models (issue 17, item 1)
+def _rewrite(path: Path, data: bytes) -> None:
+    """Rewrite a file as a rebuild would, its mtime at least 1 s later (file systems tick coarsely)."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def _fake_model_dir(root: Path, weights: bytes, sp_model: bytes = b"sentencepiece v1") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text('{"model_type": "llama"}')
+    (root / "model.safetensors").write_bytes(weights)
+    (root / "tokenizer.model").write_bytes(sp_model)
+    return root
+
+
+def test_same_size_weights_give_another_key(tmp_path, cache_dir):
+    from aligned_probing.models.sources import dir_revision
+
+    d = _fake_model_dir(tmp_path / "m", b"\x00" * 4096)
+    first = dir_revision(d)
+    assert dir_revision(d) == first  # stable
+    _rewrite(d / "model.safetensors", b"\x01" * 4096)  # a rebuild: same names, same sizes
+    assert dir_revision(d) != first
+    before = dir_revision(d)
+    _rewrite(d / "tokenizer.model", b"sentencepiece v2")  # same size, other tokenizer
+    assert dir_revision(d) != before
+
+
+def test_hashes_are_remembered_by_path_size_mtime_and_verify_rereads(tmp_path, cache_dir, monkeypatch):
+    from aligned_probing.models import sources
+
+    d = _fake_model_dir(tmp_path / "m", b"\x00" * 4096)
+    key = sources.dir_revision(d)
+    index = json.loads((cache_dir / _model_cache.HASH_INDEX).read_text())
+    assert str((d / "model.safetensors").resolve()) in index
+    reads = []
+    real = _model_cache.sha256_file
+    monkeypatch.setattr(_model_cache, "sha256_file", lambda f: reads.append(f.name) or real(f))
+    assert sources.dir_revision(d) == key and reads == []  # nothing re-read on an unchanged directory
+    # A same-size rewrite that keeps the old mtime (cp -p): only `verify` sees it.
+    stat = (d / "model.safetensors").stat()
+    (d / "model.safetensors").write_bytes(b"\x02" * 4096)
+    os.utime(d / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sources.dir_revision(d) == key
+    verified = sources.dir_revision(d, verify=True)
+    assert verified != key and "model.safetensors" in reads
+    assert sources.dir_revision(d) == verified  # the index now holds the new hash
+
+
+def test_gguf_files_and_hub_names_get_content_and_commit_keys(tmp_path, cache_dir, monkeypatch):
+    from aligned_probing.models.sources import model_revision
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\x00" * 100)
+    first = model_revision(gguf)
+    _rewrite(gguf, b"GGUF" + b"\x01" * 100)
+    assert first.startswith("gguf-") and model_revision(gguf) not in {first, None}
+    # A hub name, offline: the commit of the cached snapshot.
+    hub = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = hub / "models--org--tiny" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_revision("org/tiny") == commit
+    assert model_revision("org/not-cached") is None
+
+
+def test_rebuilt_local_model_recomputes_its_stages(tmp_path, cache_dir):
+    from aligned_probing.pipeline import build_plan
+    from aligned_probing.pipeline.config import RunConfig
+    from aligned_probing.pipeline.runner import stage_hashes
+
+    d = _fake_model_dir(tmp_path / "m", b"\x00" * 4096)
+    cfg = RunConfig.from_dict(
+        {"models": [{"spec": str(d)}], "causal": {"enabled": False}, "output": {"run_dir": str(tmp_path / "r")}}
+    )
+    before = stage_hashes(build_plan(cfg))
+    _rewrite(d / "model.safetensors", b"\x03" * 4096)
+    after = stage_hashes(build_plan(cfg))
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"generate/m/t0", "score/m/t0", "encode/m/t0", "probe/m/t0", "behaviour/m/t0", "report"}

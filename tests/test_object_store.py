@@ -264,7 +264,7 @@ def test_encode_into_an_s3_store_with_a_custom_endpoint_equals_a_local_store(buc
         for position in ("input", "output"):
             np.testing.assert_array_equal(remote.layer(layer, position), local.layer(layer, position))
     assert _fs.glob(_fs.join(url, "run", "store"), "*.json", options) == [
-        _fs.join(url, "run", "store", name) for name in ("manifest.json", "zarr.json")
+        _fs.join(url, "run", "store", name) for name in ("checksums.json", "manifest.json", "zarr.json")
     ]
 
 

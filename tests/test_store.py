@@ -225,3 +225,67 @@ def test_read_and_create_errors(tmp_path, rng):
         _create(tmp_path / "u", positions=("prompt",))
     with pytest.raises(ValueError, match="layer_names must have n_layers \\+ 1 = 4 entries, got 2"):
         _create(tmp_path / "v", layer_names=["a", "b"])
+
+
+# ---------------------------------------------------------------------- corruption is detected, never served
+def _chunk_files(root):
+    return sorted(p for p in (root / "input" / "mean" / "c").rglob("*") if p.is_file())
+
+
+def test_a_chunk_overwritten_with_same_size_random_bytes_is_detected(tmp_path, rng):
+    from aligned_probing.encoding.store import StoreCorruptError
+
+    store = _create(tmp_path / "stage" / "store")
+    store.append(*_batch(rng, ["a", "b", "c", "d"]))
+    store.append(*_batch(rng, ["e", "f"]))
+    chunk = tmp_path / "stage" / "store" / "input" / "mean" / "c" / "2" / "0" / "0"
+    assert chunk in _chunk_files(tmp_path / "stage" / "store")
+    chunk.write_bytes(np.random.default_rng(1).bytes(chunk.stat().st_size))
+    reopened = ActivationStore.open(tmp_path / "stage" / "store")
+    reopened.layer(1, "input", "mean")  # other layers are intact and still read
+    with pytest.raises(StoreCorruptError, match=r"input/mean layer 2 rows 0-3 do not match the checksum") as info:
+        reopened.layer(2, "input", "mean")
+    assert f"Delete the stage directory {tmp_path / 'stage'}" in str(info.value)
+
+
+def test_a_truncated_chunk_or_manifest_or_index_names_the_file(tmp_path, rng):
+    from aligned_probing.encoding.store import StoreCorruptError
+
+    root = tmp_path / "stage" / "store"
+    store = _create(root)
+    store.append(*_batch(rng, ["a", "b", "c", "d"]))
+    chunk = root / "output" / "last" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(StoreCorruptError, match=r"output/last layer 0 cannot be read.*Delete the stage directory"):
+        ActivationStore.open(root).layer(0, "output", "last")
+    index = root / "index.parquet"
+    index.write_bytes(index.read_bytes()[:20])
+    with pytest.raises(StoreCorruptError, match=rf"Store index {index} is unreadable"):
+        ActivationStore.open(root)
+    manifest = root / "manifest.json"
+    manifest.write_text(manifest.read_text()[:15])
+    with pytest.raises(StoreCorruptError, match=rf"Store manifest {manifest} is unreadable"):
+        ActivationStore.open(root)
+
+
+def test_checksums_of_an_uncommitted_append_are_dropped_on_open(tmp_path, rng, monkeypatch):
+    store = _create(tmp_path / "s")
+    store.append(*_batch(rng, ["a", "b"]))
+    real = store_module._commit
+
+    def die_at_index(location, write, options):
+        if str(location).endswith("index.parquet"):
+            raise KeyboardInterrupt("killed before the index commit")
+        real(location, write, options)
+
+    monkeypatch.setattr(store_module, "_commit", die_at_index)
+    with pytest.raises(KeyboardInterrupt):
+        store.append(*_batch(rng, ["c", "d", "e"]))
+    monkeypatch.setattr(store_module, "_commit", real)
+    reopened = ActivationStore.open(tmp_path / "s")
+    assert len(reopened) == 2
+    batch = _batch(rng, ["c", "d"])
+    reopened.append(*batch)  # the resumed append records its own checksums over the stale ones
+    again = ActivationStore.open(tmp_path / "s")
+    for layer in range(L + 1):
+        np.testing.assert_array_equal(again.layer(layer)[2:], batch[1][("input", "mean")][layer])

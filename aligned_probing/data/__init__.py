@@ -24,26 +24,33 @@ from aligned_probing.data.schema import (
     CANONICAL_ATTRIBUTES,
     EXTRA_ATTRIBUTES,
     SCORE_PREFIX,
+    DataError,
     PromptDataWarning,
     prompt_id,
     score_columns,
 )
+from aligned_probing.data.source import PromptSource, load_prompt_source, prompt_source_key, resolve_prompt_source
 from aligned_probing.data.spec import load_prompts
 
 __all__ = [
     "CANONICAL_ATTRIBUTES",
+    "DataError",
     "EMBEDDED_SETS",
     "EXTRA_ATTRIBUTES",
     "PromptDataWarning",
     "PromptSet",
+    "PromptSource",
     "SCORE_PREFIX",
     "Scorer",
     "embedded_prompts",
     "load_csv",
     "load_hf_dataset",
+    "load_prompt_source",
     "load_prompts",
     "load_rtp_jsonl",
     "load_text",
     "prompt_id",
+    "prompt_source_key",
+    "resolve_prompt_source",
     "score_columns",
 ]

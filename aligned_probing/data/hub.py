@@ -12,7 +12,7 @@ from aligned_probing.data.prompt_set import PromptSet
 from aligned_probing.data.schema import CANONICAL_ATTRIBUTES, EXTRA_ATTRIBUTES, SCORE_PREFIX
 
 
-def _hub_offline_reason() -> str | None:
+def hub_offline_reason() -> str | None:
     """Why the Hugging Face hub cannot be reached, or None when it answers (2 s timeout)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
@@ -48,7 +48,7 @@ def load_hf_dataset(
         **load_kwargs: Passed to `datasets.load_dataset` (e.g. `revision`).
     """
     if isinstance(dataset, str):
-        reason = _hub_offline_reason()
+        reason = hub_offline_reason()
         if reason is not None:
             raise ConnectionError(
                 f"Cannot load {dataset!r} from the Hugging Face hub: {reason}. Download the file "

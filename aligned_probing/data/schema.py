@@ -64,3 +64,10 @@ def merge_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     merged = df.groupby("text", sort=False, dropna=False).first().reset_index()
     merged = merged[list(df.columns)]
     return merged, n_dup
+
+
+class DataError(ValueError):
+    """Input data cannot be used: a missing or malformed prompt file, a corrupt stored artifact.
+
+    The message names the file and says how to fix it; the CLI exits with its data-error code.
+    """

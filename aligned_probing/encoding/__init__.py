@@ -12,11 +12,12 @@ from aligned_probing.encoding.pooling import (
     max_aggregator,
     mean_aggregator,
 )
-from aligned_probing.encoding.store import ActivationStore
+from aligned_probing.encoding.store import ActivationStore, StoreCorruptError
 
 __all__ = [
     "PADDING_SIDES",
     "ActivationStore",
+    "StoreCorruptError",
     "Aggregator",
     "EmptyContinuationWarning",
     "encode",

@@ -5,6 +5,7 @@ One store directory holds the encodings of one (model, template):
     store/
       manifest.json      what was encoded: model, revision, tokenizer hash, template, dtype, ...
       index.parquet      row i = sample i of every array: prompt_id, continuation_idx (-1 = input only)
+      checksums.json     CRC32 of every (array, layer) slice each append wrote, verified on read
       zarr.json          the zarr group; arrays `input/mean`, `output/mean`, `input/last`, ...
       input/mean/...     float32 (or float16) [n_layers + 1, n_samples, d_model]
 
@@ -13,6 +14,13 @@ Arrays are chunked `(1, chunk_rows, d_model)`, so `store.layer(l)` reads only la
 Location: a local directory (the default) or an fsspec URL (`s3://bucket/run/store`, `gs://...`,
 `file://...`) with `storage_options` (credentials, `endpoint_url`), so that workers on several machines
 share one store. Each worker reads one layer's chunks at a time; no whole array travels anywhere.
+
+Integrity: every `append` records the CRC32 of each (array, layer) slice it wrote in
+`checksums.json` (written before the index commit; entries beyond the committed index are
+ignored), and `layer()` checks the slices it reads against them, which costs one CRC pass over
+bytes already in memory. A chunk overwritten on disk, a truncated chunk, manifest or index raise
+`StoreCorruptError`, which names the file and says to delete the stage directory so that the
+next run recomputes it.
 
 Crash safety: `append` writes the vectors first and the index last, by an atomic rename. The
 index is the commit record: on open, arrays longer than the index (a kill between the two
@@ -29,6 +37,7 @@ import json
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +48,7 @@ import pandas as pd
 import zarr
 from filelock import FileLock
 
+from aligned_probing.data.schema import DataError
 from aligned_probing.pipeline import fs as _fs
 
 FORMAT_VERSION = 1
@@ -47,8 +57,27 @@ DTYPES: tuple[str, ...] = ("float32", "float16")
 INDEX_COLUMNS: tuple[str, ...] = ("prompt_id", "continuation_idx")
 _MANIFEST = "manifest.json"
 _INDEX = "index.parquet"
+_CHECKSUMS = "checksums.json"
 _LOCK = ".lock"
 _VERSIONED_LIBS = ("aligned-probing", "torch", "transformers", "transformer-lens", "zarr", "numpy")
+
+
+class StoreCorruptError(DataError):
+    """An activation store's files do not match what was written (the message names the file)."""
+
+
+def _recovery(path: Path | str) -> str:
+    """How to recover from a corrupt store: delete it (in a pipeline run, its stage directory)."""
+    parent = _fs.parent(path) if isinstance(path, str) else path.parent
+    return (
+        f"Delete the stage directory {parent} (or the store {path} itself when you made it by hand); "
+        "the next run encodes it again."
+    )
+
+
+def _crc_layers(values: np.ndarray) -> list[int]:
+    """CRC32 of each layer's bytes of a `[layers, rows, d_model]` block, as stored on disk."""
+    return [zlib.crc32(np.ascontiguousarray(values[i]).tobytes()) for i in range(values.shape[0])]
 
 
 def _library_versions() -> dict[str, str | None]:
@@ -141,9 +170,29 @@ class ActivationStore:
         self._manifest = manifest
         self._group = group
         self._index = index
+        self._flushes: list[dict[str, Any]] | None = None  # recorded checksums; None: store predates them
 
     def _read_index(self) -> pd.DataFrame:
-        return _fs.read_parquet(_child(self.path, _INDEX), self.storage_options)
+        where = _child(self.path, _INDEX)
+        try:
+            return _fs.read_parquet(where, self.storage_options)
+        except FileNotFoundError:
+            raise StoreCorruptError(f"Store index {where} is missing. {_recovery(self.path)}") from None
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise StoreCorruptError(
+                f"Store index {where} is unreadable ({type(err).__name__}: {err}). {_recovery(self.path)}"
+            ) from None
+
+    def _read_checksums(self) -> list[dict[str, Any]] | None:
+        """The recorded flushes (None for a store written before checksums existed)."""
+        where = _child(self.path, _CHECKSUMS)
+        if not _fs.exists(where, self.storage_options):
+            return None
+        try:
+            flushes = json.loads(_fs.read_text(where, self.storage_options))["flushes"]
+        except (ValueError, KeyError, TypeError, UnicodeError) as err:
+            raise StoreCorruptError(f"Store checksums {where} are unreadable ({err}). {_recovery(self.path)}") from None
+        return list(flushes)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -235,6 +284,11 @@ class ActivationStore:
                         overwrite=True,  # leftovers of a create that died before its manifest
                     )
             _commit(
+                _child(path, _CHECKSUMS),
+                lambda p: p.write_text(json.dumps({"flushes": []})),
+                storage_options,
+            )
+            _commit(
                 _child(path, _INDEX),
                 lambda p: _empty_index().to_parquet(p, index=False),
                 storage_options,
@@ -245,7 +299,9 @@ class ActivationStore:
                 lambda p: p.write_text(json.dumps(manifest, indent=2)),
                 storage_options,
             )
-        return cls(path, manifest, group, _empty_index(), storage_options)
+        store = cls(path, manifest, group, _empty_index(), storage_options)
+        store._flushes = []
+        return store
 
     @classmethod
     def open(
@@ -277,12 +333,22 @@ class ActivationStore:
                 f"No activation store at {path} (no {_MANIFEST}); create one with "
                 "ActivationStore.create or encode(..., store=path)."
             )
-        manifest = json.loads(_fs.read_text(_fs.join(path, _MANIFEST), storage_options))
+        manifest_file = _fs.join(path, _MANIFEST)
+        try:
+            manifest = json.loads(_fs.read_text(manifest_file, storage_options))
+        except (ValueError, UnicodeError) as err:
+            raise StoreCorruptError(f"Store manifest {manifest_file} is unreadable ({err}). {_recovery(path)}") from None
         _check_expected(manifest, expect or {}, path)
         with _lock(path):
-            group = zarr.open_group(_fs.zarr_store(path, storage_options), mode="r+")
-            index = _fs.read_parquet(_fs.join(path, _INDEX), storage_options)
-            store = cls(path, manifest, group, index, storage_options)
+            try:
+                group = zarr.open_group(_fs.zarr_store(path, storage_options), mode="r+")
+            except Exception as err:  # noqa: BLE001 - any zarr metadata failure means a damaged store
+                raise StoreCorruptError(
+                    f"Store {path}: its zarr metadata is unreadable ({type(err).__name__}: {err}). {_recovery(path)}"
+                ) from None
+            store = cls(path, manifest, group, _empty_index(), storage_options)
+            store._index = store._read_index()
+            store._flushes = store._read_checksums()
             store._rollback_uncommitted()
         return store
 
@@ -309,15 +375,18 @@ class ActivationStore:
 
     def _rollback_uncommitted(self) -> None:
         n = len(self._index)
+        if self._flushes is not None:
+            # Checksums written for rows whose index commit never happened describe nothing.
+            self._flushes = [f for f in self._flushes if f["stop"] <= n]
         for key, array in self._arrays():
             length = array.shape[1]
             if length > n:
                 # A kill between the vector write and the index commit: drop the orphan rows.
                 array.resize((array.shape[0], n, array.shape[2]))
             elif length < n:
-                raise ValueError(
+                raise StoreCorruptError(
                     f"Store {self.path} is corrupt: array {key} has {length} rows but the index "
-                    f"commits {n}. Delete the store and re-encode."
+                    f"commits {n}. {_recovery(self.path)}"
                 )
 
     # ---- reading ------------------------------------------------------------------------------
@@ -341,7 +410,32 @@ class ActivationStore:
         if not isinstance(layer, int | np.integer) or not 0 <= layer <= self.n_layers:
             raise ValueError(f"layer must be an int in [0, {self.n_layers}], got {layer!r}.")
         array = self.array(position, pooling)
-        return np.asarray(array[int(layer), : len(self)], dtype=np.float32)
+        key = f"{position}/{pooling}"
+        try:
+            raw = np.asarray(array[int(layer), : len(self)])
+        except Exception as err:  # noqa: BLE001 - a truncated chunk fails inside zarr's codecs
+            raise StoreCorruptError(
+                f"Store {self.path}: array {key} layer {layer} cannot be read ({type(err).__name__}: {err}); a "
+                f"chunk file under {_child(self.path, key)} is damaged. {_recovery(self.path)}"
+            ) from None
+        self._verify(raw, key, int(layer))
+        return raw.astype(np.float32, copy=False)
+
+    def _verify(self, raw: np.ndarray, key: str, layer: int) -> None:
+        """Compare the CRC32 of every recorded flush's slice of `raw` with the one written."""
+        for flush in self._flushes or []:
+            expected = flush["crc"].get(key)
+            if expected is None:
+                continue
+            got = zlib.crc32(np.ascontiguousarray(raw[flush["start"] : flush["stop"]]).tobytes())
+            if got != expected[layer]:
+                chunk_rows = int(self._manifest["chunk_rows"])
+                first, last = flush["start"] // chunk_rows, (flush["stop"] - 1) // chunk_rows
+                raise StoreCorruptError(
+                    f"Store {self.path}: array {key} layer {layer} rows {flush['start']}-{flush['stop'] - 1} "
+                    f"do not match the checksum recorded when they were written (chunk file(s) "
+                    f"{_child(self.path, key)}/c/{layer}/{first}..{last}/0 changed on disk). {_recovery(self.path)}"
+                )
 
     @property
     def index(self) -> pd.DataFrame:
@@ -428,6 +522,7 @@ class ActivationStore:
         with _lock(self.path):
             # Another writer may have committed since we opened: start from the index on disk.
             self._index = self._read_index()
+            self._flushes = self._read_checksums()
             self._rollback_uncommitted()
             already = self.committed().intersection(
                 zip(new["prompt_id"], new["continuation_idx"], strict=True)
@@ -438,10 +533,21 @@ class ActivationStore:
                     "skip store.committed() pairs when resuming."
                 )
             n = len(self._index)
+            crc: dict[str, list[int]] = {}
             for (position, pooling), values in vectors.items():
                 array = self._group[f"{position}/{pooling}"]
                 array.resize((shape[0], n + m, shape[2]))
-                array[:, n : n + m, :] = np.asarray(values, dtype=self.dtype)
+                stored = np.asarray(values, dtype=self.dtype)
+                array[:, n : n + m, :] = stored
+                crc[f"{position}/{pooling}"] = _crc_layers(stored)
+            if self._flushes is not None:  # a store from before checksums stays unchecked
+                flushes = [*self._flushes, {"start": n, "stop": n + m, "crc": crc}]
+                _commit(
+                    _child(self.path, _CHECKSUMS),
+                    lambda p: p.write_text(json.dumps({"flushes": flushes})),
+                    self.storage_options,
+                )
+                self._flushes = flushes
             committed = pd.concat([self._index, new], ignore_index=True)
             # The index is the commit record: written last, atomically.
             _commit(

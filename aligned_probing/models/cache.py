@@ -185,8 +185,14 @@ def get_or_build(key: str, build: Callable[[Path], None], *, source: str = "") -
     return final
 
 
-def list_cache() -> list[CacheEntry]:
-    """All entries in the model cache, with their size and validity."""
+def list_cache(*, verify: bool = False) -> list[CacheEntry]:
+    """All entries in the model cache, with their size and validity.
+
+    Args:
+        verify: Re-hash every file (`verify_entry(full=True)`): catches a rewrite that kept the
+            file's size and modification time, which the default (size, and sha256 of files whose
+            mtime changed) cannot see.
+    """
     root = models_dir()
     if not root.is_dir():
         return []
@@ -201,7 +207,7 @@ def list_cache() -> list[CacheEntry]:
                 path=d,
                 size_bytes=sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
                 source=str(manifest.get("source", "")),
-                valid=verify_entry(d) is None,
+                valid=verify_entry(d, full=verify) is None,
             )
         )
     return entries
@@ -217,3 +223,70 @@ def clear_cache(key: str | None = None) -> list[str]:
             shutil.rmtree(entry.path)
             removed.append(entry.key)
     return removed
+
+
+# ----------------------------------------------------------------------------- content hashes of user files
+HASH_INDEX = "file_hashes.json"
+
+
+def _hash_index_path() -> Path:
+    return cache_root() / HASH_INDEX
+
+
+def _read_hash_index() -> dict[str, dict]:
+    try:
+        index = json.loads(_hash_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _write_hash_index(index: dict[str, dict]) -> None:
+    path = _hash_index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(index, sort_keys=True))
+    os.replace(tmp, path)  # concurrent writers lose entries at worst, never corrupt the index
+
+
+def content_hashes(files: list[Path], *, verify: bool = False) -> dict[Path, str]:
+    """Hex sha256 of each file's bytes, remembered by (resolved path, size, mtime).
+
+    Hashing multi-GB weights on every run would cost seconds per GB, so a file whose path, size
+    and modification time are unchanged since it was last hashed keeps its recorded hash (kept in
+    `{cache_root}/file_hashes.json`). A rewrite that keeps size and mtime (a copy with `cp -p`,
+    some sync tools) is only caught with `verify=True`, which hashes every file again.
+
+    Args:
+        files: Regular files to hash.
+        verify: Ignore the remembered hashes and read every byte.
+
+    Returns:
+        The hash of every file, by the path given.
+    """
+    index = _read_hash_index()
+    out: dict[Path, str] = {}
+    changed = False
+    for f in files:
+        stat = f.stat()
+        key = str(f.resolve())
+        known = index.get(key)
+        if (
+            not verify
+            and isinstance(known, dict)
+            and known.get("size") == stat.st_size
+            and known.get("mtime_ns") == stat.st_mtime_ns
+        ):
+            out[f] = str(known["sha256"])
+            continue
+        digest = sha256_file(f)
+        out[f] = digest
+        if known is None or known.get("sha256") != digest or known.get("mtime_ns") != stat.st_mtime_ns:
+            index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            changed = True
+    if changed:
+        try:
+            _write_hash_index(index)
+        except OSError:  # a read-only cache only costs re-hashing next time
+            pass
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 _TRUE = {"1", "on", "yes", "true"}
 # Hub repo ids: "name" or "org/name" with letters, digits, "-", "_", ".".
@@ -53,3 +54,33 @@ def unavailable_message(spec: str, reason: str, registry: list[str]) -> str:
         f"download it first with `huggingface-cli download {spec}` where the hub is reachable, "
         f"or use a registry name: {registry}."
     )
+
+
+def cached_commit(repo_id: str, revision: str = "main") -> str | None:
+    """The commit of the locally cached snapshot of `repo_id` (None when it is not cached)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    parts = Path(found).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def resolved_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a hub name resolves to: asked of the hub when reachable, else the cached snapshot's.
+
+    A stage keyed on the commit (not the name) recomputes when the repository moves on.
+    """
+    if offline_reason() is None:
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(repo_id, revision=revision).sha
+            if sha:
+                return str(sha)
+        except Exception:  # noqa: BLE001 - any hub failure falls back to the local cache
+            pass
+    return cached_commit(repo_id, revision or "main")

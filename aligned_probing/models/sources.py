@@ -54,16 +54,63 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def dir_revision(path: Path) -> str:
-    """Content hash of a local model directory's JSON files and weight file names/sizes (cheap)."""
+def _content_files(path: Path) -> list[Path]:
+    """Every regular file under a model directory, hidden ones (`.cache`, `.git`) excepted."""
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )
+
+
+def dir_revision(path: Path, *, verify: bool = False) -> str:
+    """Content key of a local model directory: sha256 over every file's name and bytes.
+
+    Weights, configs and tokenizer files (`tokenizer.json`, `tokenizer.model`, ...) all count, so
+    rebuilding a directory with other weights of the same size gives another key. File hashes are
+    remembered by (path, size, mtime) (`aligned_probing.models.cache.content_hashes`); `verify`
+    re-reads every byte.
+
+    Args:
+        path: The model (or adapter) directory.
+        verify: Hash every file again, ignoring remembered hashes.
+    """
+    files = _content_files(path)
+    hashes = _model_cache.content_hashes(files, verify=verify)
     h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin"}):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return "local-" + h.hexdigest()[:12]
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + hashes[f].encode() + b"\0")
+    return "local-" + h.hexdigest()[:16]
+
+
+def gguf_revision(path: Path, *, verify: bool = False) -> str:
+    """Content key of a `.gguf` file: the first 16 hex digits of its sha256 (remembered like `dir_revision`)."""
+    return "gguf-" + _model_cache.content_hashes([path], verify=verify)[path][:16]
+
+
+def model_revision(spec: str | Path, *, verify: bool = False) -> str | None:
+    """What a model spec's outputs are keyed on, without loading it.
+
+    A registry name keys on its wheel's version, a local directory or `.gguf` file on its content
+    (`dir_revision`, `gguf_revision`), a hub name on its resolved commit (offline: the commit of
+    the cached snapshot; None when neither is known).
+
+    Args:
+        spec: Any model spec `load_hf` accepts.
+        verify: Re-hash local files instead of trusting remembered hashes.
+    """
+    text = str(spec)
+    if text in _registry.REGISTRY:
+        entry = _registry.get_entry(text)
+        return f"{entry.package}=={entry.version}"
+    path = Path(text).expanduser()
+    if path.is_file():
+        return gguf_revision(path, verify=verify)
+    if path.is_dir():
+        return dir_revision(path, verify=verify)
+    if _hub.looks_like_repo_id(text):
+        return _hub.resolved_commit(text)
+    return None
 
 
 def _from_pretrained(

@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
 import tomllib
 import types
 import typing
@@ -20,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aligned_probing.data.source import PromptSource, resolve_prompt_source
 
 Scenario = Literal["input", "forward", "output", "backward"]
 SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
@@ -79,19 +83,24 @@ class ModelVariant(_Section):
 
 
 # ----------------------------------------------------------------------------- data .. output
-class DataConfig(_Section):
-    """Which prompts to use."""
+class DataConfig(PromptSource):
+    """Which prompts to use: the prompt source (shared with the fine-tuning config) and the sample."""
 
-    prompt_set: str = Field(
-        "rtp-challenging",
-        description="Embedded prompt set name (see `aligned_probing.data`) or the path of an RTP jsonl file.",
-    )
     n_prompts: int = Field(300, gt=0, description="Number of prompts sampled from the set.")
     stratify_by: str | None = Field(
         "prompt_toxicity",
-        description="Prompt-score column to stratify the sample by (balanced toxic/non-toxic), or none.",
+        description="Prompt-score column to stratify the sample by (balanced toxic/non-toxic); `false` or "
+        '`"none"` samples without stratification.',
     )
     seed: int = Field(0, description="Seed of the prompt sample.")
+
+    @field_validator("stratify_by", mode="before")
+    @classmethod
+    def _stratify_off(cls, value: Any) -> Any:
+        # TOML has no null: `false` (or "none") turns stratification off.
+        if value is False or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+            return None
+        return value
 
 
 class GenerationConfig(_Section):
@@ -215,6 +224,11 @@ _CREDENTIAL_OPTIONS = frozenset(
         "sas_token",
         "client_secret",
         "connection_string",
+        "api_key",
+        "apikey",
+        "access_token",
+        "auth_token",
+        "credentials",
     }
 )
 
@@ -304,6 +318,11 @@ class RuntimeConfig(_Section):
         "finishes (a killed run keeps finished blocks); none: all layers in one task. Each block "
         "shares the baseline and the patching pairs' clean continuations.",
     )
+    verify_inputs: bool = Field(
+        False,
+        description="Re-hash every local model and prompt file instead of trusting hashes remembered by "
+        "(path, size, mtime): catches a same-size rewrite that kept its old mtime (`--verify`).",
+    )
     resources: dict[StageKind, TaskResources] = Field(
         default_factory=dict,
         description="Ray resources per stage kind, e.g. `[runtime.resources.generate]` `num_gpus = 1`; "
@@ -360,6 +379,13 @@ class RunConfig(_Section):
                 "in the environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
                 "an AWS `profile`, or an instance role), which s3fs reads by default."
             )
+        scoring_secrets = _credential_keys(self.scoring.options)
+        if scoring_secrets:
+            raise ValueError(
+                f"scoring.options must not hold credentials, got the key(s) {scoring_secrets}; the config is "
+                "saved in the run directory. Set the key in the environment instead (PERSPECTIVE_API_KEY for "
+                "the Perspective scorer)."
+            )
         if self.runtime.ray_address is not None and self.runtime.executor != "ray":
             raise ValueError(
                 f'runtime.ray_address is only used with runtime.executor = "ray", got '
@@ -407,15 +433,19 @@ class RunConfig(_Section):
 
         Args:
             data: The parsed TOML.
-            base_dir: Directory that relative model paths (starting with `.`) are resolved against.
+            base_dir: Directory that relative model paths (starting with `.`) and prompt paths are
+                resolved against.
         """
         data = dict(data)
         if base_dir is not None and isinstance(data.get("models"), list):
             data["models"] = [_resolve_spec(m, Path(base_dir)) for m in data["models"]]
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_format_errors(err)) from None
+        if base_dir is not None:  # prompt paths resolve against the config file, as model paths do
+            config = config.model_copy(update={"data": resolve_prompt_source(config.data, base_dir)})
+        return config
 
     @classmethod
     def from_toml(cls, path: str | Path, *, overrides: Sequence[str] = ()) -> RunConfig:
@@ -586,3 +616,62 @@ def config_reference() -> str:
             rows.append(f"| `{key}` | {type_text} | {default} | {desc} |")
         parts.append(f"### {title}\n\n{doc}\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- writing TOML
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML: {value!r}")
+
+
+def _toml_table(header: str, table: dict[str, Any]) -> list[str]:
+    lines = [header] if header else []
+    for key, value in table.items():
+        if value is None:
+            lines.append(f"# {key}: none")  # TOML has no null; absent = none for these keys
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return lines
+
+
+def config_to_toml(config: RunConfig, *, comment: str = "") -> str:
+    """`config` as TOML text that `RunConfig.from_toml` reads back to an equal config.
+
+    This is the effective config of a run (overrides applied, paths resolved), which the run
+    directory keeps as `config.toml` and the report shows.
+
+    Args:
+        config: The validated config.
+        comment: Text put at the top as `#` comment lines (e.g. the file and overrides it came from).
+    """
+    data = config.model_dump(mode="json")
+    if data["data"].get("stratify_by") is None:
+        data["data"]["stratify_by"] = False  # the TOML spelling of "no stratification"
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    lines += _toml_table("", {k: v for k, v in data.items() if not isinstance(v, dict | list)})
+    for model in data.get("models", []):
+        lines += [""] + _toml_table("[[models]]", model)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += [""] + _toml_table(f"[{key}]", value)
+    return "\n".join(lines) + "\n"

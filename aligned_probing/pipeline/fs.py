@@ -262,12 +262,28 @@ def write_parquet_atomic(
 
 
 def read_parquet(location: Location, storage_options: StorageOptions = None, **kwargs: Any) -> pd.DataFrame:
-    """A Parquet file (or directory of them) as a DataFrame, through pyarrow's fsspec support."""
-    if is_local(location):
-        return pd.read_parquet(local_path(location), **kwargs)
-    fs, path = filesystem(location, storage_options)
-    fs.invalidate_cache(path)
-    return pd.read_parquet(path, filesystem=fs, **kwargs)
+    """A Parquet file (or directory of them) as a DataFrame, through pyarrow's fsspec support.
+
+    Raises:
+        FileNotFoundError: Nothing at `location`.
+        DataError: The file is damaged (truncated, overwritten); the message names it and says to
+            delete its stage directory, which the next run recomputes.
+    """
+    try:
+        if is_local(location):
+            return pd.read_parquet(local_path(location), **kwargs)
+        fs, path = filesystem(location, storage_options)
+        fs.invalidate_cache(path)
+        return pd.read_parquet(path, filesystem=fs, **kwargs)
+    except (FileNotFoundError, TypeError, KeyError):
+        raise
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        from aligned_probing.data.schema import DataError
+
+        raise DataError(
+            f"{location} is unreadable ({type(err).__name__}: {err}): the file is damaged. If it lies in a "
+            "stage directory (RUN_DIR/stages/...), delete that directory; the next run recomputes it."
+        ) from None
 
 
 def zarr_store(location: Location, storage_options: StorageOptions = None, *, read_only: bool = False) -> Any:
@@ -291,3 +307,10 @@ def zarr_store(location: Location, storage_options: StorageOptions = None, *, re
     return zarr.storage.FsspecStore.from_url(
         os.fspath(location).rstrip("/"), storage_options=dict(storage_options or {}), read_only=read_only
     )
+
+
+def rm(location: Location, storage_options: StorageOptions = None) -> None:
+    """Delete one file (local or on object storage); a missing file is not an error."""
+    fs, path = filesystem(location, storage_options)
+    if fs.exists(path):
+        fs.rm_file(path)

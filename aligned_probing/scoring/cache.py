@@ -139,3 +139,50 @@ class CachedScorer:
 
     def __repr__(self) -> str:
         return f"CachedScorer({self.scorer!r}, {str(self.cache.path)!r})"
+
+
+class ScoringFailedError(RuntimeError):
+    """Some texts could not be scored (a remote scorer's outage, quota or key problem).
+
+    The message gives the scorer's own error for the first failed texts. Scores that succeeded
+    stay in the score cache, so the next run scores only the texts that failed.
+    """
+
+
+def score_or_raise(scorer: Scorer, texts: Sequence[str], *, batch_size: int, what: str = "texts") -> pd.DataFrame:
+    """Score `texts` in batches; raise `ScoringFailedError` if any text got no score.
+
+    A failed text (NaN, with its reason in the batch's `attrs["errors"]`) never passes as a
+    result: every batch is still tried, so with a `CachedScorer` every score that succeeded is
+    stored and a re-run scores only the failures.
+
+    Args:
+        scorer: The scorer (usually a `CachedScorer`).
+        texts: Texts to score.
+        batch_size: Texts per `scorer.score` call.
+        what: What the texts are, for the message ("continuations", "prompts").
+
+    Returns:
+        One row per text, one column per attribute, no NaN.
+    """
+    cols = list(scorer.attributes)
+    parts: list[pd.DataFrame] = []
+    errors: dict[int, str] = {}
+    for start in range(0, len(texts), batch_size):
+        frame = scorer.score(list(texts[start : start + batch_size]))
+        parts.append(frame[cols].reset_index(drop=True))
+        errors.update({start + int(i): str(msg) for i, msg in frame.attrs.get("errors", {}).items()})
+    scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols, dtype=float)
+    for i in np.flatnonzero(scores[cols].isna().any(axis=1).to_numpy()):
+        errors.setdefault(int(i), "the scorer returned NaN without a reason")
+    if errors:
+        first = sorted(errors)[:3]
+        shown = "; ".join(f"{what}[{i}]: {errors[i]}" for i in first)
+        kept = len(texts) - len(errors)
+        where = f" in the score cache {scorer.cache.path}" if isinstance(scorer, CachedScorer) else ""
+        raise ScoringFailedError(
+            f"scorer {scorer.id!r} could not score {len(errors)} of {len(texts)} {what} ({shown}). "
+            f"The {kept} scores that succeeded are kept{where}; fix the scorer (network, API key, quota) and "
+            "run again: only the failed texts are scored again."
+        )
+    return scores
