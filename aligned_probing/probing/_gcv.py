@@ -97,7 +97,7 @@ def _select(mse: np.ndarray) -> np.ndarray:
     return mse.shape[0] - 1 - np.argmax(near[::-1], axis=0)
 
 
-def _check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
+def check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
     """`groups` as an array of length n, or None when absent or every group has one row (plain LOO)."""
     if groups is None:
         return None
@@ -139,7 +139,7 @@ def ridge_gcv(
     shrink = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, a)
     # fitted values for all alphas and targets in one product: (n, r) @ (r, a*k)
     fitted = (U @ (shrink[:, :, None] * UtY[:, None, :]).reshape(len(s), -1)).reshape(n, len(alphas), -1)
-    groups = _check_groups(groups, n)
+    groups = check_groups(groups, n)
     if groups is None:
         h = 1.0 / n + (U**2) @ shrink  # (n, a): diagonal of the hat matrix
         loo = (Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]  # (n, a, k)

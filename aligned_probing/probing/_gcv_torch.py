@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from aligned_probing.probing._gcv import TIE_RTOL, _check_groups, group_buckets
+from aligned_probing.probing._gcv import TIE_RTOL, check_groups, group_buckets
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def ridge_fit_torch(
     if Y.ndim != 3 or Y.shape[:2] != (B, n):
         raise ValueError(f"Y must have shape (n, k) or (B, n, k) with n={n}, B={B}; got {tuple(Y.shape)}.")
     a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), device=dev)
-    groups = _check_groups(groups, n)
+    groups = check_groups(groups, n)
 
     Xs, x_mean, x_scale = _standardise(X)
     Xs = Xs - Xs.mean(dim=-2, keepdim=True)
