@@ -21,6 +21,8 @@ from typing import Annotated
 
 import typer
 
+from aligned_probing.pipeline.registry import STAGES
+
 app = typer.Typer(
     name="aligned-probing",
     help="Relate what language models say (toxicity) to what they encode (layer-wise probes).",
@@ -153,16 +155,9 @@ def _stage_command(name: str, doc: str) -> Callable[..., None]:
     return command
 
 
-for _name, _doc in (
-    ("generate", "Sample k continuations per prompt for every model and template"),
-    ("score", "Score every continuation with the configured scorer"),
-    ("encode", "Encode prompts and continuations into the activation store"),
-    ("probe", "Fit layer-wise probes for every scenario and attribute"),
-    ("behaviour", "Compute EMT, toxicity probability and mean score with CIs"),
-    ("interplay", "Correlate information strength with behaviour across models (>= 3 models)"),
-    ("causal", "Run layer skipping, activation patching and steering"),
-):
-    app.command(name=_name)(_stage_command(_name, _doc))
+for _spec in STAGES:  # one command per stage kind of the registry that has one
+    if _spec.command:
+        app.command(name=_spec.name)(_stage_command(_spec.name, _spec.summary))
 
 
 @app.command()

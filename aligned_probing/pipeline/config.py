@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aligned_probing.pipeline.registry import TASK_KINDS
 
 Scenario = Literal["input", "forward", "output", "backward"]
 SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
@@ -258,18 +260,8 @@ class TaskResources(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per task (a fraction shares a card).")
 
 
-StageKind = Literal[
-    "prompts",
-    "generate",
-    "score",
-    "encode",
-    "probe",
-    "probe_block",
-    "behaviour",
-    "interplay",
-    "causal",
-    "report",
-]
+# A stage kind of the registry (`aligned_probing.pipeline.registry.TASK_KINDS`), checked by `RuntimeConfig`.
+StageKind = str
 
 
 class RuntimeConfig(_Section):
@@ -310,6 +302,14 @@ class RuntimeConfig(_Section):
         "`probe_block` sets the probing tasks', `causal` the causal tasks' (each loads the model). "
         "Unlisted stages take one CPU.",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _known_kinds(cls, resources: dict[str, TaskResources]) -> dict[str, TaskResources]:
+        unknown = sorted(set(resources) - set(TASK_KINDS))
+        if unknown:
+            raise ValueError(f"unknown stage kind(s) {unknown}; valid: {list(TASK_KINDS)}")
+        return resources
 
 
 # ----------------------------------------------------------------------------- run

@@ -11,17 +11,11 @@ from typing import Any
 import pandas as pd
 
 from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.registry import STAGES
 from aligned_probing.pipeline.runner import read_stage, stage_dir, stage_hashes
 
-# Output file of each stage kind (inside its stage directory).
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "prompts": ("prompts.parquet",),
-    "score": ("scores.parquet",),
-    "probe": ("probing.parquet",),
-    "behaviour": ("behaviour.parquet",),
-    "interplay": ("interplay.parquet",),
-    "causal": ("layer_skipping.parquet", "patching.parquet", "steering.parquet"),
-}
+# Output tables of each stage kind (inside its stage directory), from the stage registry.
+OUTPUTS: dict[str, tuple[str, ...]] = {spec.name: spec.outputs for spec in STAGES if spec.outputs}
 
 
 @dataclass
@@ -137,7 +131,7 @@ def _read_generation(
 
     check = read_selfcheck(out, storage_options)
     if check is not None:
-        row = {"template": stage.settings["template"], **{k: v for k, v in check.items() if k != "details"}}
+        row = {"template": stage.settings.template, **{k: v for k, v in check.items() if k != "details"}}
         tables.setdefault("selfchecks", []).append(pd.DataFrame([row]))
     conts = read_continuations(out, storage_options)
     if len(conts):
