@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aligned_probing.generation_settings import SamplingSettings
 from aligned_probing.pipeline.registry import TASK_KINDS
 
 Scenario = Literal["input", "forward", "output", "backward"]
@@ -96,7 +97,7 @@ class DataConfig(_Section):
     seed: int = Field(0, description="Seed of the prompt sample.")
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(SamplingSettings):
     """Sampling of continuations (the paper: temperature 1, top-p 0.9, 20 tokens, k = 25)."""
 
     templates: list[Literal[0, 1, 2, 3, 4]] = Field(
@@ -104,12 +105,6 @@ class GenerationConfig(_Section):
         min_length=1,
         description="Prompt templates: 0 = raw prompt (main runs), 1-4 = instruction variants.",
     )
-    k: int = Field(25, gt=0, description="Continuations sampled per prompt.")
-    max_new_tokens: int = Field(20, gt=0, description="Maximum new tokens per continuation.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (no top-k).")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
-    seed: int = Field(0, description="Seed of the sampler.")
     self_check: Literal["error", "warn"] = Field(
         "error",
         description="What a failed generation self-check does (cached vs uncached log-probabilities and greedy "
@@ -570,11 +565,20 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
 def config_reference() -> str:
     """Markdown reference of every config key, generated from the field descriptions.
 
+    The run config's sections, then the fine-tuning config's (`aligned-probing finetune`).
     `docs/config.md` embeds this text; a test checks that the two agree, so the field
     descriptions stay the single source of truth.
     """
+    from aligned_probing.training.config import FINETUNE_SECTIONS
+
+    finetune = sections_reference(FINETUNE_SECTIONS, heading="### finetune ")
+    return sections_reference(_SECTIONS) + "\n" + finetune
+
+
+def sections_reference(sections: Sequence[tuple[str, type[BaseModel]]], *, heading: str = "### ") -> str:
+    """Markdown tables (key, type, default, meaning) of pydantic config `sections`, by title."""
     parts = []
-    for title, cls in _SECTIONS:
+    for title, cls in sections:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for key, field in cls.model_fields.items():
@@ -584,5 +588,5 @@ def config_reference() -> str:
             type_text = _type_name(field.annotation).replace("|", "\\|")
             default = _default_text(field).replace("|", "\\|")
             rows.append(f"| `{key}` | {type_text} | {default} | {desc} |")
-        parts.append(f"### {title}\n\n{doc}\n\n" + "\n".join(rows))
+        parts.append(f"{heading}{title}\n\n{doc}\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
