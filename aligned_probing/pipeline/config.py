@@ -25,8 +25,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aligned_probing.generation_settings import SamplingSettings
 from aligned_probing.pipeline.registry import TASK_KINDS
 
+# The probing scenarios as a type (`aligned_probing.probing.SCENARIOS` is the one list; a test checks they agree).
 Scenario = Literal["input", "forward", "output", "backward"]
-SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
+
+
+def _default_scenarios() -> list[Scenario]:
+    from aligned_probing.probing.scenarios import SCENARIOS  # imports scikit-learn: only when a default is needed
+
+    return list(SCENARIOS)  # type: ignore[arg-type]  # checked equal to `Scenario` by tests/test_config.py
+
+
+def _default_alphas() -> list[float]:
+    from aligned_probing.probing.ridge import DEFAULT_ALPHAS  # the one ridge grid
+
+    return list(DEFAULT_ALPHAS)
 
 
 class ConfigError(ValueError):
@@ -136,7 +148,7 @@ class ProbingConfig(_Section):
     """Layer-wise ridge probes: scenarios, cross-validation and reliability checks."""
 
     scenarios: list[Scenario] = Field(
-        default_factory=lambda: list(SCENARIOS), min_length=1, description="Probing scenarios to run."
+        default_factory=_default_scenarios, min_length=1, description="Probing scenarios to run."
     )
     attributes: list[str] | None = Field(
         None, description="Attributes to probe; default: every attribute the scorer returns."
@@ -147,9 +159,10 @@ class ProbingConfig(_Section):
         default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, description="Seeds of the fold splits."
     )
     alphas: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
+        default_factory=_default_alphas,
         min_length=1,
-        description="Ridge regularisation strengths; the best is chosen on the training part only.",
+        description="Ridge regularisation strengths; the best is chosen on the training part only. Default: "
+        "`aligned_probing.probing.DEFAULT_ALPHAS`, 10^-2 to 10^6 in half-decade steps (17 values).",
     )
     control: bool = Field(True, description="Also fit control probes on permuted targets (selectivity).")
     mdl: bool = Field(True, description="Also compute the online-code MDL compression.")
