@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
          "probe_readout", "record_residuals"],
         "aligned_probing.causal",
     ),
+    **dict.fromkeys(["export_steering_vector", "steering_vector"], "aligned_probing.causal.vectors"),
     # probe-based fine-tuning
     **dict.fromkeys(
         ["run_finetune", "results_wide", "FinetuneConfig", "load_finetune_config", "LogisticProbe",

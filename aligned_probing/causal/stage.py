@@ -1,9 +1,10 @@
 """The pipeline's causal stage: layer skipping, activation patching and steering on one model.
 
-Probes for the patching read-out and the steering direction are ridge probes on the stored input
-encodings (prompt score targets, one row per prompt), refitted here on every prompt: the probing
-stage's probes are cross-validated fold models, and we want one probe per layer. Steering acts at
-the layer where input information peaks in the probing stage's results.
+Probes for the patching read-out and the steering direction are the probe stage's input-scenario
+probes fitted on every prompt (`aligned_probing.pipeline.probes`: ridge on the stored input
+encodings, prompt score targets, one row per prompt), the same probes `load_results(...).probe()`
+gives a notebook; they are refitted here only when the probe stage did not save them. Steering acts
+at the layer where input information peaks in the probing stage's results.
 
 The stage runs as tasks through `ctx.executor`, like probing's layer blocks:
 
@@ -162,6 +163,13 @@ class _Task:
         )
 
     def probes(self, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
+        """The probe stage's input-scenario probes (fitted on all prompts) at `layers`; refitted if absent."""
+        from aligned_probing.pipeline.probes import PROBES_DIR, probe_name, read_probe
+
+        names = {x: probe_name("input", self.c.attribute, x) for x in sorted(set(layers))}
+        saved = {x: _fs.child(self.task["probe_dir"], PROBES_DIR, n) for x, n in names.items()}
+        if all(_fs.exists(loc, self.so) for loc in saved.values()):
+            return {x: read_probe(loc, self.so) for x, loc in saved.items()}
         return _fit_probes(
             self.task["store_dir"],
             prompts,
@@ -331,6 +339,7 @@ def run_causal(ctx: StageContext) -> dict[str, Any]:
         "out_dir": ctx.out_dir,
         "prompts_dir": input_dir(ctx, "prompts"),
         "store_dir": store_dir,
+        "probe_dir": input_dir(ctx, "probe"),
         "load_model": ctx.load_model,
         "storage_options": so,
         "all_layers": layers,

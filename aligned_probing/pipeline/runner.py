@@ -44,7 +44,8 @@ STAGE_FORMAT = 1
 #: downstream, whose keys include it) instead of serving stale outputs. Absent = 1.
 #: generate 2: continuations carry `token_logprobs` and pass the self-check (a transformers 5.24
 #: install produced token salad that version 1 would have served from cache).
-STAGE_VERSIONS: dict[str, int] = {"generate": 2}
+#: probe 2: also saves one probe per (layer, scenario, attribute) fitted on all rows (`probes/`).
+STAGE_VERSIONS: dict[str, int] = {"generate": 2, "probe": 2}
 
 
 @dataclass

@@ -231,6 +231,7 @@ def probe_block(task: dict[str, Any]) -> int:
     and a block already written is skipped, so a retried or resumed task does no work twice.
     """
     from aligned_probing.encoding.store import ActivationStore
+    from aligned_probing.pipeline.probes import fit_final_probes, save_final_probes
     from aligned_probing.probing import run_probing
 
     out, options = task["out"], task.get("storage_options")
@@ -241,9 +242,10 @@ def probe_block(task: dict[str, Any]) -> int:
     with warnings.catch_warnings():
         # Constant test folds (NaN r) and empty continuations are reported in the table; keep the log quiet.
         warnings.simplefilter("ignore", UserWarning)
+        targets = _fs.read_parquet(task["targets"], options)
         table = run_probing(
             store,
-            _fs.read_parquet(task["targets"], options),
+            targets,
             scenarios=p.scenarios,
             attributes=p.attributes,
             n_folds=p.n_folds,
@@ -254,12 +256,19 @@ def probe_block(task: dict[str, Any]) -> int:
             alphas=p.alphas,
             layers=task["layers"],
         )
+        # The block's probes fitted on every row (notebooks, the causal stage), saved before its table,
+        # whose presence marks the block complete.
+        probes = fit_final_probes(store, targets, p, task["layers"])
+    save_final_probes(probes, store, p.pooling, task["stage_dir"], options)
     _fs.write_parquet_atomic(table, out, options)
     return len(table)
 
 
 def probe_stage(ctx: StageContext) -> dict[str, Any]:
     """Layer-wise ridge probes for every scenario and attribute, with control tasks and MDL.
+
+    Besides the cross-validated table it saves one probe per (layer, scenario, attribute) fitted on
+    every row under `probes/` (`aligned_probing.pipeline.probes`).
 
     One task per block of `runtime["probe_layer_block"]` layers (all layers in one block by
     default), dispatched through `ctx.executor`; the blocks' rows are concatenated in layer order,
@@ -282,6 +291,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
             "probing": settings_of(ctx.settings, ProbeSettings).probing,
             "layers": block,
             "out": str(_fs.child(ctx.out_dir, "blocks", f"layers-{block[0]:03d}-{block[-1]:03d}.parquet")),
+            "stage_dir": ctx.out_dir,
             "storage_options": so,
         }
         for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
