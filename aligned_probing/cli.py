@@ -179,7 +179,7 @@ def report(
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"report: {path.resolve()}")
+    typer.echo(f"report: {path.resolve() if isinstance(path, Path) else path}")
 
 
 @app.command()
@@ -339,8 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except typer.Abort:
         return 1
-    except typer.TyperException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # usage errors without standalone mode (it has no `show()`)
+        typer.echo(f"Error: {exc.format_message()}", err=True)
         return int(getattr(exc, "exit_code", 1))
     return code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
 

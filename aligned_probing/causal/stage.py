@@ -27,7 +27,7 @@ one load per task on a cluster) and takes `runtime["causal_resources"]`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline.config import CausalConfig
 from aligned_probing.pipeline.runner import StageContext
 from aligned_probing.pipeline.settings import CausalSettings, settings_of
+
+if TYPE_CHECKING:
+    from aligned_probing.models import LoadedModel
 from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
 
 logger = logging.getLogger("aligned_probing.pipeline")
@@ -121,8 +124,9 @@ class _Task:
     def write(self, table: pd.DataFrame, *parts: str) -> None:
         _fs.write_parquet_atomic(table, self.path(*parts), self.so)
 
-    def model(self) -> Any:
-        return self.task["load_model"](self.settings.model.name)
+    def model(self) -> LoadedModel:
+        model: LoadedModel = self.task["load_model"](self.settings.model.name)
+        return model
 
     def prompts(self) -> pd.DataFrame:
         return read_prompts(self.task["prompts_dir"], self.so)

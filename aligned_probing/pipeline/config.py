@@ -41,6 +41,24 @@ def _default_alphas() -> list[float]:
     return list(DEFAULT_ALPHAS)
 
 
+Template = Literal[0, 1, 2, 3, 4]
+Pooling = Literal["mean", "last"]
+FigureFormat = Literal["png", "svg"]
+
+
+# List defaults with their declared element types (a lambda's `[0]` is a `list[int]` to mypy).
+def _raw_template() -> list[Template]:
+    return [0]
+
+
+def _mean_pooling() -> list[Pooling]:
+    return ["mean"]
+
+
+def _png_and_svg() -> list[FigureFormat]:
+    return ["png", "svg"]
+
+
 class ConfigError(ValueError):
     """A config is invalid; the message names each offending key, the allowed values and the value."""
 
@@ -112,8 +130,8 @@ class DataConfig(_Section):
 class GenerationConfig(SamplingSettings):
     """Sampling of continuations (the paper: temperature 1, top-p 0.9, 20 tokens, k = 25)."""
 
-    templates: list[Literal[0, 1, 2, 3, 4]] = Field(
-        default_factory=lambda: [0],
+    templates: list[Template] = Field(
+        default_factory=_raw_template,
         min_length=1,
         description="Prompt templates: 0 = raw prompt (main runs), 1-4 = instruction variants.",
     )
@@ -138,8 +156,8 @@ class ScoringConfig(_Section):
 class EncodingConfig(_Section):
     """Pooled residual-stream activations per layer."""
 
-    poolings: list[Literal["mean", "last"]] = Field(
-        default_factory=lambda: ["mean"], min_length=1, description="Poolings over each span's tokens."
+    poolings: list[Pooling] = Field(
+        default_factory=_mean_pooling, min_length=1, description="Poolings over each span's tokens."
     )
     batch_size: int = Field(8, gt=0, description="Sequences per teacher-forced forward pass.")
 
@@ -256,8 +274,8 @@ class OutputConfig(_Section):
         "Credentials are refused here (the config is saved in the run directory): they come from the "
         "environment (`AWS_ACCESS_KEY_ID`, ..., instance roles), as s3fs reads them by default.",
     )
-    figure_formats: list[Literal["png", "svg"]] = Field(
-        default_factory=lambda: ["png", "svg"], min_length=1, description="Formats of the saved figures."
+    figure_formats: list[FigureFormat] = Field(
+        default_factory=_png_and_svg, min_length=1, description="Formats of the saved figures."
     )
 
 

@@ -284,7 +284,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     )
     write_table(targets, ctx.out_dir, "targets.parquet", so)  # the tasks read it, not the driver
     _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
-    tasks = [
+    tasks: list[dict[str, Any]] = [
         {
             "store": str(store_dir),
             "targets": str(_fs.child(ctx.out_dir, "targets.parquet")),

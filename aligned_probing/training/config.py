@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aligned_probing.generation_settings import PAPER_K, GenerationSettings
 
-ARMS = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
 Arm = Literal["probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft"]
+ARMS: tuple[Arm, ...] = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
 
 
 class _Section(BaseModel):

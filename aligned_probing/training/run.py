@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,10 @@ from aligned_probing.training.data import (
 from aligned_probing.training.probes import ProbeSet, fit_probe_set
 from aligned_probing.training.retention import perplexity, probe_aurocs, retrained_auroc, toxicity_summary
 
+if TYPE_CHECKING:
+    from aligned_probing.models import LoadedModel
+    from aligned_probing.scoring import Scorer
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +53,7 @@ def get_training_scorer(name: str) -> Any:
     return JigsawScorer("tox-block")
 
 
-def _sample(model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any) -> LabelledSamples:
+def _sample(model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
     g = cfg.generation
@@ -145,8 +149,8 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
     return save_finetuned(trained, tokenizer, arm_dir, info=info)["merged"]
 
 
-def _evaluate(model: Any, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet], cfg: FinetuneConfig,
-              scorer: Any, texts: list[str], arm: str, out_dir: Path) -> pd.DataFrame:
+def _evaluate(model: LoadedModel, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet], cfg: FinetuneConfig,
+              scorer: Scorer, texts: list[str], arm: str, out_dir: Path) -> pd.DataFrame:
     """Toxicity, probe AUROCs (frozen, ensemble, held-out, retrained) and perplexity of one model."""
     ev = cfg.evaluation
     samples = _sample(model, eval_prompts, cfg, scorer)
