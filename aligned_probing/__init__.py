@@ -21,20 +21,22 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["load_model", "LoadedModel", "list_registry", "registry_names", "DEFAULT_MODEL", "list_cache",
          "clear_cache", "CacheEntry", "CorruptCacheWarning", "HubUnavailableError", "QUANTIZATIONS",
-         "resid_hook_name"],
+         "resid_hook_name", "bridge_model", "load_local_hf", "tokenizer_fingerprint"],
         "aligned_probing.models",
     ),
     # scoring
     **dict.fromkeys(
         ["ATTRIBUTES", "Scorer", "get_scorer", "ScoreCache", "CachedScorer", "JigsawScorer",
          "EnsembleScorer", "DetoxifyScorer", "PerspectiveScorer", "ScoringWarning",
-         "verify_embedded_scorer", "SCORER_NAMES", "PerspectiveError"],
+         "verify_embedded_scorer", "SCORER_NAMES", "PerspectiveError", "JIGSAW_MODELS", "embedded_scorer",
+         "text_hash", "validate_texts"],
         "aligned_probing.scoring",
     ),
     # prompts, templates, generation
     **dict.fromkeys(
         ["PromptSet", "PromptDataWarning", "embedded_prompts", "load_prompts", "load_rtp_jsonl",
-         "load_hf_dataset", "load_text", "load_csv", "EMBEDDED_SETS"],
+         "load_hf_dataset", "load_text", "load_csv", "EMBEDDED_SETS", "CANONICAL_ATTRIBUTES",
+         "EXTRA_ATTRIBUTES", "SCORE_PREFIX", "prompt_id", "score_columns"],
         "aligned_probing.data",
     ),
     **dict.fromkeys(
@@ -47,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["GenerationSettings", "SamplingSettings"], "aligned_probing.generation_settings"),
     # encoding and the store
-    **dict.fromkeys(["encode", "EmptyContinuationWarning"], "aligned_probing.encoding"),
+    **dict.fromkeys(["encode", "EmptyContinuationWarning", "PADDING_SIDES"], "aligned_probing.encoding"),
     "ActivationStore": "aligned_probing.encoding.store",
     **dict.fromkeys(
         ["Aggregator", "mean_aggregator", "last_aggregator", "max_aggregator", "get_aggregator"],
@@ -57,7 +59,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["RidgeProbe", "run_probing", "summarize", "peak_layers", "SCENARIOS", "ProbeFingerprint",
          "save_probe", "load_probe", "LayerwiseProbe", "online_codelength", "OnlineCode", "DEFAULT_ALPHAS",
-         "RESULT_COLUMNS", "MDL_COLUMNS"],
+         "RESULT_COLUMNS", "MDL_COLUMNS", "MDL_FRACTIONS", "SCENARIO_POSITION", "build_designs"],
         "aligned_probing.probing",
     ),
     # behaviour, interplay, causal
@@ -86,7 +88,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["load_results", "RunResults", "build_report"], "aligned_probing.pipeline.results"),
     "render_report": "aligned_probing.report.html",
     **dict.fromkeys(
-        ["run_pipeline", "RunResult", "build_plan", "load_config", "STAGE_NAMES"], "aligned_probing.pipeline.plan"
+        ["run_pipeline", "RunResult", "build_plan", "load_config", "STAGE_NAMES"],
+        "aligned_probing.pipeline.plan",
     ),
     # executors (local by default; Ray is an optional extra)
     **dict.fromkeys(

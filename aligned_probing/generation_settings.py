@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["PAPER_MAX_NEW_TOKENS", "PAPER_K", "PAPER_TEMPERATURE", "PAPER_TOP_P", "GenerationSettings", "SamplingSettings"]
+__all__ = [
+    "PAPER_K",
+    "PAPER_MAX_NEW_TOKENS",
+    "PAPER_TEMPERATURE",
+    "PAPER_TOP_P",
+    "GenerationSettings",
+    "SamplingSettings",
+]
 
 PAPER_K = 25
 PAPER_MAX_NEW_TOKENS = 20
@@ -28,7 +35,9 @@ class SamplingSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     k: int = Field(PAPER_K, gt=0, description="Continuations sampled per prompt.")
-    max_new_tokens: int = Field(PAPER_MAX_NEW_TOKENS, gt=0, description="Maximum new tokens per continuation.")
+    max_new_tokens: int = Field(
+        PAPER_MAX_NEW_TOKENS, gt=0, description="Maximum new tokens per continuation."
+    )
     temperature: float = Field(
         PAPER_TEMPERATURE, ge=0, description="Sampling temperature; 0 decodes greedily (top-p unused)."
     )
@@ -49,4 +58,6 @@ class GenerationSettings(SamplingSettings):
         0.9
     """
 
-    template: int = Field(0, ge=0, le=4, description="Prompt template: 0 = raw prompt, 1-4 = instruction variants.")
+    template: int = Field(
+        0, ge=0, le=4, description="Prompt template: 0 = raw prompt, 1-4 = instruction variants."
+    )

@@ -1,4 +1,4 @@
-"""One generation-settings type with the paper's defaults, shared by the pipeline, causal runners and training."""
+"""One generation-settings type with the paper's defaults: pipeline, causal runners and training share it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ PAPER = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 20, "k": 25}
 
 def test_one_type_one_set_of_defaults():
     assert CausalGenerationSettings is GenerationSettings
-    assert issubclass(GenerationConfig, SamplingSettings) and issubclass(GenerationSection, GenerationSettings)
+    assert issubclass(GenerationConfig, SamplingSettings)
+    assert issubclass(GenerationSection, GenerationSettings)
     for settings in (GenerationConfig(), GenerationSettings(), GenerationSection()):
         assert {key: getattr(settings, key) for key in PAPER} == PAPER, type(settings).__name__
 

@@ -51,5 +51,6 @@ def test_public_names_are_the_objects_of_their_modules():
     from aligned_probing import causal, generation_settings, report
     from aligned_probing.pipeline import plan
 
-    assert aligned_probing.GenerationSettings is causal.GenerationSettings is generation_settings.GenerationSettings
+    assert aligned_probing.GenerationSettings is causal.GenerationSettings
+    assert causal.GenerationSettings is generation_settings.GenerationSettings
     assert aligned_probing.run_pipeline is plan.run and aligned_probing.plots is report.plots

@@ -32,9 +32,11 @@ def _tiny_run(root: Path) -> None:
 
     shutil.copy(README.parent / "tests" / "data" / "tiny.toml", root / "tiny.toml")
     build_tiny_model(root / "tiny-a", seed=0)
-    cfg = RunConfig.from_toml(root / "tiny.toml", overrides=[f'output.run_dir="{root / RUN_DIR}"', "causal.enabled=false"])
+    overrides = [f'output.run_dir="{root / RUN_DIR}"', "causal.enabled=false"]
+    cfg = RunConfig.from_toml(root / "tiny.toml", overrides=overrides)
     data = cfg.model_dump(mode="json")
-    pipeline.run(RunConfig.from_dict({**data, "models": data["models"][:1]}), stages=["probe"], progress=False)
+    one_model = RunConfig.from_dict({**data, "models": data["models"][:1]})
+    pipeline.run(one_model, stages=["probe"], progress=False)
 
 
 @pytest.mark.slow
@@ -42,6 +44,6 @@ def _tiny_run(root: Path) -> None:
 def test_readme_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets that write files write them here
     code = python_blocks(README.read_text())[index]
-    if RUN_DIR in code:  # the results snippet starts from a run directory: a tiny one stands in for the demo's
+    if RUN_DIR in code:  # the results snippet starts from a run directory: a tiny one stands in
         _tiny_run(tmp_path)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})

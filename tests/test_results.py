@@ -1,4 +1,4 @@
-"""load_results gives a notebook the tables, the continuations, the stores and the probes fitted on all prompts."""
+"""load_results gives a notebook the tables, continuations, stores and probes fitted on all prompts."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_results_hold_continuations_stores_and_probes(probed_run):
     assert (store.model_name, store.template) == ("tiny-a", 1)
     attributes = sorted(res.probing["attribute"].unique())
     n_layers = store.n_layers + 1
-    assert len(res.probes) == 2 * n_layers * 2 * len(attributes)  # templates x layers x scenarios x attributes
+    # templates x layers x scenarios x attributes
+    assert len(res.probes) == 2 * n_layers * 2 * len(attributes)
     assert set(res.probes["scenario"]) == {"input", "output"}
     with pytest.raises(LookupError, match=r"template must be one of \[0, 1\]"):
         res.probe(layer=1)
@@ -62,7 +63,8 @@ def test_saved_probe_is_the_ridge_fit_on_all_prompts(probed_run):
     store = res.stores["tiny-a", 0]
     first = ~store.index["prompt_id"].duplicated().to_numpy()
     y = store.index.loc[first, "prompt_id"].map(res.prompts.set_index("prompt_id")["prompt_toxicity"])
-    expected = RidgeProbe(alphas=probed_run.probing.alphas).fit(store.layer(2, "input", "mean")[first], y.to_numpy())
+    X = store.layer(2, "input", "mean")[first]
+    expected = RidgeProbe(alphas=probed_run.probing.alphas).fit(X, y.to_numpy())
     np.testing.assert_allclose(probe.coef_, expected.coef_, rtol=1e-10, atol=1e-12)
     assert probe.alpha_ == expected.alpha_
     fp = probe.fingerprint_
@@ -90,7 +92,7 @@ def test_causal_stage_reads_the_saved_probes_instead_of_refitting(probed_run, mo
 
     monkeypatch.setattr(causal_stage, "_fit_probes", refit)
     task = causal_stage._Task(
-        {"storage_options": {}, "settings": causal.settings, "out_dir": Path("unused"), "probe_dir": probe_dir}
+        {"storage_options": {}, "settings": causal.settings, "out_dir": Path("x"), "probe_dir": probe_dir}
     )
     probes = task.probes(pd.DataFrame(), [2, 1, 2])
     assert sorted(probes) == [1, 2] and probes[2].fingerprint_.layer == 2

@@ -43,14 +43,14 @@ def test_exported_vector_with_plain_hooks_equals_steering(tiny_model, tiny_llama
     rng = np.random.default_rng(layer)
     direction = rng.standard_normal(tiny_model.d_model)
     alpha = -4.0
-    path = export_steering_vector(direction, tmp_path / "v.safetensors", layer=layer, alpha=alpha, model="tiny")
+    path = export_steering_vector(direction, tmp_path / "v.safetensors", layer=layer, alpha=alpha)
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     with torch.no_grad():
         plain = tiny_model.hf_model(input_ids=ids).logits
         with Steering(layer, direction, alpha).apply(tiny_model):
             ours = tiny_model.hf_model(input_ids=ids).logits
     theirs = _plain_hf_logits(tiny_llama_dir, path, ids)
-    assert (ours - plain).abs().max() > 1e-3  # the intervention changes the logits: the comparison is not vacuous
+    assert (ours - plain).abs().max() > 1e-3  # the intervention changes the logits: not a vacuous comparison
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 

@@ -18,7 +18,7 @@ import torch
 from aligned_probing.behaviour import METRICS, bootstrap_mean_ci, per_prompt_metrics
 from aligned_probing.causal.interventions import Intervention
 from aligned_probing.data.templates import render_prompt
-from aligned_probing.generation_settings import GenerationSettings  # the one shared type (k, seed, ..., template)
+from aligned_probing.generation_settings import GenerationSettings  # the one shared type
 
 EFFECT_COLUMNS: tuple[str, ...] = (
     "metric",

@@ -1,4 +1,4 @@
-"""Export a probe direction as a steering vector that other tools read (steering-vectors' layer -> tensor map).
+"""Export a probe direction as a steering vector other tools read (steering-vectors' layer -> tensor map).
 
 The file is safetensors: one `[d_model]` float32 tensor per steered decoder block, keyed by the
 block index as a decimal string (`"5"`), holding exactly what `Steering(layer, direction, alpha)`
@@ -91,7 +91,8 @@ def export_steering_vector(
 
     Example:
         >>> res = load_results("runs/quickstart")  # doctest: +SKIP
-        >>> export_steering_vector(res.probe(layer=14), "toxicity.safetensors", layer=14, alpha=-8.0)  # doctest: +SKIP
+        >>> probe = res.probe(layer=14)  # doctest: +SKIP
+        >>> export_steering_vector(probe, "toxicity.safetensors", layer=14, alpha=-8.0)  # doctest: +SKIP
     """
     from aligned_probing.models import resid_hook_name
 

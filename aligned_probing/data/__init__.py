@@ -30,11 +30,13 @@ from aligned_probing.data.schema import (
 )
 from aligned_probing.data.spec import load_prompts
 
-# The public names are declared in `aligned_probing.__all__`; this list does not widen it.
 __all__ = [
+    "CANONICAL_ATTRIBUTES",
     "EMBEDDED_SETS",
+    "EXTRA_ATTRIBUTES",
     "PromptDataWarning",
     "PromptSet",
+    "SCORE_PREFIX",
     "Scorer",
     "embedded_prompts",
     "load_csv",
@@ -42,4 +44,6 @@ __all__ = [
     "load_prompts",
     "load_rtp_jsonl",
     "load_text",
+    "prompt_id",
+    "score_columns",
 ]

@@ -14,8 +14,8 @@ from aligned_probing.encoding.pooling import (
 )
 from aligned_probing.encoding.store import ActivationStore
 
-# The public names are declared in `aligned_probing.__all__`; this list does not widen it.
 __all__ = [
+    "PADDING_SIDES",
     "ActivationStore",
     "Aggregator",
     "EmptyContinuationWarning",

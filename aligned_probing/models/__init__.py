@@ -24,7 +24,6 @@ from aligned_probing.models.loading import (
     tokenizer_fingerprint,
 )
 
-# The public names are declared in `aligned_probing.__all__`; this list does not widen it.
 __all__ = [
     "DEFAULT_MODEL",
     "QUANTIZATIONS",
@@ -32,10 +31,13 @@ __all__ = [
     "CorruptCacheWarning",
     "HubUnavailableError",
     "LoadedModel",
+    "bridge_model",
     "clear_cache",
     "list_cache",
     "list_registry",
+    "load_local_hf",
     "load_model",
     "registry_names",
     "resid_hook_name",
+    "tokenizer_fingerprint",
 ]

@@ -25,12 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aligned_probing.generation_settings import SamplingSettings
 from aligned_probing.pipeline.registry import TASK_KINDS
 
-# The probing scenarios as a type (`aligned_probing.probing.SCENARIOS` is the one list; a test checks they agree).
+# The probing scenarios as a type (`aligned_probing.probing.SCENARIOS` is the one list; a test checks
+# that they agree).
 Scenario = Literal["input", "forward", "output", "backward"]
 
 
 def _default_scenarios() -> list[Scenario]:
-    from aligned_probing.probing.scenarios import SCENARIOS  # imports scikit-learn: only when a default is needed
+    # Imported here: it imports scikit-learn, which reading a config that sets `scenarios` does not need.
+    from aligned_probing.probing.scenarios import SCENARIOS
 
     return list(SCENARIOS)  # type: ignore[arg-type]  # checked equal to `Scenario` by tests/test_config.py
 

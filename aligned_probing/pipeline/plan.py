@@ -104,7 +104,9 @@ def _model_settings(v: ModelVariant) -> ModelSettings:
         from aligned_probing.models.sources import dir_revision
 
         revision = dir_revision(path)  # a rebuilt local model invalidates its stages
-    return ModelSettings(name=v.name, spec=v.spec, dtype=v.dtype, quantization=v.quantization, revision=revision)
+    return ModelSettings(
+        name=v.name, spec=v.spec, dtype=v.dtype, quantization=v.quantization, revision=revision
+    )
 
 
 def build_plan(config: RunConfig) -> list[Stage]:
@@ -137,7 +139,11 @@ def build_plan(config: RunConfig) -> list[Stage]:
                 resumable=True,
             )
             s = Stage(
-                "score", unit_key("score", v.name, t), ScoreSettings(scoring=c.scoring), (g.key,), _stages.score_stage
+                "score",
+                unit_key("score", v.name, t),
+                ScoreSettings(scoring=c.scoring),
+                (g.key,),
+                _stages.score_stage,
             )
             e = Stage(
                 "encode",

@@ -125,6 +125,7 @@ def read_probe(location: _fs.Location, storage_options: _fs.StorageOptions = Non
         return load_probe(_fs.local_path(location))
     with tempfile.TemporaryDirectory(prefix="aligned-probing-probe-") as scratch:
         for file in _FILES:
-            (Path(scratch) / file).write_bytes(_fs.read_bytes(_fs.child(_fs.resolve(location), file), storage_options))
+            remote = _fs.child(_fs.resolve(location), file)
+            (Path(scratch) / file).write_bytes(_fs.read_bytes(remote, storage_options))
         return load_probe(scratch)
 

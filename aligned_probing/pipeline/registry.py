@@ -34,7 +34,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("score", "Score every continuation with the configured scorer", ("scores.parquet",)),
     StageSpec("encode", "Encode prompts and continuations into the activation store"),
     StageSpec("probe", "Fit layer-wise probes for every scenario and attribute", ("probing.parquet",)),
-    StageSpec("behaviour", "Compute EMT, toxicity probability and mean score with CIs", ("behaviour.parquet",)),
+    StageSpec(
+        "behaviour", "Compute EMT, toxicity probability and mean score with CIs", ("behaviour.parquet",)
+    ),
     StageSpec(
         "interplay",
         "Correlate information strength with behaviour across models (>= 3 models)",

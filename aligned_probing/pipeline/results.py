@@ -35,14 +35,18 @@ OUTPUTS: dict[str, tuple[str, ...]] = {spec.name: spec.outputs for spec in STAGE
 class StoreHandles(Mapping[tuple[str, int], "ActivationStore"]):
     """The activation store of each (model, template), opened on first access (then kept)."""
 
-    def __init__(self, locations: dict[tuple[str, int], _fs.Resolved], storage_options: _fs.StorageOptions = None):
+    def __init__(
+        self, locations: dict[tuple[str, int], _fs.Resolved], storage_options: _fs.StorageOptions = None
+    ) -> None:
         self.locations = dict(locations)
         self._options = dict(storage_options or {})
         self._open: dict[tuple[str, int], ActivationStore] = {}
 
     def __getitem__(self, key: tuple[str, int]) -> ActivationStore:
         if key not in self.locations:
-            raise KeyError(f"no activation store for {key!r}; (model, template) keys: {sorted(self.locations)}")
+            raise KeyError(
+                f"no activation store for {key!r}; (model, template) keys: {sorted(self.locations)}"
+            )
         if key not in self._open:
             from aligned_probing.encoding.store import ActivationStore
 
@@ -125,7 +129,8 @@ class RunResults:
             A fitted `RidgeProbe` (1 target) with its `fingerprint_`.
 
         Raises:
-            LookupError: No such probe, or `model`/`template` is needed to choose one (the message lists them).
+            LookupError: No such probe, or `model`/`template` is needed to choose one (the message
+                lists them).
         """
         from aligned_probing.pipeline.probes import read_probe
 
@@ -136,13 +141,18 @@ class RunResults:
             if value is not None:
                 rows = rows[rows[column] == value]
             elif rows[column].nunique() > 1:
-                raise LookupError(f"{column} must be one of {sorted(rows[column].unique().tolist())}: this run has several.")
-        rows = rows[(rows["layer"] == layer) & (rows["scenario"] == scenario) & (rows["attribute"] == attribute)]
+                values = sorted(rows[column].unique().tolist())
+                raise LookupError(f"{column} must be one of {values}: this run has several.")
+        rows = rows[
+            (rows["layer"] == layer) & (rows["scenario"] == scenario) & (rows["attribute"] == attribute)
+        ]
         if len(rows) != 1:
-            have = table[["model", "template", "scenario", "attribute"]].drop_duplicates().to_string(index=False)
+            have = table[["model", "template", "scenario", "attribute"]].drop_duplicates()
+            layers = sorted(table["layer"].unique().tolist())
             raise LookupError(
                 f"no saved probe for layer={layer}, scenario={scenario!r}, attribute={attribute!r}, "
-                f"model={model!r}, template={template!r}; layers {sorted(table['layer'].unique())} of:\n{have}"
+                f"model={model!r}, template={template!r}; the run has layers {layers} of:\n"
+                f"{have.to_string(index=False)}"
             )
         return read_probe(rows["location"].iloc[0], self.storage_options)
 

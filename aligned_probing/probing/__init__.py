@@ -8,16 +8,18 @@ from aligned_probing.probing.scenarios import SCENARIO_POSITION, SCENARIOS, buil
 from aligned_probing.probing.summary import peak_layers, summarize
 from aligned_probing.probing.sweep import MDL_COLUMNS, RESULT_COLUMNS, run_probing
 
-# The public names are declared in `aligned_probing.__all__`; this list does not widen it.
 __all__ = [
     "DEFAULT_ALPHAS",
     "LayerwiseProbe",
     "MDL_COLUMNS",
+    "MDL_FRACTIONS",
     "OnlineCode",
     "ProbeFingerprint",
     "RESULT_COLUMNS",
     "RidgeProbe",
     "SCENARIOS",
+    "SCENARIO_POSITION",
+    "build_designs",
     "load_probe",
     "online_codelength",
     "peak_layers",

@@ -14,9 +14,9 @@ from aligned_probing.scoring.jigsaw import JIGSAW_MODELS, JigsawScorer, verify_e
 from aligned_probing.scoring.perspective import PerspectiveError, PerspectiveScorer
 from aligned_probing.scoring.registry import SCORER_NAMES, embedded_scorer, get_scorer
 
-# The public names are declared in `aligned_probing.__all__`; this list does not widen it.
 __all__ = [
     "ATTRIBUTES",
+    "JIGSAW_MODELS",
     "SCORER_NAMES",
     "CachedScorer",
     "DetoxifyScorer",
@@ -27,6 +27,9 @@ __all__ = [
     "ScoreCache",
     "Scorer",
     "ScoringWarning",
+    "embedded_scorer",
     "get_scorer",
+    "text_hash",
+    "validate_texts",
     "verify_embedded_scorer",
 ]

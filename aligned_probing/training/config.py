@@ -51,10 +51,22 @@ class ProbeSection(_Section):
 
     layer: int = Field(..., ge=0, description="Residual layer the probes read (0 = embeddings).")
     C: float = Field(1.0, gt=0, description="Inverse L2 regularisation strength of the logistic probes.")
-    threshold: float = Field(0.5, gt=0, lt=1, description="Scorer toxicity at which a continuation is labelled toxic.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Scorer toxicity at which a continuation is labelled toxic."
+    )
     n_ensemble: int = Field(5, ge=1, le=10, description="Probes in the ensemble (`probe_dpo_ensemble`).")
-    n_heldout: int = Field(3, ge=1, description="Probes fitted on the held-out half of the training prompts, never trained against (retention).")
-    subsample: float = Field(0.8, gt=0, le=1, description="Fraction of each class that each ensemble or held-out probe is fitted on.")
+    n_heldout: int = Field(
+        3,
+        ge=1,
+        description="Probes fitted on the held-out half of the training prompts, never trained against "
+        "(retention).",
+    )
+    subsample: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Fraction of each class that each ensemble or held-out probe is fitted on.",
+    )
     seed: int = Field(0, description="Seed of the probes' split and subsamples.")
 
 
@@ -75,7 +87,9 @@ class TrainingSection(_Section):
         1.0, ge=0, description='LM loss weight on the chosen answer in DPO (TRL loss_type "sft").'
     )
     probe_lambda: float = Field(1.0, ge=0, description="Weight of the probe penalty in SFT.")
-    sft_continuations_per_prompt: int = Field(1, ge=1, description="Continuations per prompt (the first N sampled) that SFT trains on.")
+    sft_continuations_per_prompt: int = Field(
+        1, ge=1, description="Continuations per prompt (the first N sampled) that SFT trains on."
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")

@@ -53,7 +53,9 @@ def get_training_scorer(name: str) -> Any:
     return JigsawScorer("tox-block")
 
 
-def _sample(model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer) -> LabelledSamples:
+def _sample(
+    model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer
+) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
     g = cfg.generation
@@ -149,7 +151,8 @@ def _train_arm(arm: str, base_dir: Path, train: LabelledSamples, probes: dict[st
     return save_finetuned(trained, tokenizer, arm_dir, info=info)["merged"]
 
 
-def _evaluate(model: LoadedModel, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet], cfg: FinetuneConfig,
+def _evaluate(model: LoadedModel, eval_prompts: pd.DataFrame, probes: dict[str, ProbeSet],
+              cfg: FinetuneConfig,
               scorer: Scorer, texts: list[str], arm: str, out_dir: Path) -> pd.DataFrame:
     """Toxicity, probe AUROCs (frozen, ensemble, held-out, retrained) and perplexity of one model."""
     ev = cfg.evaluation
