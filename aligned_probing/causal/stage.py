@@ -36,10 +36,11 @@ from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline.config import CausalConfig
 from aligned_probing.pipeline.runner import StageContext
 from aligned_probing.pipeline.settings import CausalSettings, settings_of
+from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
 
 if TYPE_CHECKING:
+    from aligned_probing.causal import GenerationSettings, StatSettings
     from aligned_probing.models import LoadedModel
-from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -141,7 +142,7 @@ class _Task:
             .df
         )
 
-    def generation(self) -> Any:
+    def generation(self) -> GenerationSettings:
         from aligned_probing.causal import GenerationSettings
 
         g = self.settings.generation
@@ -155,7 +156,7 @@ class _Task:
             batch_size=g.batch_size,
         )
 
-    def stats(self) -> Any:
+    def stats(self) -> StatSettings:
         from aligned_probing.causal import StatSettings
 
         return StatSettings(
