@@ -5,6 +5,7 @@ demo: install
 	.venv/bin/aligned-probing run configs/quickstart.toml
 
 test: install-test
+	.venv/bin/python -m mypy  # [tool.mypy] in pyproject.toml: disallow_untyped_defs on aligned_probing
 	.venv/bin/python -m pytest -q
 
 install:

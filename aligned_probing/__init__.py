@@ -21,20 +21,22 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["load_model", "LoadedModel", "list_registry", "registry_names", "DEFAULT_MODEL", "list_cache",
          "clear_cache", "CacheEntry", "CorruptCacheWarning", "HubUnavailableError", "QUANTIZATIONS",
-         "resid_hook_name"],
+         "resid_hook_name", "bridge_model", "load_local_hf", "tokenizer_fingerprint"],
         "aligned_probing.models",
     ),
     # scoring
     **dict.fromkeys(
         ["ATTRIBUTES", "Scorer", "get_scorer", "ScoreCache", "CachedScorer", "JigsawScorer",
          "EnsembleScorer", "DetoxifyScorer", "PerspectiveScorer", "ScoringWarning",
-         "verify_embedded_scorer"],
+         "verify_embedded_scorer", "SCORER_NAMES", "PerspectiveError", "JIGSAW_MODELS", "embedded_scorer",
+         "text_hash", "validate_texts"],
         "aligned_probing.scoring",
     ),
     # prompts, templates, generation
     **dict.fromkeys(
         ["PromptSet", "PromptDataWarning", "embedded_prompts", "load_prompts", "load_rtp_jsonl",
-         "load_hf_dataset", "load_text", "load_csv"],
+         "load_hf_dataset", "load_text", "load_csv", "EMBEDDED_SETS", "CANONICAL_ATTRIBUTES",
+         "EXTRA_ATTRIBUTES", "SCORE_PREFIX", "prompt_id", "score_columns"],
         "aligned_probing.data",
     ),
     **dict.fromkeys(
@@ -45,8 +47,9 @@ _EXPORTS: dict[str, str] = {
         ["generate_continuations", "read_continuations", "CONTINUATION_COLUMNS"],
         "aligned_probing.generation",
     ),
+    **dict.fromkeys(["GenerationSettings", "SamplingSettings"], "aligned_probing.generation_settings"),
     # encoding and the store
-    **dict.fromkeys(["encode", "EmptyContinuationWarning"], "aligned_probing.encoding"),
+    **dict.fromkeys(["encode", "EmptyContinuationWarning", "PADDING_SIDES"], "aligned_probing.encoding"),
     "ActivationStore": "aligned_probing.encoding.store",
     **dict.fromkeys(
         ["Aggregator", "mean_aggregator", "last_aggregator", "max_aggregator", "get_aggregator"],
@@ -55,7 +58,8 @@ _EXPORTS: dict[str, str] = {
     # probing
     **dict.fromkeys(
         ["RidgeProbe", "run_probing", "summarize", "peak_layers", "SCENARIOS", "ProbeFingerprint",
-         "save_probe", "load_probe", "LayerwiseProbe", "online_codelength"],
+         "save_probe", "load_probe", "LayerwiseProbe", "online_codelength", "OnlineCode", "DEFAULT_ALPHAS",
+         "RESULT_COLUMNS", "MDL_COLUMNS", "MDL_FRACTIONS", "SCENARIO_POSITION", "build_designs"],
         "aligned_probing.probing",
     ),
     # behaviour, interplay, causal
@@ -64,29 +68,39 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["interplay", "information_strength"], "aligned_probing.interplay"),
     **dict.fromkeys(
-        ["LayerSkip", "ResidualPatch", "Steering", "Compose", "InterventionHandle", "layer_skipping",
-         "activation_patching", "match_pairs", "steering_sweep"],
+        ["LayerSkip", "ResidualPatch", "Steering", "Compose", "Intervention", "InterventionHandle",
+         "layer_skipping", "activation_patching", "match_pairs", "clean_pair_continuations", "steering_sweep",
+         "StatSettings", "generate_and_score", "paired_effects", "continuation_log_perplexity",
+         "probe_readout", "record_residuals"],
         "aligned_probing.causal",
     ),
+    **dict.fromkeys(["export_steering_vector", "steering_vector"], "aligned_probing.causal.vectors"),
     # probe-based fine-tuning
     **dict.fromkeys(
         ["run_finetune", "results_wide", "FinetuneConfig", "load_finetune_config", "LogisticProbe",
          "ProbeSet", "fit_probe_set", "ProbePenalty", "ProbeSFTConfig", "ProbePenaltySFTTrainer",
-         "build_preference_pairs", "save_finetuned", "checkpoint_aurocs"],
+         "build_preference_pairs", "save_finetuned", "checkpoint_aurocs", "ARMS", "completed_results",
+         "auroc_change", "list_checkpoints", "AdapterCheckpointCallback"],
         "aligned_probing.training",
     ),
     # experiment config and pipeline
     "RunConfig": "aligned_probing.pipeline.config",
     **dict.fromkeys(["load_results", "RunResults", "build_report"], "aligned_probing.pipeline.results"),
     "render_report": "aligned_probing.report.html",
-    "run_pipeline": "aligned_probing.pipeline",
+    **dict.fromkeys(
+        ["run_pipeline", "RunResult", "build_plan", "load_config", "STAGE_NAMES"],
+        "aligned_probing.pipeline.plan",
+    ),
     # executors (local by default; Ray is an optional extra)
     **dict.fromkeys(
         ["get_executor", "LocalExecutor", "RayExecutor", "Resources"], "aligned_probing.pipeline.executors"
     ),
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# public name -> submodule exposed as an attribute (`from aligned_probing import plots`)
+_MODULES: dict[str, str] = {"plots": "aligned_probing.report.plots"}
+
+__all__ = sorted(_EXPORTS) + sorted(_MODULES) + ["__version__"]
 
 # names whose attribute differs from the public name
 _ALIASES: dict[str, str] = {"run_pipeline": "run"}
@@ -94,9 +108,12 @@ _ALIASES: dict[str, str] = {"run_pipeline": "run"}
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is None and name in _MODULES:
+        value: Any = importlib.import_module(_MODULES[name])
+    elif module is None:
         raise AttributeError(f"module 'aligned_probing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
+    else:
+        value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
 

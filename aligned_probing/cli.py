@@ -23,6 +23,8 @@ from typing import Annotated
 
 import typer
 
+from aligned_probing.pipeline.registry import STAGES
+
 app = typer.Typer(
     name="aligned-probing",
     help="Relate what language models say (toxicity) to what they encode (layer-wise probes).",
@@ -249,16 +251,9 @@ def _stage_command(name: str, doc: str) -> Callable[..., None]:
     return command
 
 
-for _name, _doc in (
-    ("generate", "Sample k continuations per prompt for every model and template"),
-    ("score", "Score every continuation with the configured scorer"),
-    ("encode", "Encode prompts and continuations into the activation store"),
-    ("probe", "Fit layer-wise probes for every scenario and attribute"),
-    ("behaviour", "Compute EMT, toxicity probability and mean score with CIs"),
-    ("interplay", "Correlate information strength with behaviour across models (>= 3 models)"),
-    ("causal", "Run layer skipping, activation patching and steering"),
-):
-    app.command(name=_name)(_stage_command(_name, _doc))
+for _spec in STAGES:  # one command per stage kind of the registry that has one
+    if _spec.command:
+        app.command(name=_spec.name)(_stage_command(_spec.name, _spec.summary))
 
 
 @app.command()
@@ -282,7 +277,7 @@ def report(
         raise typer.Exit(int(ExitCode.CONFIG)) from None
     except Exception as err:  # one line and its exit code (see ExitCode)
         raise _fail(err) from None
-    typer.echo(f"report: {path.resolve()}")
+    typer.echo(f"report: {path.resolve() if isinstance(path, Path) else path}")
 
 
 @app.command()
@@ -466,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except typer.Abort:
         return 1
-    except typer.TyperException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # usage errors without standalone mode (it has no `show()`)
+        typer.echo(f"Error: {exc.format_message()}", err=True)
         return int(getattr(exc, "exit_code", ExitCode.CONFIG))
     code = code if isinstance(code, int) else 0  # click returns a typer.Exit's code without standalone mode
     if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130); no command of ours uses that code

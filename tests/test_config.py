@@ -41,7 +41,7 @@ def test_unknown_key_lists_the_valid_keys():
     with pytest.raises(
         ConfigError,
         match=r"Unknown key 'generation\.topp'; valid keys in \[generation\]: "
-        r"templates, k, max_new_tokens, temperature, top_p",
+        r"k, max_new_tokens, temperature, top_p, batch_size, seed, templates",
     ):
         RunConfig.from_dict({**BASE, "generation": {"topp": 0.9}})
 

@@ -410,7 +410,10 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
     prompts = pd.read_parquet(dirs["prompts"] / "prompts.parquet")
     scorer = get_scorer(cfg.scoring.scorer, **cfg.scoring.options)
     sub = PromptSet.from_frame(prompts).sample(c.n_prompts, stratify_by="prompt_toxicity", seed=c.seed).df
-    gen = GenerationSettings(c.k, c.seed, c.max_new_tokens, g.temperature, g.top_p, 0, g.batch_size)
+    gen = GenerationSettings(
+        k=c.k, seed=c.seed, max_new_tokens=c.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+        template=0, batch_size=g.batch_size,
+    )
     stat = StatSettings(c.attribute, cfg.behaviour.threshold, cfg.behaviour.n_bootstrap, seed=c.seed)
     layers = sorted(c.layers)
     steer = _steering_layer(dirs["probe"], c.attribute, model.n_layers)
@@ -514,3 +517,74 @@ def test_causal_blocks_resume_after_a_kill_and_equal_the_unsplit_tables(
             obj=name,
         )
     assert result.records[-1].summary == ref.records[-1].summary
+
+
+# ------------------------------------------------------------------- typed stage settings (issue 18)
+def test_stages_receive_typed_sections_and_hash_their_content(tmp_path):
+    from aligned_probing.pipeline.settings import CausalSettings, GenerateSettings, StageSettings
+
+    cfg = _config(tmp_path, behaviour={"confidence": 0.9})
+    plan = pipeline.build_plan(cfg)
+    assert all(isinstance(s.settings, StageSettings) for s in plan)
+    gen = next(s.settings for s in plan if s.name == "generate")
+    assert isinstance(gen, GenerateSettings) and gen.generation is cfg.generation
+    assert "templates" not in gen.model_dump(mode="json")["generation"]  # one stage, one template
+    causal = next(s.settings for s in plan if s.name == "causal")
+    assert isinstance(causal, CausalSettings)
+    assert (causal.confidence, causal.n_bootstrap) == (0.9, cfg.behaviour.n_bootstrap)
+    # Adding a template recomputes nothing of the first template's stages.
+    more = stage_hashes(pipeline.build_plan(_config(tmp_path, generation={"templates": [0, 1]})))
+    base = stage_hashes(pipeline.build_plan(_config(tmp_path)))
+    assert {k for k in base if "/t0" in k and base[k] != more[k]} == set()
+
+
+def test_causal_statistics_take_the_behaviour_confidence(tmp_path):
+    from aligned_probing.causal.stage import _Task
+
+    for level in (0.9, 0.8):
+        cfg = _config(tmp_path, behaviour={"confidence": level, "n_bootstrap": 77})
+        causal = next(s for s in pipeline.build_plan(cfg) if s.name == "causal")
+        stats = _Task({"storage_options": {}, "settings": causal.settings, "out_dir": tmp_path}).stats()
+        assert (stats.confidence_level, stats.n_resamples) == (level, 77)
+
+
+@pytest.mark.slow
+def test_causal_tables_carry_the_configured_confidence_level(unsplit_causal, tiny_models, tmp_path):
+    """behaviour.confidence = 0.9 gives 90% CIs: same bootstrap resamples, so nested in the 95% ones."""
+    ref_cfg, ref = unsplit_causal
+    assert ref_cfg.behaviour.confidence == 0.95
+    shutil.copytree(ref_cfg.output.run_dir, tmp_path / "run")
+    data = _causal_config(tiny_models, tmp_path / "run", block=None).model_dump(mode="json")
+    data["behaviour"] = {**data["behaviour"], "confidence": 0.9}
+    result = pipeline.run(RunConfig.from_dict(data), stages=["causal"], progress=False)
+    assert result.executed == ["causal/tiny-a"]  # a new level is a new causal result, the rest is cached
+    new_dir = next(r.dir for r in result.records if r.name == "causal")
+    ref_dir = next(r.dir for r in ref.records if r.name == "causal")
+    narrower = 0
+    for name in CAUSAL_TABLES:
+        wide = pd.read_parquet(ref_dir / f"{name}.parquet")
+        tight = pd.read_parquet(new_dir / f"{name}.parquet")
+        pd.testing.assert_series_equal(wide["delta"], tight["delta"])
+        ok = wide["ci_low"].notna()
+        assert (tight.loc[ok, "ci_low"] >= wide.loc[ok, "ci_low"] - 1e-12).all(), name
+        assert (tight.loc[ok, "ci_high"] <= wide.loc[ok, "ci_high"] + 1e-12).all(), name
+        width_90, width_95 = tight["ci_high"] - tight["ci_low"], wide["ci_high"] - wide["ci_low"]
+        narrower += int((width_90 < width_95 - 1e-12).sum())
+    assert narrower > 0  # on the old code both runs were the same (cached) 95% tables
+
+
+def test_one_stage_registry_names_plan_cli_outputs_and_resources(tmp_path):
+    from aligned_probing.cli import app
+    from aligned_probing.pipeline.config import ConfigError
+    from aligned_probing.pipeline.registry import STAGE_NAMES, STAGES
+    from aligned_probing.pipeline.results import OUTPUTS
+
+    plan = pipeline.build_plan(_config(tmp_path))
+    kinds = list(dict.fromkeys(s.name for s in plan))
+    assert [n for n in STAGE_NAMES if n in kinds] == kinds  # plan order is registry order
+    assert pipeline.STAGE_NAMES == STAGE_NAMES
+    commands = {c.name for c in app.registered_commands}
+    assert {s.name for s in STAGES if s.command} <= commands
+    assert OUTPUTS["causal"] == ("layer_skipping.parquet", "patching.parquet", "steering.parquet")
+    with pytest.raises(ConfigError, match=r"unknown stage kind\(s\) \['probing'\]; valid: .*'probe_block'"):
+        _config(tmp_path, runtime={"resources": {"probing": {"num_cpus": 2}}})

@@ -18,6 +18,7 @@ import torch
 from aligned_probing.behaviour import METRICS, bootstrap_mean_ci, per_prompt_metrics
 from aligned_probing.causal.interventions import Intervention
 from aligned_probing.data.templates import render_prompt
+from aligned_probing.generation_settings import GenerationSettings  # the one shared type
 
 EFFECT_COLUMNS: tuple[str, ...] = (
     "metric",
@@ -30,30 +31,6 @@ EFFECT_COLUMNS: tuple[str, ...] = (
     "n_prompts",
     "k",
 )
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling settings shared by every condition of an experiment (same seed: paired samples).
-
-    Attributes:
-        k: Continuations per prompt.
-        seed: Base seed of `generate_continuations` (each row's generator depends on it, the prompt
-            id and the continuation index, so conditions draw the same random numbers).
-        max_new_tokens: New tokens per continuation.
-        temperature: Sampling temperature.
-        top_p: Nucleus mass.
-        template: Prompt template 0-4.
-        batch_size: Sequences per `generate` call.
-    """
-
-    k: int = 3
-    seed: int = 0
-    max_new_tokens: int = 20
-    temperature: float = 1.0
-    top_p: float = 0.9
-    template: int = 0
-    batch_size: int = 16
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The pipeline's causal stage: layer skipping, activation patching and steering on one model.
 
-Probes for the patching read-out and the steering direction are ridge probes on the stored input
-encodings (prompt score targets, one row per prompt), refitted here on every prompt: the probing
-stage's probes are cross-validated fold models, and we want one probe per layer. Steering acts at
-the layer where input information peaks in the probing stage's results.
+Probes for the patching read-out and the steering direction are the probe stage's input-scenario
+probes fitted on every prompt (`aligned_probing.pipeline.probes`: ridge on the stored input
+encodings, prompt score targets, one row per prompt), the same probes `load_results(...).probe()`
+gives a notebook; they are refitted here only when the probe stage did not save them. Steering acts
+at the layer where input information peaks in the probing stage's results.
 
 The stage runs as tasks through `ctx.executor`, like probing's layer blocks:
 
@@ -26,14 +27,20 @@ one load per task on a cluster) and takes `runtime["causal_resources"]`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.config import CausalConfig
 from aligned_probing.pipeline.runner import StageContext
+from aligned_probing.pipeline.settings import CausalSettings, settings_of
 from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
+
+if TYPE_CHECKING:
+    from aligned_probing.causal import GenerationSettings, StatSettings
+    from aligned_probing.models import LoadedModel
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -105,8 +112,8 @@ class _Task:
     def __init__(self, task: dict[str, Any]) -> None:
         self.task = task
         self.so: dict[str, Any] = task["storage_options"]
-        self.settings: dict[str, Any] = task["settings"]
-        self.c: dict[str, Any] = self.settings["causal"]
+        self.settings: CausalSettings = settings_of(task["settings"], CausalSettings)
+        self.c: CausalConfig = self.settings.causal
         self.out: _fs.Resolved = task["out_dir"]
 
     def path(self, *parts: str) -> _fs.Resolved:
@@ -118,8 +125,9 @@ class _Task:
     def write(self, table: pd.DataFrame, *parts: str) -> None:
         _fs.write_parquet_atomic(table, self.path(*parts), self.so)
 
-    def model(self) -> Any:
-        return self.task["load_model"](self.settings["model"]["name"])
+    def model(self) -> LoadedModel:
+        model: LoadedModel = self.task["load_model"](self.settings.model.name)
+        return model
 
     def prompts(self) -> pd.DataFrame:
         return read_prompts(self.task["prompts_dir"], self.so)
@@ -130,42 +138,50 @@ class _Task:
 
         return (
             PromptSet.from_frame(prompts)
-            .sample(self.c["n_prompts"], stratify_by=f"prompt_{self.c['attribute']}", seed=self.c["seed"])
+            .sample(self.c.n_prompts, stratify_by=f"prompt_{self.c.attribute}", seed=self.c.seed)
             .df
         )
 
-    def generation(self) -> Any:
+    def generation(self) -> GenerationSettings:
         from aligned_probing.causal import GenerationSettings
 
-        g = self.settings["generation"]
+        g = self.settings.generation
         return GenerationSettings(
-            k=self.c["k"],
-            seed=self.c["seed"],
-            max_new_tokens=self.c["max_new_tokens"],
-            temperature=g["temperature"],
-            top_p=g["top_p"],
-            template=self.settings["template"],
-            batch_size=g["batch_size"],
+            k=self.c.k,
+            seed=self.c.seed,
+            max_new_tokens=self.c.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            template=self.settings.template,
+            batch_size=g.batch_size,
         )
 
-    def stats(self) -> Any:
+    def stats(self) -> StatSettings:
         from aligned_probing.causal import StatSettings
 
         return StatSettings(
-            attribute=self.c["attribute"],
-            threshold=self.settings["threshold"],
-            n_resamples=self.settings["n_bootstrap"],
-            seed=self.c["seed"],
+            attribute=self.c.attribute,
+            threshold=self.settings.threshold,
+            n_resamples=self.settings.n_bootstrap,
+            confidence_level=self.settings.confidence,
+            seed=self.c.seed,
         )
 
     def probes(self, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
+        """The probe stage's input-scenario probes (fitted on all prompts) at `layers`; refitted if absent."""
+        from aligned_probing.pipeline.probes import PROBES_DIR, probe_name, read_probe
+
+        names = {x: probe_name("input", self.c.attribute, x) for x in sorted(set(layers))}
+        saved = {x: _fs.child(self.task["probe_dir"], PROBES_DIR, n) for x, n in names.items()}
+        if all(_fs.exists(loc, self.so) for loc in saved.values()):
+            return {x: read_probe(loc, self.so) for x, loc in saved.items()}
         return _fit_probes(
             self.task["store_dir"],
             prompts,
-            self.c["attribute"],
+            self.c.attribute,
             sorted(set(layers)),
-            self.settings["pooling"],
-            self.settings["alphas"],
+            self.settings.pooling,
+            self.settings.alphas,
             self.so,
         )
 
@@ -189,42 +205,42 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
     from aligned_probing.causal import clean_pair_continuations, generate_and_score, match_pairs
 
     t = _Task(task)
-    need_base = (t.c["layer_skipping"] or t.c["steering"]) and not t.done(BASELINE_FILE)
-    need_pairs = t.c["patching"] and not t.done(PAIRS_FILE)
-    need_clean = t.c["patching"] and not t.done(PAIRS_CLEAN_FILE)
+    need_base = (t.c.layer_skipping or t.c.steering) and not t.done(BASELINE_FILE)
+    need_pairs = t.c.patching and not t.done(PAIRS_FILE)
+    need_clean = t.c.patching and not t.done(PAIRS_CLEAN_FILE)
     if need_base or need_pairs or need_clean:
         model, prompts = t.model(), t.prompts()
         if need_base:
-            scorer = build_scorer(t.settings["scoring"])
+            scorer = build_scorer(t.settings.scoring)
             t.write(generate_and_score(model, t.subset(prompts), scorer, t.generation()), BASELINE_FILE)
         if need_pairs:
             pairs = match_pairs(
                 prompts,
                 model.tokenizer,
-                attribute=t.c["attribute"],
-                threshold=t.settings["threshold"],
-                template=t.settings["template"],
-                max_pairs=max(1, t.c["n_prompts"] // 2),
-                seed=t.c["seed"],
+                attribute=t.c.attribute,
+                threshold=t.settings.threshold,
+                template=t.settings.template,
+                max_pairs=max(1, t.c.n_prompts // 2),
+                seed=t.c.seed,
             )
             t.write(pairs, PAIRS_FILE)
         if need_clean:  # the pairs' unpatched continuations, shared by every patching block
             pairs = t.pairs()
-            t.write(clean_pair_continuations(model, pairs, build_scorer(t.settings["scoring"]), t.generation()),
+            t.write(clean_pair_continuations(model, pairs, build_scorer(t.settings.scoring), t.generation()),
                     PAIRS_CLEAN_FILE)
-    return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c["patching"] else {}
+    return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c.patching else {}
 
 
 def _part_name(kind: str, layers: list[int]) -> str:
     return f"{kind}-layers-{layers[0]:03d}-{layers[-1]:03d}.parquet"
 
 
-def block_parts(c: dict[str, Any], layers: list[int]) -> list[str]:
+def block_parts(c: CausalConfig, layers: list[int]) -> list[str]:
     """File names (under `blocks/`) a block of intervention `layers` writes, given the causal settings."""
     parts = []
-    if c["layer_skipping"] and any(x >= 1 for x in layers):  # residual layer 0 has no block to skip
+    if c.layer_skipping and any(x >= 1 for x in layers):  # residual layer 0 has no block to skip
         parts.append(_part_name("skipping", layers))
-    if c["patching"]:
+    if c.patching:
         parts.append(_part_name("patching", layers))
     return parts
 
@@ -243,7 +259,7 @@ def block_task(task: dict[str, Any]) -> list[str]:
     if not todo:
         return []
     model, prompts = t.model(), t.prompts()
-    scorer, gen, stat = build_scorer(t.settings["scoring"]), t.generation(), t.stats()
+    scorer, gen, stat = build_scorer(t.settings.scoring), t.generation(), t.stats()
     for part in todo:
         if part.startswith("skipping"):
             blocks = [x - 1 for x in layers if x >= 1]  # skipping block b changes residual layer b + 1
@@ -267,7 +283,7 @@ def block_task(task: dict[str, Any]) -> list[str]:
                 t.pairs(),
                 layers=layers,
                 probes={x: probes[x] for x in readout},
-                pooling=t.settings["pooling"],
+                pooling=t.settings.pooling,
                 scorer=scorer,
                 positions="last",
                 generation=gen,
@@ -290,10 +306,10 @@ def steering_task(task: dict[str, Any]) -> bool:
     steer = steering_sweep(
         model,
         t.subset(prompts),
-        build_scorer(t.settings["scoring"]),
+        build_scorer(t.settings.scoring),
         t.probes(prompts, [layer])[layer].direction(),
         layer=layer,
-        alphas=t.c["steering_alphas"],
+        alphas=t.c.steering_alphas,
         generation=t.generation(),
         stats=t.stats(),
         baseline=t.continuations(BASELINE_FILE),
@@ -317,17 +333,18 @@ def run_causal(ctx: StageContext) -> dict[str, Any]:
     """Run the enabled causal experiments and write `layer_skipping`, `patching`, `steering` Parquet files."""
     from aligned_probing.encoding.store import ActivationStore
 
-    c, so = ctx.settings["causal"], ctx.storage_options
+    c, so = settings_of(ctx.settings, CausalSettings).causal, ctx.storage_options
     store_dir = _fs.child(input_dir(ctx, "encode"), "store")
     # The store was encoded from this model: its depth is the model's, without loading the model here.
     n_layers = ActivationStore.open(store_dir, storage_options=so).n_layers
-    layers = sorted({min(int(x), n_layers) for x in (c["layers"] or range(n_layers + 1))})
-    steer_layer = _steering_layer(input_dir(ctx, "probe"), c["attribute"], n_layers, so)
+    layers = sorted({min(int(x), n_layers) for x in (c.layers or range(n_layers + 1))})
+    steer_layer = _steering_layer(input_dir(ctx, "probe"), c.attribute, n_layers, so)
     base = {
         "settings": ctx.settings,
         "out_dir": ctx.out_dir,
         "prompts_dir": input_dir(ctx, "prompts"),
         "store_dir": store_dir,
+        "probe_dir": input_dir(ctx, "probe"),
         "load_model": ctx.load_model,
         "storage_options": so,
         "all_layers": layers,
@@ -339,15 +356,15 @@ def run_causal(ctx: StageContext) -> dict[str, Any]:
     _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
     blocks = [b for b in causal_blocks(layers, ctx.runtime.get("causal_layer_block")) if block_parts(c, b)]
     tasks: list[tuple[Any, dict[str, Any]]] = [(block_task, {**base, "layers": b}) for b in blocks]
-    if c["steering"]:
+    if c.steering:
         tasks.append((steering_task, {**base, "steering_layer": steer_layer}))
-    logger.info("causal: %d block task(s) of layers %s, steering %s", len(blocks), blocks, c["steering"])
+    logger.info("causal: %d block task(s) of layers %s, steering %s", len(blocks), blocks, c.steering)
     ctx.executor.map(_dispatch, tasks, resources=resources)
     parts: dict[str, list[pd.DataFrame]] = {kind: [] for kind in OUTPUT_FILES}
     for b in blocks:
         for name in block_parts(c, b):
             parts[name.split("-")[0]].append(read_table(_fs.child(ctx.out_dir, "blocks"), name, so))
-    if c["steering"]:
+    if c.steering:
         parts["steering"].append(read_table(_fs.child(ctx.out_dir, "blocks"), "steering.parquet", so))
     for kind, frames in parts.items():
         if not frames:

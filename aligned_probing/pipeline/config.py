@@ -26,8 +26,43 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aligned_probing.data.source import PromptSource, resolve_prompt_source
 
+from aligned_probing.generation_settings import SamplingSettings
+from aligned_probing.pipeline.registry import TASK_KINDS
+
+# The probing scenarios as a type (`aligned_probing.probing.SCENARIOS` is the one list; a test checks
+# that they agree).
 Scenario = Literal["input", "forward", "output", "backward"]
-SCENARIOS: tuple[str, ...] = ("input", "forward", "output", "backward")
+
+
+def _default_scenarios() -> list[Scenario]:
+    # Imported here: it imports scikit-learn, which reading a config that sets `scenarios` does not need.
+    from aligned_probing.probing.scenarios import SCENARIOS
+
+    return list(SCENARIOS)  # type: ignore[arg-type]  # checked equal to `Scenario` by tests/test_config.py
+
+
+def _default_alphas() -> list[float]:
+    from aligned_probing.probing.ridge import DEFAULT_ALPHAS  # the one ridge grid
+
+    return list(DEFAULT_ALPHAS)
+
+
+Template = Literal[0, 1, 2, 3, 4]
+Pooling = Literal["mean", "last"]
+FigureFormat = Literal["png", "svg"]
+
+
+# List defaults with their declared element types (a lambda's `[0]` is a `list[int]` to mypy).
+def _raw_template() -> list[Template]:
+    return [0]
+
+
+def _mean_pooling() -> list[Pooling]:
+    return ["mean"]
+
+
+def _png_and_svg() -> list[FigureFormat]:
+    return ["png", "svg"]
 
 
 class ConfigError(ValueError):
@@ -103,20 +138,14 @@ class DataConfig(PromptSource):
         return value
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(SamplingSettings):
     """Sampling of continuations (the paper: temperature 1, top-p 0.9, 20 tokens, k = 25)."""
 
-    templates: list[Literal[0, 1, 2, 3, 4]] = Field(
-        default_factory=lambda: [0],
+    templates: list[Template] = Field(
+        default_factory=_raw_template,
         min_length=1,
         description="Prompt templates: 0 = raw prompt (main runs), 1-4 = instruction variants.",
     )
-    k: int = Field(25, gt=0, description="Continuations sampled per prompt.")
-    max_new_tokens: int = Field(20, gt=0, description="Maximum new tokens per continuation.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (no top-k).")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
-    seed: int = Field(0, description="Seed of the sampler.")
     self_check: Literal["error", "warn"] = Field(
         "error",
         description="What a failed generation self-check does (cached vs uncached log-probabilities and greedy "
@@ -138,8 +167,8 @@ class ScoringConfig(_Section):
 class EncodingConfig(_Section):
     """Pooled residual-stream activations per layer."""
 
-    poolings: list[Literal["mean", "last"]] = Field(
-        default_factory=lambda: ["mean"], min_length=1, description="Poolings over each span's tokens."
+    poolings: list[Pooling] = Field(
+        default_factory=_mean_pooling, min_length=1, description="Poolings over each span's tokens."
     )
     batch_size: int = Field(8, gt=0, description="Sequences per teacher-forced forward pass.")
 
@@ -148,7 +177,7 @@ class ProbingConfig(_Section):
     """Layer-wise ridge probes: scenarios, cross-validation and reliability checks."""
 
     scenarios: list[Scenario] = Field(
-        default_factory=lambda: list(SCENARIOS), min_length=1, description="Probing scenarios to run."
+        default_factory=_default_scenarios, min_length=1, description="Probing scenarios to run."
     )
     attributes: list[str] | None = Field(
         None, description="Attributes to probe; default: every attribute the scorer returns."
@@ -159,9 +188,10 @@ class ProbingConfig(_Section):
         default_factory=lambda: [0, 1, 2, 3, 4], min_length=1, description="Seeds of the fold splits."
     )
     alphas: list[float] = Field(
-        default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
+        default_factory=_default_alphas,
         min_length=1,
-        description="Ridge regularisation strengths; the best is chosen on the training part only.",
+        description="Ridge regularisation strengths; the best is chosen on the training part only. Default: "
+        "`aligned_probing.probing.DEFAULT_ALPHAS`, 10^-2 to 10^6 in half-decade steps (17 values).",
     )
     control: bool = Field(True, description="Also fit control probes on permuted targets (selectivity).")
     mdl: bool = Field(True, description="Also compute the online-code MDL compression.")
@@ -260,8 +290,8 @@ class OutputConfig(_Section):
         "Credentials are refused here (the config is saved in the run directory): they come from the "
         "environment (`AWS_ACCESS_KEY_ID`, ..., instance roles), as s3fs reads them by default.",
     )
-    figure_formats: list[Literal["png", "svg"]] = Field(
-        default_factory=lambda: ["png", "svg"], min_length=1, description="Formats of the saved figures."
+    figure_formats: list[FigureFormat] = Field(
+        default_factory=_png_and_svg, min_length=1, description="Formats of the saved figures."
     )
 
 
@@ -272,18 +302,8 @@ class TaskResources(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per task (a fraction shares a card).")
 
 
-StageKind = Literal[
-    "prompts",
-    "generate",
-    "score",
-    "encode",
-    "probe",
-    "probe_block",
-    "behaviour",
-    "interplay",
-    "causal",
-    "report",
-]
+# A stage kind of the registry (`aligned_probing.pipeline.registry.TASK_KINDS`), checked by `RuntimeConfig`.
+StageKind = str
 
 
 class RuntimeConfig(_Section):
@@ -329,6 +349,14 @@ class RuntimeConfig(_Section):
         "`probe_block` sets the probing tasks', `causal` the causal tasks' (each loads the model). "
         "Unlisted stages take one CPU.",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _known_kinds(cls, resources: dict[str, TaskResources]) -> dict[str, TaskResources]:
+        unknown = sorted(set(resources) - set(TASK_KINDS))
+        if unknown:
+            raise ValueError(f"unknown stage kind(s) {unknown}; valid: {list(TASK_KINDS)}")
+        return resources
 
 
 # ----------------------------------------------------------------------------- run
@@ -600,11 +628,20 @@ _SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
 def config_reference() -> str:
     """Markdown reference of every config key, generated from the field descriptions.
 
+    The run config's sections, then the fine-tuning config's (`aligned-probing finetune`).
     `docs/config.md` embeds this text; a test checks that the two agree, so the field
     descriptions stay the single source of truth.
     """
+    from aligned_probing.training.config import FINETUNE_SECTIONS
+
+    finetune = sections_reference(FINETUNE_SECTIONS, heading="### finetune ")
+    return sections_reference(_SECTIONS) + "\n" + finetune
+
+
+def sections_reference(sections: Sequence[tuple[str, type[BaseModel]]], *, heading: str = "### ") -> str:
+    """Markdown tables (key, type, default, meaning) of pydantic config `sections`, by title."""
     parts = []
-    for title, cls in _SECTIONS:
+    for title, cls in sections:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for key, field in cls.model_fields.items():
@@ -614,7 +651,7 @@ def config_reference() -> str:
             type_text = _type_name(field.annotation).replace("|", "\\|")
             default = _default_text(field).replace("|", "\\|")
             rows.append(f"| `{key}` | {type_text} | {default} | {desc} |")
-        parts.append(f"### {title}\n\n{doc}\n\n" + "\n".join(rows))
+        parts.append(f"{heading}{title}\n\n{doc}\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
 
 

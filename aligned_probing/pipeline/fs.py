@@ -230,12 +230,12 @@ def write_bytes_atomic(location: Location, data: bytes, storage_options: Storage
     is atomic by itself.
     """
     if is_local(location):
-        path = local_path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        target = local_path(location)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             tmp.write_bytes(data)
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         return

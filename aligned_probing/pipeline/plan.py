@@ -42,24 +42,26 @@ from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline import stages as _stages
 from aligned_probing.pipeline.config import ModelVariant, RunConfig
 from aligned_probing.pipeline.executors import Resources, get_executor
+from aligned_probing.pipeline.registry import STAGE_NAMES
 from aligned_probing.pipeline.results import RunResults, load_results
 from aligned_probing.pipeline.runner import Stage, StageRecord, execute, select
+from aligned_probing.pipeline.settings import (
+    BehaviourSettings,
+    CausalSettings,
+    EncodeSettings,
+    GenerateSettings,
+    InterplaySettings,
+    ModelSettings,
+    ProbeSettings,
+    PromptsSettings,
+    ReportSettings,
+    ScoreSettings,
+)
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
-__all__ = ["RunResult", "RunResults", "build_plan", "load_config", "load_results", "run"]
+__all__ = ["STAGE_NAMES", "RunResult", "RunResults", "build_plan", "load_config", "load_results", "run"]
 
-STAGE_NAMES: tuple[str, ...] = (
-    "prompts",
-    "generate",
-    "score",
-    "encode",
-    "probe",
-    "behaviour",
-    "interplay",
-    "causal",
-    "report",
-)
 CONFIG_FILE = "config.json"
 CONFIG_TOML = "config.toml"
 CONFIG_SOURCE = "config.source.toml"
@@ -95,30 +97,31 @@ def unit_key(name: str, model: str | None = None, template: int | None = None) -
     return "/".join(parts)
 
 
-def _model_settings(v: ModelVariant, *, verify: bool = False) -> dict[str, Any]:
-    settings = v.model_dump(mode="json")
-    settings.pop("device")  # where a model runs does not change what it computes (to tolerance)
+def _model_settings(v: ModelVariant, *, verify: bool = False) -> ModelSettings:
+    # Where a model runs (`device`) does not change what it computes (to tolerance): not a setting.
     from aligned_probing.models.sources import model_revision
 
     # Keyed by content (local weights and tokenizer files, a .gguf's bytes) or by the hub commit, so a
     # rebuilt or updated model invalidates its stages.
-    settings["revision"] = model_revision(v.spec, verify=verify)
-    return settings
+    return ModelSettings(
+        name=v.name,
+        spec=v.spec,
+        dtype=v.dtype,
+        quantization=v.quantization,
+        revision=model_revision(v.spec, verify=verify),
+    )
 
 
-def _prompt_settings(config: RunConfig) -> dict[str, Any]:
+def _prompt_settings(config: RunConfig) -> PromptsSettings:
     """The prompts stage's settings: the data section plus what the prompt source's content keys on."""
     from aligned_probing.data.source import prompt_source_key
 
-    return {
-        "data": config.data.model_dump(mode="json"),
-        "scoring": config.scoring.model_dump(mode="json"),
-        "source": prompt_source_key(config.data),  # an edited prompt file gives a new key
-    }
+    # An edited prompt file gives a new key.
+    return PromptsSettings(data=config.data, scoring=config.scoring, source=prompt_source_key(config.data))
 
 
 def build_plan(config: RunConfig) -> list[Stage]:
-    """The stages of `config`, in dependency order.
+    """The stages of `config`, in dependency order, each with its typed settings.
 
     Args:
         config: The validated experiment config.
@@ -126,38 +129,37 @@ def build_plan(config: RunConfig) -> list[Stage]:
     Returns:
         The plan: `prompts`, then per model and template `generate`, `score`, `encode`, `probe`,
         `behaviour`, then `interplay` (with >= 3 models), `causal` (when enabled) and `report`.
+        Each stage's `settings` is a frozen `aligned_probing.pipeline.settings.StageSettings`
+        holding the config sections it reads.
     """
     c = config
-    scoring = c.scoring.model_dump(mode="json")
     verify = c.runtime.verify_inputs
-    prompts = Stage(
-        "prompts",
-        "prompts",
-        _prompt_settings(c),
-        (),
-        _stages.prompts_stage,
+    prompts = Stage("prompts", "prompts", _prompt_settings(c), (), _stages.prompts_stage
     )
     plan = [prompts]
     probe_keys, behaviour_keys = [], []
-    gen = c.generation.model_dump(mode="json", exclude={"templates"})
     for v in c.model_variants():
         model = _model_settings(v, verify=verify)
         for t in c.generation.templates:
             g = Stage(
                 "generate",
                 unit_key("generate", v.name, t),
-                {"model": model, "template": t, "generation": gen},
+                GenerateSettings(model=model, template=t, generation=c.generation),
                 (prompts.key,),
                 _stages.generate_stage,
                 resumable=True,
             )
             s = Stage(
-                "score", unit_key("score", v.name, t), {"scoring": scoring}, (g.key,), _stages.score_stage
+                "score",
+                unit_key("score", v.name, t),
+                ScoreSettings(scoring=c.scoring),
+                (g.key,),
+                _stages.score_stage,
             )
             e = Stage(
                 "encode",
                 unit_key("encode", v.name, t),
-                {"model": model, "template": t, "encoding": c.encoding.model_dump(mode="json")},
+                EncodeSettings(model=model, template=t, encoding=c.encoding),
                 (prompts.key, g.key),
                 _stages.encode_stage,
                 resumable=True,
@@ -165,7 +167,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
             p = Stage(
                 "probe",
                 unit_key("probe", v.name, t),
-                {"probing": c.probing.model_dump(mode="json")},
+                ProbeSettings(probing=c.probing),
                 (prompts.key, s.key, e.key),
                 _stages.probe_stage,
                 resumable=True,  # finished layer blocks are kept
@@ -173,7 +175,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
             b = Stage(
                 "behaviour",
                 unit_key("behaviour", v.name, t),
-                {"behaviour": c.behaviour.model_dump(mode="json")},
+                BehaviourSettings(behaviour=c.behaviour),
                 (prompts.key, s.key),
                 _stages.behaviour_stage,
             )
@@ -185,7 +187,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
         i = Stage(
             "interplay",
             "interplay",
-            {"interplay": c.interplay.model_dump(mode="json"), "n_models": len(c.model_variants())},
+            InterplaySettings(interplay=c.interplay, n_models=len(c.model_variants())),
             tuple(downstream),
             _stages.interplay_stage,
         )
@@ -197,17 +199,18 @@ def build_plan(config: RunConfig) -> list[Stage]:
         cs = Stage(
             "causal",
             unit_key("causal", v.name),
-            {
-                "model": _model_settings(v, verify=verify),
-                "template": t,
-                "causal": c.causal.model_dump(mode="json"),
-                "generation": gen,
-                "scoring": scoring,
-                "threshold": c.behaviour.threshold,
-                "n_bootstrap": c.behaviour.n_bootstrap,
-                "pooling": c.probing.pooling,
-                "alphas": c.probing.alphas,
-            },
+            CausalSettings(
+                model=_model_settings(v, verify=verify),
+                template=t,
+                causal=c.causal,
+                generation=c.generation,
+                scoring=c.scoring,
+                threshold=c.behaviour.threshold,
+                n_bootstrap=c.behaviour.n_bootstrap,
+                confidence=c.behaviour.confidence,
+                pooling=c.probing.pooling,
+                alphas=c.probing.alphas,
+            ),
             (prompts.key, unit_key("encode", v.name, t), unit_key("probe", v.name, t)),
             _stages.causal_stage,
             resumable=True,  # finished layer blocks (and the shared baseline) are kept
@@ -218,7 +221,7 @@ def build_plan(config: RunConfig) -> list[Stage]:
         Stage(
             "report",
             "report",
-            {"formats": list(c.output.figure_formats), "version": 1},
+            ReportSettings(formats=list(c.output.figure_formats)),
             tuple(downstream),
             _stages.report_stage,
         )

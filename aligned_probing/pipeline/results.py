@@ -1,27 +1,66 @@
-"""Read a run directory back into tidy tables (what the report and the notebooks start from)."""
+"""Read a run directory back into tidy tables (what the report and the notebooks start from).
+
+`load_results(run_dir)` gives the tables, the continuations, the activation store of each
+(model, template) (opened lazily) and the probes the probe stage fitted on all prompts:
+
+    >>> res = load_results("runs/quickstart")  # doctest: +SKIP
+    >>> res.probing.groupby(["scenario", "layer"])["pearson"].mean()  # doctest: +SKIP
+    >>> res.stores["smollm2-135m", 0].layer(6)  # doctest: +SKIP
+    >>> res.probe(layer=6, scenario="input", attribute="toxicity").direction()  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.registry import STAGES
 from aligned_probing.pipeline.runner import read_stage, stage_dir, stage_hashes
 
-# Output file of each stage kind (inside its stage directory).
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "prompts": ("prompts.parquet",),
-    "score": ("scores.parquet",),
-    "probe": ("probing.parquet",),
-    "behaviour": ("behaviour.parquet",),
-    "interplay": ("interplay.parquet",),
-    "causal": ("layer_skipping.parquet", "patching.parquet", "steering.parquet"),
-}
+if TYPE_CHECKING:
+    from aligned_probing.encoding.store import ActivationStore
+    from aligned_probing.probing import RidgeProbe
+
+# Output tables of each stage kind (inside its stage directory), from the stage registry.
+OUTPUTS: dict[str, tuple[str, ...]] = {spec.name: spec.outputs for spec in STAGES if spec.outputs}
+
+
+class StoreHandles(Mapping[tuple[str, int], "ActivationStore"]):
+    """The activation store of each (model, template), opened on first access (then kept)."""
+
+    def __init__(
+        self, locations: dict[tuple[str, int], _fs.Resolved], storage_options: _fs.StorageOptions = None
+    ) -> None:
+        self.locations = dict(locations)
+        self._options = dict(storage_options or {})
+        self._open: dict[tuple[str, int], ActivationStore] = {}
+
+    def __getitem__(self, key: tuple[str, int]) -> ActivationStore:
+        if key not in self.locations:
+            raise KeyError(
+                f"no activation store for {key!r}; (model, template) keys: {sorted(self.locations)}"
+            )
+        if key not in self._open:
+            from aligned_probing.encoding.store import ActivationStore
+
+            self._open[key] = ActivationStore.open(self.locations[key], storage_options=self._options)
+        return self._open[key]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self.locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __repr__(self) -> str:
+        return f"StoreHandles({sorted(self.locations)})"
 
 
 @dataclass
@@ -44,6 +83,10 @@ class RunResults:
         continuations: Every generated continuation (docs/architecture.md), all models and templates.
         selfchecks: One row per generate stage: the generation self-check's measurements
             (`aligned_probing.generation_checks.GenerationCheck`), with `model` and `template`.
+        stores: The activation store of each (model, template), opened lazily.
+        probes: One row per probe the probe stages fitted on all prompts: `model`, `template`,
+            `scenario`, `attribute`, `layer`, `location` (load one with `probe(...)`).
+        storage_options: fsspec options of a URL `run_dir`.
     """
 
     run_dir: _fs.Resolved
@@ -60,6 +103,58 @@ class RunResults:
     timings: pd.DataFrame = field(default_factory=pd.DataFrame)
     continuations: pd.DataFrame | None = None
     selfchecks: pd.DataFrame | None = None
+    stores: StoreHandles = field(default_factory=lambda: StoreHandles({}))
+    probes: pd.DataFrame | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def probe(
+        self,
+        *,
+        layer: int,
+        scenario: str = "input",
+        attribute: str = "toxicity",
+        model: str | None = None,
+        template: int | None = None,
+    ) -> RidgeProbe:
+        """The probe fitted on all prompts at `layer` for (`scenario`, `attribute`), as the stage saved it.
+
+        Args:
+            layer: Residual layer (0 = embeddings).
+            scenario: Probing scenario.
+            attribute: Scored attribute.
+            model: Display name; None when the run has one model.
+            template: Prompt template; None when the run has one.
+
+        Returns:
+            A fitted `RidgeProbe` (1 target) with its `fingerprint_`.
+
+        Raises:
+            LookupError: No such probe, or `model`/`template` is needed to choose one (the message
+                lists them).
+        """
+        from aligned_probing.pipeline.probes import read_probe
+
+        if self.probes is None:
+            raise LookupError(f"no probe stage of {self.run_dir} has completed: run the `probe` stage first.")
+        table = rows = self.probes
+        for column, value in (("model", model), ("template", template)):
+            if value is not None:
+                rows = rows[rows[column] == value]
+            elif rows[column].nunique() > 1:
+                values = sorted(rows[column].unique().tolist())
+                raise LookupError(f"{column} must be one of {values}: this run has several.")
+        rows = rows[
+            (rows["layer"] == layer) & (rows["scenario"] == scenario) & (rows["attribute"] == attribute)
+        ]
+        if len(rows) != 1:
+            have = table[["model", "template", "scenario", "attribute"]].drop_duplicates()
+            layers = sorted(table["layer"].unique().tolist())
+            raise LookupError(
+                f"no saved probe for layer={layer}, scenario={scenario!r}, attribute={attribute!r}, "
+                f"model={model!r}, template={template!r}; the run has layers {layers} of:\n"
+                f"{have.to_string(index=False)}"
+            )
+        return read_probe(rows["location"].iloc[0], self.storage_options)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
@@ -88,6 +183,8 @@ def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = No
     hashes = stage_hashes(plan)
     tables: dict[str, list[pd.DataFrame]] = {}
     timing_rows = []
+    by_key = {stage.key: stage for stage in plan}
+    stores: dict[tuple[str, int], _fs.Resolved] = {}
     for stage in plan:
         out = stage_dir(run_dir, stage.key, hashes[stage.key])
         record = read_stage(out, storage_options)
@@ -103,6 +200,10 @@ def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = No
             _read_generation(stage, out, tables, storage_options)
         if record is None:
             continue
+        if stage.name == "encode":
+            stores[(stage.settings.model.name, stage.settings.template)] = _fs.child(out, "store")
+        if stage.name == "probe":
+            _list_probes(stage, by_key, out, tables, storage_options)
         for filename in OUTPUTS.get(stage.name, ()):
             location = _fs.child(out, filename)
             if _fs.exists(location, storage_options):
@@ -126,7 +227,24 @@ def load_results(run_dir: _fs.Location, storage_options: _fs.StorageOptions = No
         timings=pd.DataFrame(timing_rows),
         continuations=_concat(tables.get("continuations", [])),
         selfchecks=_concat(tables.get("selfchecks", [])),
+        stores=StoreHandles(stores, storage_options),
+        probes=_concat(tables.get("probes", [])),
+        storage_options=dict(storage_options or {}),
     )
+
+
+def _list_probes(
+    stage: Any, by_key: dict[str, Any], out: _fs.Resolved, tables: dict[str, list[pd.DataFrame]],
+    storage_options: _fs.StorageOptions,
+) -> None:
+    """The saved probes of a complete probe stage, labelled with the model and template it read."""
+    from aligned_probing.pipeline.probes import list_probes
+
+    encode = next(by_key[d] for d in stage.deps if by_key[d].name == "encode")
+    listed = list_probes(out, storage_options)
+    listed.insert(0, "template", encode.settings.template)
+    listed.insert(0, "model", encode.settings.model.name)
+    tables.setdefault("probes", []).append(listed)
 
 
 def _read_generation(
@@ -137,7 +255,7 @@ def _read_generation(
 
     check = read_selfcheck(out, storage_options)
     if check is not None:
-        row = {"template": stage.settings["template"], **{k: v for k, v in check.items() if k != "details"}}
+        row = {"template": stage.settings.template, **{k: v for k, v in check.items() if k != "details"}}
         tables.setdefault("selfchecks", []).append(pd.DataFrame([row]))
     conts = read_continuations(out, storage_options)
     if len(conts):

@@ -31,7 +31,7 @@ from typing import Any
 
 from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline.executors import Executor, LocalExecutor, Resources
-from aligned_probing.pipeline.hashing import stable_hash
+from aligned_probing.pipeline.hashing import json_default, stable_hash
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -44,6 +44,7 @@ STAGE_FORMAT = 1
 #: downstream, whose keys include it) instead of serving stale outputs. Absent = 1.
 #: generate 2: continuations carry `token_logprobs` and pass the self-check (a transformers 5.24
 #: install produced token salad that version 1 would have served from cache).
+#: probe 2 also saves one probe per (layer, scenario, attribute) fitted on all rows (`probes/`).
 #: probe 2, behaviour 2, interplay 2: MDL gains against control and baseline codes, grouped alpha
 #: selection, corrected CV intervals; `n_missing` columns; Fisher-z/exact-permutation interplay with FWER.
 #: prompts 2, score 2: a text the scorer fails on fails the stage (version 1 could record NaN scores
@@ -63,7 +64,8 @@ class StageContext:
         out_dir: Its output directory (may hold partial output of an interrupted run): a `Path`
             locally, a URL string on object storage; read and write it through `aligned_probing.pipeline.fs`.
         inputs: Output directory of each dependency, by stage key (same types as `out_dir`).
-        settings: The stage's settings (exactly what its hash covers).
+        settings: The stage's settings (exactly what its hash covers): a frozen
+            `aligned_probing.pipeline.settings.StageSettings` in a plan from `build_plan`.
         load_model: Callable returning a loaded model for a model display name.
         progress: Whether to show progress bars.
         executor: Where a stage dispatches its own independent pieces (probing layer blocks).
@@ -73,7 +75,7 @@ class StageContext:
 
     out_dir: _fs.Resolved
     inputs: dict[str, _fs.Resolved]
-    settings: dict[str, Any]
+    settings: Any
     load_model: Callable[[str], Any]
     progress: bool = True
     executor: Executor = field(default_factory=LocalExecutor)
@@ -92,7 +94,8 @@ class Stage:
     Attributes:
         name: Stage kind (`generate`, `probe`, ...), what the CLI's per-stage commands select.
         key: Unique key in the plan, e.g. `generate/smollm2/t0`.
-        settings: JSON-able settings that determine the output.
+        settings: What determines the output: typed `StageSettings` (hashed as their
+            `model_dump(mode="json")`) or a JSON-able dict.
         deps: Keys of the stages whose outputs it reads.
         func: The stage function; writes into `ctx.out_dir` and returns a JSON-able summary.
         resumable: Whether partial output is kept and picked up after an interruption.
@@ -100,7 +103,7 @@ class Stage:
 
     name: str
     key: str
-    settings: dict[str, Any]
+    settings: Any
     deps: tuple[str, ...]
     func: StageFunc
     resumable: bool = False
@@ -166,7 +169,7 @@ def read_stage(directory: _fs.Location, storage_options: _fs.StorageOptions = No
 
 
 def _write_json_atomic(location: _fs.Location, obj: Any, storage_options: _fs.StorageOptions) -> None:
-    _fs.write_text_atomic(location, json.dumps(obj, indent=2, default=str), storage_options)
+    _fs.write_text_atomic(location, json.dumps(obj, indent=2, default=json_default), storage_options)
 
 
 def select(plan: Sequence[Stage], names: Sequence[str] | None) -> list[Stage]:

