@@ -49,7 +49,19 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["GenerationSettings", "SamplingSettings"], "aligned_probing.generation_settings"),
     # encoding and the store
-    **dict.fromkeys(["encode", "EmptyContinuationWarning", "PADDING_SIDES"], "aligned_probing.encoding"),
+    **dict.fromkeys(["encode", "EmptyContinuationWarning", "PADDING_SIDES", "StoreCorruptError"], "aligned_probing.encoding"),
+    # prompt sources (one schema for every config) and data errors
+    **dict.fromkeys(
+        ["DataError", "PromptSource", "load_prompt_source", "prompt_source_key", "resolve_prompt_source"],
+        "aligned_probing.data",
+    ),
+    "rows_lost": "aligned_probing.probing",
+    # probe-based fine-tuning statistics and sources
+    **dict.fromkeys(
+        ["auroc_with_ci", "best_probe_layer", "load_finetune_prompts", "paired_auroc_difference",
+         "paired_comparisons", "paired_mean_difference", "resolve_probe_layer", "sft_examples", "weighted_auroc"],
+        "aligned_probing.training",
+    ),
     "ActivationStore": "aligned_probing.encoding.store",
     **dict.fromkeys(
         ["Aggregator", "mean_aggregator", "last_aggregator", "max_aggregator", "get_aggregator"],

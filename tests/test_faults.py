@@ -111,8 +111,12 @@ def _score_plan(texts: list[str]) -> list[Stage]:
         return {}
 
     gen = Stage("generate", "generate/m/t0", {"n": len(texts)}, (), fake_generate)
-    scoring = {"scorer": "flaky", "options": {}, "batch_size": 3}
-    score = Stage("score", "score/m/t0", {"scoring": scoring}, (gen.key,), _stages.score_stage)
+    from aligned_probing.pipeline.config import ScoringConfig
+    from aligned_probing.pipeline.settings import ScoreSettings
+
+    scoring = ScoringConfig.model_construct(scorer="flaky", options={}, batch_size=3)  # no registry check
+    score = Stage("score", "score/m/t0", ScoreSettings.model_construct(scoring=scoring), (gen.key,),
+                  _stages.score_stage)
     return [gen, score]
 
 

@@ -40,6 +40,6 @@ def test_settings_are_frozen_and_closed():
 
 def test_config_docs_cover_the_finetune_config():
     ref = config_reference()
-    for key in ("### finetune [training]", "`probe_lambda`", "`retrain_fraction`", "`sft_weight`"):
+    for key in ("### finetune [training]", "`probe_lambda`", "`seeds`", "`sft_weight`"):
         assert key in ref
     assert "|  |" not in ref  # every field has a description
