@@ -37,7 +37,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -128,7 +128,7 @@ def _selection_stat(r: np.ndarray, alternative: str) -> np.ndarray:
 
 def layer_family_tests(
     X: np.ndarray, y: np.ndarray, perms: np.ndarray, alternative: str
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Per-layer correlation, raw and max-statistic (family-wise) permutation p-values, BH q-values.
 
     Args:

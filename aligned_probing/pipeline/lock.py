@@ -117,7 +117,7 @@ def _file_lock(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def _read_lease(location: str, options: dict[str, Any]) -> dict[str, Any] | None:
+def _read_lease(location: _fs.Resolved, options: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return json.loads(_fs.read_text(location, options))
     except (FileNotFoundError, ValueError):
