@@ -588,3 +588,49 @@ def test_one_stage_registry_names_plan_cli_outputs_and_resources(tmp_path):
     assert OUTPUTS["causal"] == ("layer_skipping.parquet", "patching.parquet", "steering.parquet")
     with pytest.raises(ConfigError, match=r"unknown stage kind\(s\) \['probing'\]; valid: .*'probe_block'"):
         _config(tmp_path, runtime={"resources": {"probing": {"num_cpus": 2}}})
+
+
+def _scored_jsonl(path: Path, attributes, n: int = 30) -> Path:
+    """An RTP-style jsonl whose prompts carry their own (dataset) scores for `attributes`."""
+    rows = []
+    for i in range(n):
+        scores = {a: round((i * 7 % 30) / 31 + 0.001 * j, 4) for j, a in enumerate(attributes)}
+        rows.append({"prompt": {"text": f"Prompt number {i} says that the weather", **scores}})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_prompt_scores_from_the_dataset_are_kept_and_recorded(tiny_models, tmp_path):
+    from aligned_probing.scoring import get_scorer
+
+    attributes = list(get_scorer("embedded").attributes)
+    source = _scored_jsonl(tmp_path / "scored.jsonl", attributes)
+    cfg = _one_model(tiny_models, tmp_path / "run", **{
+        "data.prompt_set": json.dumps(str(source)), "data.n_prompts": 12, "data.stratify_by": "false",
+        "scoring.prompt_scores": '"dataset"'})
+    result = pipeline.run(cfg, stages=["prompts"], progress=False)
+    stage = next(r.dir for r in result.records if r.name == "prompts")
+    table = pd.read_parquet(stage / "prompts.parquet")
+    expected = {f"Prompt number {i} says that the weather": round((i * 7 % 30) / 31, 4) for i in range(30)}
+    assert table["prompt_toxicity"].tolist() == [expected[t] for t in table["text"]]  # not re-scored
+    provenance = json.loads((stage / "score_provenance.json").read_text())
+    assert provenance["prompt_scores"].startswith("dataset") and provenance["continuation_scores"] == "scorer: embedded"
+
+    # Re-scored by the run's scorer (the default), the same prompts get other numbers and say so.
+    cfg = _one_model(tiny_models, tmp_path / "run2", **{
+        "data.prompt_set": json.dumps(str(source)), "data.n_prompts": 12, "data.stratify_by": "false"})
+    stage = next(r.dir for r in pipeline.run(cfg, stages=["prompts"], progress=False).records if r.name == "prompts")
+    rescored = pd.read_parquet(stage / "prompts.parquet")
+    assert rescored["prompt_toxicity"].tolist() != [expected[t] for t in rescored["text"]]
+    assert json.loads((stage / "score_provenance.json").read_text())["prompt_scores"] == "scorer: embedded"
+
+
+def test_dataset_prompt_scores_missing_an_attribute_are_refused(tiny_models, tmp_path):
+    from aligned_probing.data import DataError
+
+    source = _scored_jsonl(tmp_path / "partial.jsonl", ["toxicity"])
+    cfg = _one_model(tiny_models, tmp_path / "run", **{
+        "data.prompt_set": json.dumps(str(source)), "data.n_prompts": 12, "data.stratify_by": "false",
+        "scoring.prompt_scores": '"dataset"'})
+    with pytest.raises(DataError, match=r"no scores for \['severe_toxicity'.*prompt_scores = 'scorer'"):
+        pipeline.run(cfg, stages=["prompts"], progress=False)

