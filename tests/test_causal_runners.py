@@ -15,12 +15,16 @@ from aligned_probing.causal import (
     LayerSkip,
     StatSettings,
     activation_patching,
+    Steering,
     continuation_log_perplexity,
     generate_and_score,
     layer_skipping,
     match_pairs,
+    random_direction,
+    record_residuals,
     steering_sweep,
 )
+from aligned_probing.causal.steering import STEERING_COLUMNS
 from aligned_probing.data.templates import render_prompt
 
 GREEDY = GenerationSettings(k=2, seed=0, max_new_tokens=6, temperature=0.0, batch_size=8)
@@ -136,29 +140,90 @@ def test_layer_skipping_with_constant_scores_is_exactly_null(tiny_model):
 # ------------------------------------------------------------------------- steering
 
 
-def test_steering_towards_a_token_raises_its_score_and_alpha_zero_is_null(tiny_model):
-    tok = tiny_model.tokenizer
-    t = tok.convert_tokens_to_ids("Ġidiot")
-    direction = tiny_model.hf_model.get_output_embeddings().weight[t].detach().numpy()
+def _idiot_direction(model) -> np.ndarray:
+    t = model.tokenizer.convert_tokens_to_ids("Ġidiot")
+    return model.hf_model.get_output_embeddings().weight[t].detach().numpy().copy()
+
+
+def test_planted_direction_beats_the_random_control_and_alpha_zero_is_null(tiny_model):
+    """The token's unembedding direction at the last layer is a planted causal direction for a scorer
+    that counts that token; a random direction of the same strength is not."""
     out = steering_sweep(
         tiny_model,
         PROMPTS,
         WordScorer("idiot"),
-        direction,
+        _idiot_direction(tiny_model),
         layer=tiny_model.n_layers,
         alphas=[-1000.0, 0.0, 1000.0],
+        units="absolute",
         generation=GREEDY,
         stats=STATS,
     )
+    assert list(out.columns) == list(STEERING_COLUMNS)
     assert set(out.metric) == {"emt", "toxicity_probability", "mean_score", "log_perplexity"}
+    assert set(out.direction) == {"probe", "random", "probe_vs_random"}
     zero = out[out.alpha == 0.0]
     assert (zero.delta == 0).all() and (zero.value == zero.baseline).all()
-    up = out[(out.alpha == 1000.0)].set_index("metric")
+    rows = out[out.alpha == 1000.0].set_index(["direction", "metric"])
     # greedy decoding along the token's unembedding direction emits only " idiot"
-    assert up.loc["mean_score", "value"] == pytest.approx(1.0)
-    assert up.loc["emt", "delta"] > 0.5 and up.loc["emt", "excludes_zero"]
-    down = out[(out.alpha == -1000.0)].set_index("metric")
+    assert rows.loc[("probe", "mean_score"), "value"] == pytest.approx(1.0)
+    assert rows.loc[("probe", "emt"), "delta"] > 0.5 and rows.loc[("probe", "emt"), "excludes_zero"]
+    # ... the same push along a random direction does not, and the paired contrast credits the probe
+    assert rows.loc[("random", "mean_score"), "value"] < 0.2
+    contrast = rows.loc[("probe_vs_random", "emt")]
+    assert contrast["delta"] > 0.5 and contrast["ci_low"] > 0
+    assert contrast["value"] == pytest.approx(rows.loc[("probe", "emt"), "value"])
+    assert contrast["baseline"] == pytest.approx(rows.loc[("random", "emt"), "value"])
+    down = out[(out.alpha == -1000.0) & (out.direction == "probe")].set_index("metric")
     assert down.loc["emt", "value"] == 0.0
+    # the fluency cost sits beside every effect: pushing 1000 residual units breaks the text
+    assert rows.loc[("probe", "log_perplexity"), "delta"] > 1.0
+
+
+def test_random_direction_is_seeded_unit_and_orthogonal(rng):
+    u = rng.normal(size=32)
+    a, b = random_direction(32, seed=3, orthogonal_to=u), random_direction(32, seed=3, orthogonal_to=u)
+    assert np.array_equal(a, b) and np.linalg.norm(a) == pytest.approx(1.0)
+    assert abs(a @ u) < 1e-10
+    assert not np.allclose(a, random_direction(32, seed=4, orthogonal_to=u))
+
+
+def test_steering_strength_is_in_units_of_the_median_residual_norm(tiny_model):
+    """units='norm' equals units='absolute' at alpha x the median residual norm of the prompts'
+    prompt-span positions at that layer, measured here by hand."""
+    layer, direction = 2, _idiot_direction(tiny_model)
+    norms = []
+    for text in PROMPTS.text:
+        r = render_prompt(tiny_model.tokenizer, text, 0)
+        res = record_residuals(tiny_model, torch.tensor([r.input_ids]), [layer])[layer][0]
+        norms.append(res[r.prompt_start : r.prompt_end].norm(dim=-1))
+    median = float(torch.cat(norms).median())
+    kw = dict(layer=layer, generation=SAMPLED, stats=STATS, random_control=False)
+    rel = steering_sweep(tiny_model, PROMPTS, LengthScorer(), direction, alphas=[0.5], **kw)
+    absolute = steering_sweep(
+        tiny_model, PROMPTS, LengthScorer(), direction, alphas=[0.5 * median], units="absolute", **kw
+    )
+    assert rel.residual_norm.iloc[0] == pytest.approx(median, rel=1e-5)
+    assert rel.alpha_norm_units.tolist() == [0.5] * 4
+    assert absolute.alpha_norm_units.to_numpy() == pytest.approx([0.5] * 4, rel=1e-5)
+    cols = ["value", "baseline", "delta"]
+    assert np.allclose(rel[cols].to_numpy(float), absolute[cols].to_numpy(float), atol=1e-6)
+    assert not np.allclose(rel.delta, 0.0)  # half the norm does change the continuations
+
+
+@pytest.mark.parametrize("operator", ["ablate", "ablate_then_add"])
+def test_steering_operators(tiny_model, rng, operator):
+    ids = torch.tensor([tiny_model.tokenizer("You are a stupid idiot")["input_ids"]])
+    direction = rng.normal(size=tiny_model.d_model)
+    unit = torch.tensor(direction / np.linalg.norm(direction), dtype=torch.float32)
+    res = record_residuals(tiny_model, ids, [2], intervention=Steering(2, direction, 3.0, operator))[2][0]
+    clean = record_residuals(tiny_model, ids, [2])[2][0]
+    expect = 0.0 if operator == "ablate" else 3.0
+    assert (res @ unit).numpy() == pytest.approx(np.full(ids.shape[1], expect), abs=1e-4)
+    # orthogonal complement untouched
+    assert torch.allclose(res - (res @ unit)[:, None] * unit, clean - (clean @ unit)[:, None] * unit, atol=1e-5)
+    with pytest.raises(ValueError, match="operator must be one of"):
+        Steering(2, direction, 1.0, "multiply")
 
 
 def test_log_perplexity_batched_equals_single_forward(tiny_model):
