@@ -305,9 +305,13 @@ def test_patching_all_positions_transfers_the_source_completely(tiny_model, rng)
     assert len(read) == 2 * (4 + 2)  # layer 0 -> read-outs 0..3, layer 2 -> 2..3, both directions
     assert np.allclose(read.value, read.source, atol=1e-4)
     assert np.allclose(read.fraction_of_gap, 1.0, atol=1e-3)
+    # exact-length pairs of lengths 5 and 3: no two toxic (or non-toxic) prompts share a length,
+    # so no same-class control can patch every position
+    assert not out.control.any()
     beh = out[out.measure != "readout"]
     assert beh.readout_layer.isna().all() and set(beh.k) == {2} and set(beh.layer) == {0}
-    assert len(beh) == 2 * 3
+    assert len(beh) == 2 * 4  # emt, toxicity_probability, mean_score, log_perplexity
+    beh = beh[beh.measure != "log_perplexity"]  # fluency is judged given the target prompt
     assert np.allclose(beh.value, beh.source)  # greedy continuations of the source, exactly
     assert not np.allclose(beh.baseline, beh.source)  # ... which differ from the target's
     assert set(out.n_pairs) == {len(pairs)}
@@ -335,3 +339,64 @@ def test_patching_last_position_moves_last_token_readout_exactly(tiny_model, rng
         )
     with pytest.raises(ValueError, match="got neither"):
         activation_patching(tiny_model, pairs, layers=[1])
+
+
+def _same_ending_prompts() -> pd.DataFrame:
+    """Toxic prompts all end with " idiot", non-toxic ones with " day" (one token each)."""
+    toxic = ["You are a stupid idiot", "you idiot", "I hate you idiot", "the lazy idiot"]
+    benign = ["What a lovely day", "hello day", "a walk in the park day", "the quick brown fox day"]
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"s{i}" for i in range(8)],
+            "text": toxic + benign,
+            "prompt_toxicity": [0.9] * 4 + [0.1] * 4,
+        }
+    )
+
+
+def test_same_class_control_is_exactly_null_when_same_class_activations_agree(tiny_model, rng):
+    """Planted null: at layer 0 the last position's residual is the last token's embedding, which all
+    toxic (all non-toxic) prompts share. Patching it between same-class prompts changes nothing, so
+    the controls must be exactly zero, read-out and behaviour alike; across classes it does not."""
+    pairs = match_pairs(_same_ending_prompts(), tiny_model.tokenizer)
+    probes = {x: LinearProbe(rng.normal(size=tiny_model.d_model)) for x in range(tiny_model.n_layers + 1)}
+    out = activation_patching(
+        tiny_model, pairs, layers=[0], probes=probes, scorer=LengthScorer(), generation=GREEDY, stats=STATS
+    )
+    assert set(out.direction) == {"toxic_to_nontoxic", "nontoxic_to_toxic", "toxic_to_toxic", "nontoxic_to_nontoxic"}
+    assert (out.control == out.direction.isin(["toxic_to_toxic", "nontoxic_to_nontoxic"])).all()
+    described = out.drop_duplicates("direction").set_index("direction").description
+    assert described["nontoxic_to_toxic"] == "the non-toxic prompt's activations patched into the toxic prompt"
+    assert set(out.readout_pooling) == {"last"} and set(out.n_pairs) == {4}
+    control, cross = out[out.control], out[~out.control]
+    assert (control.delta == 0).all() and (control.ci_low == 0).all() and (control.ci_high == 0).all()
+    assert (cross[cross.measure == "readout"].delta.abs() > 1e-3).all()
+    assert "log_perplexity" in set(out.measure)  # the fluency guard sits beside the effects
+    with pytest.raises(ValueError, match="pooling='mean' does not match positions='last'"):
+        activation_patching(tiny_model, pairs, layers=[0], probes=probes, pooling="mean")
+
+
+def test_batched_patching_equals_one_pair_at_a_time(tiny_model, rng):
+    """All pairs in one batched pass (read-outs and generation) give the mean of the single-pair runs,
+    and the batch size does not change any number."""
+    pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer)
+    probes = {x: LinearProbe(rng.normal(size=tiny_model.d_model)) for x in range(tiny_model.n_layers + 1)}
+    kw = dict(layers=[1, 2], probes=probes, scorer=LengthScorer(), generate_layers=[1], stats=STATS)
+    batched = activation_patching(tiny_model, pairs, controls=False, generation=GREEDY, **kw)
+    singles = pd.concat(
+        [
+            activation_patching(tiny_model, pairs.iloc[[i]], controls=False, generation=GREEDY, **kw)
+            for i in range(len(pairs))
+        ]
+    )
+    keys = ["direction", "layer", "readout_layer", "measure"]
+    expect = singles.groupby(keys, dropna=False)[["value", "baseline", "source", "delta"]].mean()
+    got = batched.set_index(keys)[["value", "baseline", "source", "delta"]].sort_index()
+    assert len(got) == len(expect) == 2 * (3 + 2) + 2 * 4  # read-outs 1..3 and 2..3; 4 measures
+    assert np.allclose(got.to_numpy(float), expect.loc[got.index].to_numpy(float), atol=1e-5)
+    one = GenerationSettings(**{**GREEDY.__dict__, "batch_size": 1})
+    small = activation_patching(tiny_model, pairs, generation=one, batch_size=1, **kw)
+    full = activation_patching(tiny_model, pairs, generation=GREEDY, batch_size=16, **kw)
+    cols = ["value", "baseline", "source", "delta", "ci_low", "ci_high"]
+    assert np.allclose(small[cols].to_numpy(float), full[cols].to_numpy(float), atol=1e-5, equal_nan=True)
+    assert full.control.any()

@@ -70,7 +70,7 @@ def record_residuals(
     return store
 
 
-def _right_padded(model: Any, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+def right_padded(model: Any, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     """Right-padded ids and mask [batch, width] (CPU; `record_residuals` moves them)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), model.pad_token_id, dtype=torch.long)
@@ -111,7 +111,7 @@ def encode_prompts(
     out = {int(x): np.zeros((len(rendered), model.d_model), dtype=np.float32) for x in layers}
     for start in range(0, len(rendered), batch_size):
         chunk = rendered[start : start + batch_size]
-        ids, mask = _right_padded(model, [r.input_ids for r in chunk])
+        ids, mask = right_padded(model, [r.input_ids for r in chunk])
         res = record_residuals(model, ids, list(out), intervention=intervention, attention_mask=mask)
         for layer, feats in out.items():
             for row, r in enumerate(chunk):
@@ -132,7 +132,7 @@ def median_residual_norm(
     norms = []
     for start in range(0, len(rendered), batch_size):
         chunk = rendered[start : start + batch_size]
-        ids, mask = _right_padded(model, [r.input_ids for r in chunk])
+        ids, mask = right_padded(model, [r.input_ids for r in chunk])
         res = record_residuals(model, ids, [layer], attention_mask=mask)[layer]
         for row, r in enumerate(chunk):
             norms.append(res[row, r.prompt_start : r.prompt_end].norm(dim=-1))
