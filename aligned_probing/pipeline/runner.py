@@ -44,7 +44,9 @@ STAGE_FORMAT = 1
 #: downstream, whose keys include it) instead of serving stale outputs. Absent = 1.
 #: generate 2: continuations carry `token_logprobs` and pass the self-check (a transformers 5.24
 #: install produced token salad that version 1 would have served from cache).
-STAGE_VERSIONS: dict[str, int] = {"generate": 2}
+#: causal 2: steering in norm units with a random-direction control; patching with same-class
+#: controls, fluency, last-token read-out probes fitted on prompts disjoint from the pairs.
+STAGE_VERSIONS: dict[str, int] = {"generate": 2, "causal": 2}
 
 
 @dataclass
