@@ -89,7 +89,9 @@ def checked(tiny_model, monkeypatch) -> Iterator[tuple[Any, list[str], list[int]
     def check(where: str, args: tuple, kwargs: dict) -> None:
         calls[0] += 1
         named = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-        bad.extend(f"{where}:{k}" for k, v in named if isinstance(v, torch.Tensor) and not getattr(v, TAG, False))
+        bad.extend(
+            f"{where}:{k}" for k, v in named if isinstance(v, torch.Tensor) and not getattr(v, TAG, False)
+        )
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
         if not inside_generate[0]:
@@ -138,8 +140,14 @@ def test_layer_skipping_and_steering_feed_the_model_only_tensors_on_its_device(c
     model, bad, calls = checked
     layer_skipping(model, PROMPTS, _Scorer(), blocks=[1], generation=GEN, stats=STATS)
     steering_sweep(
-        model, PROMPTS, _Scorer(), rng.normal(size=model.d_model), layer=2, alphas=[0.5],
-        generation=GEN, stats=STATS,
+        model,
+        PROMPTS,
+        _Scorer(),
+        rng.normal(size=model.d_model),
+        layer=2,
+        alphas=[0.5],
+        generation=GEN,
+        stats=STATS,
     )
     assert calls[0] > 0
     assert bad == [], f"inputs not moved to model.device: {sorted(set(bad))}"
@@ -163,10 +171,19 @@ def test_interventions_run_on_a_bfloat16_model(tiny_llama_dir, rng):
     model = load_model(tiny_llama_dir, dtype="bfloat16")
     pairs = match_pairs(PROMPTS, model.tokenizer)
     probes = {x: _Probe(rng.normal(size=model.d_model)) for x in range(model.n_layers + 1)}
-    patch = activation_patching(model, pairs, layers=[1], probes=probes, scorer=_Scorer(), generation=GEN, stats=STATS)
+    patch = activation_patching(
+        model, pairs, layers=[1], probes=probes, scorer=_Scorer(), generation=GEN, stats=STATS
+    )
     steer = steering_sweep(
-        model, PROMPTS, _Scorer(), rng.normal(size=model.d_model), layer=2, alphas=[0.5],
-        operator="ablate_then_add", generation=GEN, stats=STATS,
+        model,
+        PROMPTS,
+        _Scorer(),
+        rng.normal(size=model.d_model),
+        layer=2,
+        alphas=[0.5],
+        operator="ablate_then_add",
+        generation=GEN,
+        stats=STATS,
     )
     assert next(model.hf_model.parameters()).dtype == torch.bfloat16
     for table in (patch, steer):

@@ -14,8 +14,8 @@ from aligned_probing.causal import (
     GenerationSettings,
     LayerSkip,
     StatSettings,
-    activation_patching,
     Steering,
+    activation_patching,
     continuation_log_perplexity,
     generate_and_score,
     layer_skipping,
@@ -221,7 +221,9 @@ def test_steering_operators(tiny_model, rng, operator):
     expect = 0.0 if operator == "ablate" else 3.0
     assert (res @ unit).numpy() == pytest.approx(np.full(ids.shape[1], expect), abs=1e-4)
     # orthogonal complement untouched
-    assert torch.allclose(res - (res @ unit)[:, None] * unit, clean - (clean @ unit)[:, None] * unit, atol=1e-5)
+    assert torch.allclose(
+        res - (res @ unit)[:, None] * unit, clean - (clean @ unit)[:, None] * unit, atol=1e-5
+    )
     with pytest.raises(ValueError, match="operator must be one of"):
         Steering(2, direction, 1.0, "multiply")
 
@@ -363,10 +365,17 @@ def test_same_class_control_is_exactly_null_when_same_class_activations_agree(ti
     out = activation_patching(
         tiny_model, pairs, layers=[0], probes=probes, scorer=LengthScorer(), generation=GREEDY, stats=STATS
     )
-    assert set(out.direction) == {"toxic_to_nontoxic", "nontoxic_to_toxic", "toxic_to_toxic", "nontoxic_to_nontoxic"}
+    assert set(out.direction) == {
+        "toxic_to_nontoxic",
+        "nontoxic_to_toxic",
+        "toxic_to_toxic",
+        "nontoxic_to_nontoxic",
+    }
     assert (out.control == out.direction.isin(["toxic_to_toxic", "nontoxic_to_nontoxic"])).all()
     described = out.drop_duplicates("direction").set_index("direction").description
-    assert described["nontoxic_to_toxic"] == "the non-toxic prompt's activations patched into the toxic prompt"
+    assert (
+        described["nontoxic_to_toxic"] == "the non-toxic prompt's activations patched into the toxic prompt"
+    )
     assert set(out.readout_pooling) == {"last"} and set(out.n_pairs) == {4}
     control, cross = out[out.control], out[~out.control]
     assert (control.delta == 0).all() and (control.ci_low == 0).all() and (control.ci_high == 0).all()

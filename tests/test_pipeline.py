@@ -416,7 +416,9 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
     steer = _steering_layer(dirs["probe"], c.attribute, model.n_layers)
     pairs = match_pairs(prompts, model.tokenizer, threshold=stat.threshold, max_pairs=c.n_prompts // 2)
     # probes never see the prompts the interventions run on
-    held_out = frozenset(sub.prompt_id) | frozenset(pairs.toxic_prompt_id) | frozenset(pairs.nontoxic_prompt_id)
+    held_out = (
+        frozenset(sub.prompt_id) | frozenset(pairs.toxic_prompt_id) | frozenset(pairs.nontoxic_prompt_id)
+    )
     probes = _fit_probes(
         dirs["encode"] / "store", prompts, c.attribute, [steer], "mean", cfg.probing.alphas, exclude=held_out
     )

@@ -236,7 +236,9 @@ def continuation_log_perplexity(
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
-        logits = model.hf_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = model.hf_model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).logits
         logp = torch.log_softmax(logits.float(), -1).cpu()  # float32 statistics, on the CPU
         for row, (p, c) in enumerate(chunk):
             if not c:

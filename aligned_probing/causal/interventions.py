@@ -249,7 +249,7 @@ SteeringOperator = Callable[[Tensor, Tensor, float], Tensor]
 
 
 def addition_operator() -> SteeringOperator:
-    """resid + alpha u (ActAdd/CAA); alpha = 0 is the identity."""
+    """Resid + alpha u (ActAdd/CAA); alpha = 0 is the identity."""
 
     def op(resid: Tensor, unit: Tensor, alpha: float) -> Tensor:
         return resid + alpha * unit
@@ -258,7 +258,7 @@ def addition_operator() -> SteeringOperator:
 
 
 def ablation_operator() -> SteeringOperator:
-    """resid - (resid . u) u: project the direction out (alpha is ignored)."""
+    """Resid - (resid . u) u: project the direction out (alpha is ignored)."""
 
     def op(resid: Tensor, unit: Tensor, alpha: float) -> Tensor:
         return resid - (resid @ unit).unsqueeze(-1) * unit
@@ -267,7 +267,7 @@ def ablation_operator() -> SteeringOperator:
 
 
 def ablation_then_addition_operator() -> SteeringOperator:
-    """resid - (resid . u) u + alpha u: every position's coordinate along u is set to alpha."""
+    """Resid - (resid . u) u + alpha u: every position's coordinate along u is set to alpha."""
     ablate = ablation_operator()
 
     def op(resid: Tensor, unit: Tensor, alpha: float) -> Tensor:
@@ -398,7 +398,9 @@ class Steering(Intervention):
             raise ValueError(f"direction must be finite and non-zero, got norm {norm}.")
         self.unit = (vec / norm).to(torch.float32)
         self.alpha = float(alpha)
-        self.operator_name = operator if isinstance(operator, str) else getattr(operator, "__name__", "custom")
+        self.operator_name = (
+            operator if isinstance(operator, str) else getattr(operator, "__name__", "custom")
+        )
         self.operator = steering_operator(operator) if isinstance(operator, str) else operator
 
     def hooks(self, model: Any, offset: _CallOffset) -> list[tuple[str, HookFn]]:

@@ -139,8 +139,9 @@ def match_pairs(
 ) -> pd.DataFrame:
     """Pair toxic with non-toxic prompts of (nearly) the same rendered length in `template`.
 
-    Length is the number of tokens of the rendered prompt; duplicate texts are used once. With `exact_length`, only equal lengths
-    pair (needed for `positions="all"`); prompts of each length are shuffled with `seed` and zipped.
+    Length is the number of tokens of the rendered prompt; duplicate texts are used once. With
+    `exact_length`, only equal lengths pair (needed for `positions="all"`); prompts of each length
+    are shuffled with `seed` and zipped.
     Otherwise pairs minimise the total |length difference| (`scipy.optimize.linear_sum_assignment`),
     and the `max_pairs` closest are kept.
 
@@ -393,7 +394,8 @@ def activation_patching(
 
     Example:
         >>> pairs = match_pairs(prompts.df, model.tokenizer, max_pairs=50)  # doctest: +SKIP
-        >>> activation_patching(model, pairs, layers=[4, 8], probes=last_probes, scorer=scorer)  # doctest: +SKIP
+        >>> activation_patching(model, pairs, layers=[4, 8], probes=last_token_probes,
+        ...                     scorer=scorer)  # doctest: +SKIP
     """
     gen = generation or GenerationSettings()
     stat = stats or StatSettings()
@@ -405,9 +407,8 @@ def activation_patching(
     )
     probes = dict(probes or {})
     frame = _pair_prompts(pairs)
-    rendered = {
-        i: render_prompt(model.tokenizer, t, gen.template) for i, t in zip(frame.prompt_id, frame.text)
-    }
+    texts = zip(frame.prompt_id, frame.text, strict=True)
+    rendered = {i: render_prompt(model.tokenizer, t, gen.template) for i, t in texts}
     plan = patch_plan(pairs, rendered, positions, controls=controls)
     spans = _clean_spans(model, rendered, sorted(set(layers) | set(gen_layers)), batch_size)
     parts = []

@@ -272,8 +272,10 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
             t.write(pairs, PAIRS_FILE)
         if need_clean:  # the pairs' unpatched continuations, shared by every patching block
             pairs = t.pairs()
-            t.write(clean_pair_continuations(model, pairs, build_scorer(t.settings["scoring"]), t.generation()),
-                    PAIRS_CLEAN_FILE)
+            t.write(
+                clean_pair_continuations(model, pairs, build_scorer(t.settings["scoring"]), t.generation()),
+                PAIRS_CLEAN_FILE,
+            )
     return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c["patching"] else {}
 
 

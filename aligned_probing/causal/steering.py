@@ -135,12 +135,24 @@ def steering_sweep(
             labels = {"direction": "probe_vs_random", "alpha": float(alpha)}
             contrasts.append(Contrast(labels, index["probe"], index["random"]))
     out = paired_sweep(
-        model, prompts, scorer, conditions, generation=gen, stats=stat, baseline=baseline,
-        fluency=fluency, contrasts=contrasts,
+        model,
+        prompts,
+        scorer,
+        conditions,
+        generation=gen,
+        stats=stat,
+        baseline=baseline,
+        fluency=fluency,
+        contrasts=contrasts,
     )
     out["alpha_norm_units"] = out["alpha"] if units == "norm" else out["alpha"] / norm
     out = out.assign(
-        model=model.name, template=gen.template, attribute=stat.attribute, layer=int(layer),
-        operator=operator, units=units, residual_norm=norm,
+        model=model.name,
+        template=gen.template,
+        attribute=stat.attribute,
+        layer=int(layer),
+        operator=operator,
+        units=units,
+        residual_norm=norm,
     )
     return out[list(STEERING_COLUMNS)]

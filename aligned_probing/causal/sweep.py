@@ -127,12 +127,17 @@ def paired_sweep(
             table = base_units.loc[base_units.index.intersection(wanted)]
         else:
             conts = generate_and_score(
-                model, prompts if cond.prompts is None else cond.prompts, scorer, gen,
+                model,
+                prompts if cond.prompts is None else cond.prompts,
+                scorer,
+                gen,
                 intervention=cond.intervention,
             )
             table = _units(model, conts, gen, stat, fluency)
         units.append(table)
-        frames.append(_labelled(compare_units(table, base_units, stat, metrics, sources=cond.sources), cond.labels))
+        frames.append(
+            _labelled(compare_units(table, base_units, stat, metrics, sources=cond.sources), cond.labels)
+        )
     for con in contrasts:
         frames.append(_labelled(compare_units(units[con.a], units[con.b], stat, metrics), con.labels))
     return pd.concat(frames, ignore_index=True)
