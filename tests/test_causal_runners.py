@@ -409,3 +409,42 @@ def test_batched_patching_equals_one_pair_at_a_time(tiny_model, rng):
     cols = ["value", "baseline", "source", "delta", "ci_low", "ci_high"]
     assert np.allclose(small[cols].to_numpy(float), full[cols].to_numpy(float), atol=1e-5, equal_nan=True)
     assert full.control.any()
+
+
+def test_paired_sweep_identity_conditions_sources_and_label_check(tiny_model):
+    """Identity conditions reuse the baseline (delta exactly 0); with `sources`, `source` is the mean of
+    the sources' baseline values and `fraction_of_gap` = delta / mean(source - baseline)."""
+    from aligned_probing.causal import Condition, paired_sweep
+
+    base = generate_and_score(tiny_model, PROMPTS, LengthScorer(), SAMPLED)
+    sources = {"p0": "p1", "p2": "p3"}
+    conds = [
+        Condition({"name": "all"}, None),
+        Condition({"name": "two"}, None, PROMPTS[PROMPTS.prompt_id.isin(["p0", "p2"])], sources),
+    ]
+    out = paired_sweep(
+        tiny_model,
+        PROMPTS,
+        LengthScorer(),
+        conds,
+        generation=SAMPLED,
+        stats=STATS,
+        baseline=base,
+        fluency=False,
+    )
+    assert (out.delta == 0).all() and set(out.loc[out.name == "all", "n_prompts"]) == {6}
+    two = out[out.name == "two"].set_index("metric")
+    per = base.groupby("prompt_id")["toxicity"].mean()
+    assert two.loc["mean_score", "source"] == pytest.approx((per["p1"] + per["p3"]) / 2)
+    assert two.loc["mean_score", "fraction_of_gap"] == 0.0 and two.loc["mean_score", "n_prompts"] == 2
+    with pytest.raises(ValueError, match="same label keys"):
+        paired_sweep(
+            tiny_model,
+            PROMPTS,
+            LengthScorer(),
+            [conds[0], Condition({"other": 1}, None)],
+            generation=SAMPLED,
+            stats=STATS,
+            baseline=base,
+            fluency=False,
+        )
