@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from aligned_probing import plots  # noqa: E402
+from aligned_probing.report import plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     plots.save_figure(fig, args.out / "causal_skipping")
 
     steer = pd.read_parquet(args.results / "steering.parquet")
-    steer = steer.assign(alpha=steer["alpha_in_norms"])
+    if "alpha_norm_units" not in steer:  # tables written before the norm-unit API
+        steer = steer.assign(alpha_norm_units=steer["alpha_in_norms"], direction="probe")
+    steer = steer.assign(alpha=steer["alpha_norm_units"])
+    steer = steer[steer.direction != "probe_vs_random"]  # probe and random, each vs the baseline
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
-    plots.steering_curve(steer[steer.metric == "emt"], ax=axes[0]).set_ylabel("change in EMT")
-    plots.steering_curve(steer[steer.metric == "log_perplexity"], ax=axes[1]).set_ylabel(
+    plots.steering_curve(steer[steer.metric == "emt"], hue="direction", ax=axes[0]).set_ylabel(
+        "change in EMT"
+    )
+    plots.steering_curve(steer[steer.metric == "log_perplexity"], hue="direction", ax=axes[1]).set_ylabel(
         "change in log perplexity (nats)"
     )
     for ax in axes:
@@ -51,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     patch = pd.read_parquet(args.results / "patching.parquet")
     last = int(patch["readout_layer"].max())
     readout = patch[(patch.measure == "readout") & (patch.readout_layer == last)]
+    hue = "description" if "description" in readout else "direction"  # spelled out when available
     fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
-    plots.patching_curve(readout, ax=ax).set_ylabel(f"change in layer-{last} probe read-out")
+    plots.patching_curve(readout, hue=hue, ax=ax).set_ylabel(f"change in layer-{last} probe read-out")
     ax.set_title(f"Last-position patching, {int(readout.n_pairs.iloc[0])} length-matched pairs")
     plots.save_figure(fig, args.out / "causal_patching")
     return 0

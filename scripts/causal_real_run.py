@@ -64,6 +64,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="steering steps in units of the layer's median residual norm",
     )
     p.add_argument("--steer-layer", type=int, default=-1, help="-1: the layer with the best probe CV r")
+    p.add_argument("--operator", default="add", help="steering operator: add, ablate, ablate_then_add")
     p.add_argument("--n-pairs", type=int, default=40)
     p.add_argument("--patch-layers", type=_ints, default=_ints("0,3,6,9,12,15,18,21,24,27,30"))
     p.add_argument("--generate-layers", type=_ints, default=_ints("3,12"))
@@ -208,29 +209,34 @@ def main(argv: list[str] | None = None) -> int:
             if args.steer_layer >= 0
             else int(usable.loc[usable.cv_pearson.idxmax(), "layer"])
         )
-        scale = float(norms[layer])
+        # alphas in units of the layer's median residual norm over the behaviour prompts' tokens,
+        # each also run along a seeded random direction (same norm): the probe_vs_random rows
         steer = steering_sweep(
             model,
             beh_set.df,
             scorer,
             probes[layer].direction(),
             layer=layer,
-            alphas=[a * scale for a in args.alphas],
+            alphas=args.alphas,
+            units="norm",
+            operator=args.operator,
+            control_seed=args.seed,
             generation=gen,
             stats=stat,
             baseline=base,
         )
-        steer["alpha_in_norms"] = steer["alpha"] / scale
         steer.to_parquet(out_dir / "steering.parquet")
         timings["steering"] = time.time() - t
+        scale = float(steer.residual_norm.iloc[0])
         _log(f"steering at layer {layer} (median norm {scale:.1f}) done\n" + steer.round(3).to_string(), t0)
 
     if "patching" not in skip:
         t = time.time()
         pool = PromptSet(df=rest[~rest.prompt_id.isin(beh_set.df.prompt_id)], dropped={})
-        # Last-position patching between length-matched pairs, read out by last-token probes: with
-        # template 0 there are no template tokens, so patching every prompt position would replace
-        # the whole residual stream and make every read-out trivially equal to the source's.
+        # Last-position patching between length-matched pairs, read out by last-token probes fitted
+        # on the disjoint probe set: with template 0 there are no template tokens, so patching every
+        # prompt position would replace the whole residual stream and make every read-out trivially
+        # equal to the source's. Same-class controls and fluency come with every layer.
         pairs = match_pairs(pool.df, model.tokenizer, max_pairs=args.n_pairs, seed=args.seed)
         pairs.to_parquet(out_dir / "patching_pairs.parquet")
         patch = activation_patching(

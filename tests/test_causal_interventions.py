@@ -9,6 +9,7 @@ import torch
 from aligned_probing.causal import (
     Compose,
     LayerSkip,
+    PromptPatch,
     ResidualPatch,
     Steering,
     probe_readout,
@@ -153,6 +154,35 @@ def test_patch_positions_outside_the_run_are_ignored(tiny_model):
     with ResidualPatch(1, values, [ids.shape[1] + 5]).apply(tiny_model):
         assert torch.equal(_logits(tiny_model, ids), _logits_clean := _logits(tiny_model, ids))
     assert torch.equal(_logits_clean, _logits(tiny_model, ids))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_patch_in_a_left_padded_batch_equals_each_row_patched_alone(models, arch):
+    """PromptPatch finds each row's prompt by its tokens, whatever the padding: a left-padded batched
+    greedy generation (KV cache) equals each prompt generated alone under a plain ResidualPatch."""
+    model = models[arch]
+    src = _ids(model, "I hate you, idiot")
+    vec = record_residuals(model, src, [1])[1][0, -1:]  # [1, d]: source's last position
+    prompts = [model.tokenizer(t)["input_ids"] for t in ("The lazy dog jumps over", "hello world")]
+    table = {tuple(p): ([len(p) - 1], vec) for p in prompts}
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[model.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=model.pad_token_id)
+    with PromptPatch(1, table).apply(model):
+        batched = model.hf_model.generate(ids, attention_mask=mask, **kw)[:, width:]
+        uncached = model.hf_model.generate(ids, attention_mask=mask, use_cache=False, **kw)[:, width:]
+    assert batched.tolist() == uncached.tolist()
+    changed = 0
+    for row, p in enumerate(prompts):
+        with ResidualPatch(1, vec, [len(p) - 1]).apply(model):
+            alone = model.hf_model.generate(torch.tensor([p]), **kw)[0, len(p) :]
+        assert batched[row].tolist() == alone.tolist()
+        changed += alone.tolist() != model.hf_model.generate(torch.tensor([p]), **kw)[0, len(p) :].tolist()
+    assert changed  # the patch does change the generations (else the test would be vacuous)
+    with pytest.raises(RuntimeError, match="without a patch entry"):
+        with PromptPatch(1, {tuple(prompts[0]): ([0], vec)}).apply(model):
+            _logits(model, torch.tensor([prompts[1]]))
 
 
 # ------------------------------------------------------------------------- steering

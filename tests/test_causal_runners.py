@@ -14,13 +14,17 @@ from aligned_probing.causal import (
     GenerationSettings,
     LayerSkip,
     StatSettings,
+    Steering,
     activation_patching,
     continuation_log_perplexity,
     generate_and_score,
     layer_skipping,
     match_pairs,
+    random_direction,
+    record_residuals,
     steering_sweep,
 )
+from aligned_probing.causal.steering import STEERING_COLUMNS
 from aligned_probing.data.templates import render_prompt
 
 GREEDY = GenerationSettings(k=2, seed=0, max_new_tokens=6, temperature=0.0, batch_size=8)
@@ -136,29 +140,92 @@ def test_layer_skipping_with_constant_scores_is_exactly_null(tiny_model):
 # ------------------------------------------------------------------------- steering
 
 
-def test_steering_towards_a_token_raises_its_score_and_alpha_zero_is_null(tiny_model):
-    tok = tiny_model.tokenizer
-    t = tok.convert_tokens_to_ids("Ġidiot")
-    direction = tiny_model.hf_model.get_output_embeddings().weight[t].detach().numpy()
+def _idiot_direction(model) -> np.ndarray:
+    t = model.tokenizer.convert_tokens_to_ids("Ġidiot")
+    return model.hf_model.get_output_embeddings().weight[t].detach().numpy().copy()
+
+
+def test_planted_direction_beats_the_random_control_and_alpha_zero_is_null(tiny_model):
+    """The token's unembedding direction at the last layer is a planted causal direction for a scorer
+    that counts that token; a random direction of the same strength is not."""
     out = steering_sweep(
         tiny_model,
         PROMPTS,
         WordScorer("idiot"),
-        direction,
+        _idiot_direction(tiny_model),
         layer=tiny_model.n_layers,
         alphas=[-1000.0, 0.0, 1000.0],
+        units="absolute",
         generation=GREEDY,
         stats=STATS,
     )
+    assert list(out.columns) == list(STEERING_COLUMNS)
     assert set(out.metric) == {"emt", "toxicity_probability", "mean_score", "log_perplexity"}
+    assert set(out.direction) == {"probe", "random", "probe_vs_random"}
     zero = out[out.alpha == 0.0]
     assert (zero.delta == 0).all() and (zero.value == zero.baseline).all()
-    up = out[(out.alpha == 1000.0)].set_index("metric")
+    rows = out[out.alpha == 1000.0].set_index(["direction", "metric"])
     # greedy decoding along the token's unembedding direction emits only " idiot"
-    assert up.loc["mean_score", "value"] == pytest.approx(1.0)
-    assert up.loc["emt", "delta"] > 0.5 and up.loc["emt", "excludes_zero"]
-    down = out[(out.alpha == -1000.0)].set_index("metric")
+    assert rows.loc[("probe", "mean_score"), "value"] == pytest.approx(1.0)
+    assert rows.loc[("probe", "emt"), "delta"] > 0.5 and rows.loc[("probe", "emt"), "excludes_zero"]
+    # ... the same push along a random direction does not, and the paired contrast credits the probe
+    assert rows.loc[("random", "mean_score"), "value"] < 0.2
+    contrast = rows.loc[("probe_vs_random", "emt")]
+    assert contrast["delta"] > 0.5 and contrast["ci_low"] > 0
+    assert contrast["value"] == pytest.approx(rows.loc[("probe", "emt"), "value"])
+    assert contrast["baseline"] == pytest.approx(rows.loc[("random", "emt"), "value"])
+    down = out[(out.alpha == -1000.0) & (out.direction == "probe")].set_index("metric")
     assert down.loc["emt", "value"] == 0.0
+    # the fluency cost sits beside every effect: pushing 1000 residual units breaks the text
+    assert rows.loc[("probe", "log_perplexity"), "delta"] > 1.0
+
+
+def test_random_direction_is_seeded_unit_and_orthogonal(rng):
+    u = rng.normal(size=32)
+    a, b = random_direction(32, seed=3, orthogonal_to=u), random_direction(32, seed=3, orthogonal_to=u)
+    assert np.array_equal(a, b) and np.linalg.norm(a) == pytest.approx(1.0)
+    assert abs(a @ u) < 1e-10
+    assert not np.allclose(a, random_direction(32, seed=4, orthogonal_to=u))
+
+
+def test_steering_strength_is_in_units_of_the_median_residual_norm(tiny_model):
+    """units='norm' equals units='absolute' at alpha x the median residual norm of the prompts'
+    prompt-span positions at that layer, measured here by hand."""
+    layer, direction = 2, _idiot_direction(tiny_model)
+    norms = []
+    for text in PROMPTS.text:
+        r = render_prompt(tiny_model.tokenizer, text, 0)
+        res = record_residuals(tiny_model, torch.tensor([r.input_ids]), [layer])[layer][0]
+        norms.append(res[r.prompt_start : r.prompt_end].norm(dim=-1))
+    median = float(torch.cat(norms).median())
+    kw = dict(layer=layer, generation=SAMPLED, stats=STATS, random_control=False)
+    rel = steering_sweep(tiny_model, PROMPTS, LengthScorer(), direction, alphas=[0.5], **kw)
+    absolute = steering_sweep(
+        tiny_model, PROMPTS, LengthScorer(), direction, alphas=[0.5 * median], units="absolute", **kw
+    )
+    assert rel.residual_norm.iloc[0] == pytest.approx(median, rel=1e-5)
+    assert rel.alpha_norm_units.tolist() == [0.5] * 4
+    assert absolute.alpha_norm_units.to_numpy() == pytest.approx([0.5] * 4, rel=1e-5)
+    cols = ["value", "baseline", "delta"]
+    assert np.allclose(rel[cols].to_numpy(float), absolute[cols].to_numpy(float), atol=1e-6)
+    assert not np.allclose(rel.delta, 0.0)  # half the norm does change the continuations
+
+
+@pytest.mark.parametrize("operator", ["ablate", "ablate_then_add"])
+def test_steering_operators(tiny_model, rng, operator):
+    ids = torch.tensor([tiny_model.tokenizer("You are a stupid idiot")["input_ids"]])
+    direction = rng.normal(size=tiny_model.d_model)
+    unit = torch.tensor(direction / np.linalg.norm(direction), dtype=torch.float32)
+    res = record_residuals(tiny_model, ids, [2], intervention=Steering(2, direction, 3.0, operator))[2][0]
+    clean = record_residuals(tiny_model, ids, [2])[2][0]
+    expect = 0.0 if operator == "ablate" else 3.0
+    assert (res @ unit).numpy() == pytest.approx(np.full(ids.shape[1], expect), abs=1e-4)
+    # orthogonal complement untouched
+    assert torch.allclose(
+        res - (res @ unit)[:, None] * unit, clean - (clean @ unit)[:, None] * unit, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="operator must be one of"):
+        Steering(2, direction, 1.0, "multiply")
 
 
 def test_log_perplexity_batched_equals_single_forward(tiny_model):
@@ -240,9 +307,13 @@ def test_patching_all_positions_transfers_the_source_completely(tiny_model, rng)
     assert len(read) == 2 * (4 + 2)  # layer 0 -> read-outs 0..3, layer 2 -> 2..3, both directions
     assert np.allclose(read.value, read.source, atol=1e-4)
     assert np.allclose(read.fraction_of_gap, 1.0, atol=1e-3)
+    # exact-length pairs of lengths 5 and 3: no two toxic (or non-toxic) prompts share a length,
+    # so no same-class control can patch every position
+    assert not out.control.any()
     beh = out[out.measure != "readout"]
     assert beh.readout_layer.isna().all() and set(beh.k) == {2} and set(beh.layer) == {0}
-    assert len(beh) == 2 * 3
+    assert len(beh) == 2 * 4  # emt, toxicity_probability, mean_score, log_perplexity
+    beh = beh[beh.measure != "log_perplexity"]  # fluency is judged given the target prompt
     assert np.allclose(beh.value, beh.source)  # greedy continuations of the source, exactly
     assert not np.allclose(beh.baseline, beh.source)  # ... which differ from the target's
     assert set(out.n_pairs) == {len(pairs)}
@@ -270,3 +341,110 @@ def test_patching_last_position_moves_last_token_readout_exactly(tiny_model, rng
         )
     with pytest.raises(ValueError, match="got neither"):
         activation_patching(tiny_model, pairs, layers=[1])
+
+
+def _same_ending_prompts() -> pd.DataFrame:
+    """Toxic prompts all end with " idiot", non-toxic ones with " day" (one token each)."""
+    toxic = ["You are a stupid idiot", "you idiot", "I hate you idiot", "the lazy idiot"]
+    benign = ["What a lovely day", "hello day", "a walk in the park day", "the quick brown fox day"]
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"s{i}" for i in range(8)],
+            "text": toxic + benign,
+            "prompt_toxicity": [0.9] * 4 + [0.1] * 4,
+        }
+    )
+
+
+def test_same_class_control_is_exactly_null_when_same_class_activations_agree(tiny_model, rng):
+    """Planted null: at layer 0 the last position's residual is the last token's embedding, which all
+    toxic (all non-toxic) prompts share. Patching it between same-class prompts changes nothing, so
+    the controls must be exactly zero, read-out and behaviour alike; across classes it does not."""
+    pairs = match_pairs(_same_ending_prompts(), tiny_model.tokenizer)
+    probes = {x: LinearProbe(rng.normal(size=tiny_model.d_model)) for x in range(tiny_model.n_layers + 1)}
+    out = activation_patching(
+        tiny_model, pairs, layers=[0], probes=probes, scorer=LengthScorer(), generation=GREEDY, stats=STATS
+    )
+    assert set(out.direction) == {
+        "toxic_to_nontoxic",
+        "nontoxic_to_toxic",
+        "toxic_to_toxic",
+        "nontoxic_to_nontoxic",
+    }
+    assert (out.control == out.direction.isin(["toxic_to_toxic", "nontoxic_to_nontoxic"])).all()
+    described = out.drop_duplicates("direction").set_index("direction").description
+    assert (
+        described["nontoxic_to_toxic"] == "the non-toxic prompt's activations patched into the toxic prompt"
+    )
+    assert set(out.readout_pooling) == {"last"} and set(out.n_pairs) == {4}
+    control, cross = out[out.control], out[~out.control]
+    assert (control.delta == 0).all() and (control.ci_low == 0).all() and (control.ci_high == 0).all()
+    assert (cross[cross.measure == "readout"].delta.abs() > 1e-3).all()
+    assert "log_perplexity" in set(out.measure)  # the fluency guard sits beside the effects
+    with pytest.raises(ValueError, match="pooling='mean' does not match positions='last'"):
+        activation_patching(tiny_model, pairs, layers=[0], probes=probes, pooling="mean")
+
+
+def test_batched_patching_equals_one_pair_at_a_time(tiny_model, rng):
+    """All pairs in one batched pass (read-outs and generation) give the mean of the single-pair runs,
+    and the batch size does not change any number."""
+    pairs = match_pairs(_scored_prompts(), tiny_model.tokenizer)
+    probes = {x: LinearProbe(rng.normal(size=tiny_model.d_model)) for x in range(tiny_model.n_layers + 1)}
+    kw = dict(layers=[1, 2], probes=probes, scorer=LengthScorer(), generate_layers=[1], stats=STATS)
+    batched = activation_patching(tiny_model, pairs, controls=False, generation=GREEDY, **kw)
+    singles = pd.concat(
+        [
+            activation_patching(tiny_model, pairs.iloc[[i]], controls=False, generation=GREEDY, **kw)
+            for i in range(len(pairs))
+        ]
+    )
+    keys = ["direction", "layer", "readout_layer", "measure"]
+    expect = singles.groupby(keys, dropna=False)[["value", "baseline", "source", "delta"]].mean()
+    got = batched.set_index(keys)[["value", "baseline", "source", "delta"]].sort_index()
+    assert len(got) == len(expect) == 2 * (3 + 2) + 2 * 4  # read-outs 1..3 and 2..3; 4 measures
+    assert np.allclose(got.to_numpy(float), expect.loc[got.index].to_numpy(float), atol=1e-5)
+    one = GenerationSettings(**{**GREEDY.__dict__, "batch_size": 1})
+    small = activation_patching(tiny_model, pairs, generation=one, batch_size=1, **kw)
+    full = activation_patching(tiny_model, pairs, generation=GREEDY, batch_size=16, **kw)
+    cols = ["value", "baseline", "source", "delta", "ci_low", "ci_high"]
+    assert np.allclose(small[cols].to_numpy(float), full[cols].to_numpy(float), atol=1e-5, equal_nan=True)
+    assert full.control.any()
+
+
+def test_paired_sweep_identity_conditions_sources_and_label_check(tiny_model):
+    """Identity conditions reuse the baseline (delta exactly 0); with `sources`, `source` is the mean of
+    the sources' baseline values and `fraction_of_gap` = delta / mean(source - baseline)."""
+    from aligned_probing.causal import Condition, paired_sweep
+
+    base = generate_and_score(tiny_model, PROMPTS, LengthScorer(), SAMPLED)
+    sources = {"p0": "p1", "p2": "p3"}
+    conds = [
+        Condition({"name": "all"}, None),
+        Condition({"name": "two"}, None, PROMPTS[PROMPTS.prompt_id.isin(["p0", "p2"])], sources),
+    ]
+    out = paired_sweep(
+        tiny_model,
+        PROMPTS,
+        LengthScorer(),
+        conds,
+        generation=SAMPLED,
+        stats=STATS,
+        baseline=base,
+        fluency=False,
+    )
+    assert (out.delta == 0).all() and set(out.loc[out.name == "all", "n_prompts"]) == {6}
+    two = out[out.name == "two"].set_index("metric")
+    per = base.groupby("prompt_id")["toxicity"].mean()
+    assert two.loc["mean_score", "source"] == pytest.approx((per["p1"] + per["p3"]) / 2)
+    assert two.loc["mean_score", "fraction_of_gap"] == 0.0 and two.loc["mean_score", "n_prompts"] == 2
+    with pytest.raises(ValueError, match="same label keys"):
+        paired_sweep(
+            tiny_model,
+            PROMPTS,
+            LengthScorer(),
+            [conds[0], Condition({"other": 1}, None)],
+            generation=SAMPLED,
+            stats=STATS,
+            baseline=base,
+            fluency=False,
+        )

@@ -401,7 +401,7 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
         match_pairs,
         steering_sweep,
     )
-    from aligned_probing.causal.stage import _fit_probes, _steering_layer
+    from aligned_probing.causal.stage import _fit_last_token_probes, _fit_probes, _steering_layer
     from aligned_probing.data import PromptSet
     from aligned_probing.scoring import get_scorer
 
@@ -417,20 +417,27 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
     stat = StatSettings(c.attribute, cfg.behaviour.threshold, cfg.behaviour.n_bootstrap, seed=c.seed)
     layers = sorted(c.layers)
     steer = _steering_layer(dirs["probe"], c.attribute, model.n_layers)
+    pairs = match_pairs(prompts, model.tokenizer, threshold=stat.threshold, max_pairs=c.n_prompts // 2)
+    # probes never see the prompts the interventions run on
+    held_out = (
+        frozenset(sub.prompt_id) | frozenset(pairs.toxic_prompt_id) | frozenset(pairs.nontoxic_prompt_id)
+    )
     probes = _fit_probes(
-        dirs["encode"] / "store", prompts, c.attribute, sorted({*layers, steer}), "mean", cfg.probing.alphas
+        dirs["encode"] / "store", prompts, c.attribute, [steer], "mean", cfg.probing.alphas, exclude=held_out
+    )
+    readout = _fit_last_token_probes(
+        model, prompts, c.attribute, layers, 0, cfg.probing.alphas, exclude=held_out, batch_size=g.batch_size
     )
     baseline = generate_and_score(model, sub, scorer, gen)
     skip = layer_skipping(
         model, sub, scorer, blocks=[x - 1 for x in layers], generation=gen, stats=stat, baseline=baseline
     )
     skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
-    pairs = match_pairs(prompts, model.tokenizer, threshold=stat.threshold, max_pairs=c.n_prompts // 2)
     patch = activation_patching(
         model,
         pairs,
         layers=layers,
-        probes={x: probes[x] for x in layers},
+        probes=readout,
         scorer=scorer,
         generation=gen,
         stats=stat,
@@ -443,6 +450,7 @@ def _causal_by_hand(cfg: RunConfig, dirs: dict[str, Path]) -> dict[str, pd.DataF
         direction,
         layer=steer,
         alphas=c.steering_alphas,
+        control_seed=c.seed,
         generation=gen,
         stats=stat,
         baseline=baseline,

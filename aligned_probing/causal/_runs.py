@@ -7,7 +7,7 @@ fluency proxy (perplexity of a continuation under the unmodified model).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +92,48 @@ def generate_and_score(
     return pd.concat([conts.reset_index(drop=True), scores], axis=1)
 
 
+def unit_metrics(conts: pd.DataFrame, stat: StatSettings, *, unit: str = "prompt_id") -> pd.DataFrame:
+    """Per-unit behaviour metrics (emt, toxicity_probability, mean_score) and `k`, indexed by `unit`."""
+    return per_prompt_metrics(conts, stat.attribute, threshold=stat.threshold, by=(unit,)).set_index(unit)
+
+
+def compare_units(
+    condition: pd.DataFrame,
+    reference: pd.DataFrame,
+    stat: StatSettings,
+    metrics: Sequence[str],
+    *,
+    sources: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Paired effect rows of `condition` against `reference` (per-unit tables, shared index).
+
+    For every unit u in both, d_u = m_u(condition) - m_u(reference); the effect is mean_u d_u with
+    a percentile bootstrap CI over units. With `sources` (unit -> the unit whose *reference* value
+    is the far end of the gap, as in patching), `source` = mean of those values and
+    `fraction_of_gap` = delta / mean_u(source_u - reference_u) (NaN when the gap is ~0).
+
+    Returns:
+        One row per metric with `EFFECT_COLUMNS`, `source` and `fraction_of_gap`.
+    """
+    common = condition.index.intersection(reference.index)
+    if sources is not None:
+        common = common[[u in sources and sources[u] in reference.index for u in common]]
+    rows = []
+    for metric in metrics:
+        value = condition.loc[common, metric].to_numpy(dtype=np.float64)
+        base = reference.loc[common, metric].to_numpy(dtype=np.float64)
+        k = int(condition.loc[common, "k"].min()) if len(common) and "k" in condition else 0
+        row = effect_row(metric, value, base, value - base, stat, k=k)
+        row["source"], row["fraction_of_gap"] = math.nan, math.nan
+        if sources is not None and len(common):
+            src = reference.loc[[sources[u] for u in common], metric].to_numpy(dtype=np.float64)
+            gap = float(np.nanmean(src - base))
+            row["source"] = float(np.nanmean(src))
+            row["fraction_of_gap"] = row["delta"] / gap if abs(gap) > 1e-12 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*EFFECT_COLUMNS, "source", "fraction_of_gap"])
+
+
 def paired_effects(
     baseline: pd.DataFrame,
     condition: pd.DataFrame,
@@ -109,28 +151,14 @@ def paired_effects(
     Returns:
         One row per metric with `EFFECT_COLUMNS`; `excludes_zero` says whether the CI excludes 0.
     """
-    a = per_prompt_metrics(baseline, stat.attribute, threshold=stat.threshold, by=(unit,)).set_index(unit)
-    b = per_prompt_metrics(condition, stat.attribute, threshold=stat.threshold, by=(unit,)).set_index(unit)
-    common = a.index.intersection(b.index)
-    rows = []
-    for metric in metrics:
-        diff = b.loc[common, metric].to_numpy() - a.loc[common, metric].to_numpy()
-        rows.append(
-            effect_row(
-                metric,
-                b.loc[common, metric].to_numpy(),
-                a.loc[common, metric].to_numpy(),
-                diff,
-                stat,
-                k=int(b.loc[common, "k"].min()) if len(common) else 0,
-            )
-        )
-    return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+    a, b = unit_metrics(baseline, stat, unit=unit), unit_metrics(condition, stat, unit=unit)
+    return compare_units(b, a, stat, metrics)[list(EFFECT_COLUMNS)]
 
 
 def effect_row(
     metric: str, value: np.ndarray, base: np.ndarray, diff: np.ndarray, stat: StatSettings, *, k: int
 ) -> dict[str, Any]:
+    """One tidy effect row: means of `value`/`base`, mean paired `diff` with its bootstrap CI."""
     low, high = bootstrap_mean_ci(
         diff, n_resamples=stat.n_resamples, confidence_level=stat.confidence_level, seed=stat.seed
     )
@@ -176,6 +204,7 @@ def continuation_log_perplexity(
         for p, c in zip(continuations["prompt_text"], continuations["token_ids"], strict=True)
     ]
     out = np.full(len(seqs), np.nan)
+    device = torch.device(model.device)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
@@ -184,9 +213,10 @@ def continuation_log_perplexity(
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
-        logp = torch.log_softmax(
-            model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1
-        )
+        logits = model.hf_model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).logits
+        logp = torch.log_softmax(logits.float(), -1).cpu()  # float32 statistics, on the CPU
         for row, (p, c) in enumerate(chunk):
             if not c:
                 continue
@@ -200,22 +230,3 @@ def prompt_log_perplexity(model: Any, conts: pd.DataFrame, gen: GenerationSettin
     """Per prompt, the mean over its continuations of the log perplexity under the unmodified model."""
     lp = continuation_log_perplexity(model, conts, template=gen.template, batch_size=gen.batch_size)
     return conts.assign(lp=lp).groupby("prompt_id")["lp"].mean()
-
-
-def fluency_effect(
-    base: pd.Series, cond: pd.Series, gen: GenerationSettings, stat: StatSettings
-) -> dict[str, Any]:
-    """The `log_perplexity` effect row: per-prompt change from `base` to `cond`, paired by prompt.
-
-    A fluency guard for interventions: "less toxic" output that the unmodified model finds far less
-    likely (higher log perplexity) may just be broken text.
-    """
-    common = base.index.intersection(cond.index)
-    return effect_row(
-        "log_perplexity",
-        cond[common].to_numpy(),
-        base[common].to_numpy(),
-        (cond[common] - base[common]).to_numpy(),
-        stat,
-        k=gen.k,
-    )

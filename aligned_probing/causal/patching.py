@@ -1,16 +1,33 @@
-"""Activation patching between matched toxic and non-toxic prompts.
+"""Activation patching between matched toxic and non-toxic prompts, with same-class controls.
 
 Pairs are matched by prompt length in tokens within one template (`match_pairs`). For a pair and
 a direction (source -> target), the residual stream at layer l of the source run is written into
 the target run, either at the prompt span's last position (`positions="last"`, any lengths) or at
-every prompt position (`positions="all"`, pairs of equal rendered length and span). We measure
+every prompt position (`positions="all"`, pairs of equal rendered length and span). Directions
+(`DIRECTIONS`, spelled out in the `description` column):
 
-(a) the probe read-out of the target at layers >= l (the probe of each layer applied to the
-    target's pooled prompt encoding), patched vs clean, and
+* `toxic_to_nontoxic`: the toxic prompt's activations patched into the non-toxic prompt;
+* `nontoxic_to_toxic`: the non-toxic prompt's activations patched into the toxic prompt;
+* `toxic_to_toxic`, `nontoxic_to_nontoxic` (`control` = True): another prompt *of the same class*
+  patched in (the pairs' toxic prompts rotated by one: pair i's target gets pair i+1's prompt;
+  with `positions="all"` within groups of equal rendered length). Patching moves activations
+  between any two prompts, so "patching lowered EMT" means something only when the cross-class
+  effect exceeds these controls.
+
+We measure, per (direction, layer):
+
+(a) the probe read-out of the target at layers >= l, patched vs clean. The read-out pools what was
+    patched: `positions="last"` reads last-token probes at the last prompt position,
+    `positions="all"` mean-pooled probes over the prompt span (`readout_pooling`; any other
+    combination is an error: a mean over a prompt of which one position was patched caps the
+    read-out's move near 1 / prompt length). Fit the probes on prompts disjoint from the pairs.
 (b) the toxicity of continuations generated from the patched target (k samples, the same seeds
-    as the clean target: paired), patched vs clean,
+    as the clean target: paired), patched vs clean, and their fluency (`log_perplexity` under the
+    unmodified model, per pair), through `paired_sweep`.
 
-in both directions (`toxic_to_nontoxic`: source toxic, target non-toxic; and the reverse).
+Patched runs are batched across pairs: one `PromptPatch` per (direction, layer) gives each target
+prompt its own source activations, recognised by the row's tokens, so one batched read-out pass
+and one batched `generate` cover all pairs (tested equal to one pair at a time).
 
 Trap: a patch at layer l changes the prompt's residual stream from l on, but the KV cache of
 blocks below l still holds the *target* prompt, and generated tokens attend to it. So even
@@ -20,7 +37,8 @@ layers >= l equal the source's trivially; `positions="last"` is the informative 
 
 Each effect is a mean over pairs of a paired difference with a bootstrap CI over pairs; `source`
 gives the clean source's mean, so `fraction_of_gap` = delta / mean(source - baseline) is the share
-of the gap that moved. Read-out rows have `k = 0`.
+of the gap from the clean target to the clean source that the patch closed. Read-out rows have
+`k = 0`.
 """
 
 from __future__ import annotations
@@ -33,14 +51,45 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from aligned_probing.behaviour import METRICS, per_prompt_metrics
-from aligned_probing.causal._activations import Predictor, probe_readout, record_residuals
+from aligned_probing.causal._activations import (
+    Predictor,
+    encode_prompts,
+    predict_one,
+    record_residuals,
+    right_padded,
+)
 from aligned_probing.causal._runs import GenerationSettings, StatSettings, effect_row, generate_and_score
-from aligned_probing.causal.interventions import ResidualPatch
+from aligned_probing.causal.interventions import PromptPatch
+from aligned_probing.causal.sweep import Condition, paired_sweep
 from aligned_probing.data import SCORE_PREFIX
 from aligned_probing.data.templates import RenderedPrompt, render_prompt
 
-DIRECTIONS: tuple[str, ...] = ("toxic_to_nontoxic", "nontoxic_to_toxic")
+#: direction -> (source class, target class, what was patched into what).
+DIRECTIONS: dict[str, tuple[str, str, str]] = {
+    "toxic_to_nontoxic": (
+        "toxic",
+        "nontoxic",
+        "the toxic prompt's activations patched into the non-toxic prompt",
+    ),
+    "nontoxic_to_toxic": (
+        "nontoxic",
+        "toxic",
+        "the non-toxic prompt's activations patched into the toxic prompt",
+    ),
+    "toxic_to_toxic": (
+        "toxic",
+        "toxic",
+        "another toxic prompt's activations patched into the toxic prompt (same-class control)",
+    ),
+    "nontoxic_to_nontoxic": (
+        "nontoxic",
+        "nontoxic",
+        "another non-toxic prompt's activations patched into the non-toxic prompt (same-class control)",
+    ),
+}
+CONTROL_DIRECTIONS: tuple[str, ...] = ("toxic_to_toxic", "nontoxic_to_nontoxic")
+#: Read-out pooling that matches each patched-position choice.
+READOUT_POOLING: dict[str, str] = {"last": "last", "all": "mean"}
 PAIR_COLUMNS: tuple[str, ...] = (
     "pair_id",
     "toxic_prompt_id",
@@ -57,7 +106,10 @@ PATCHING_COLUMNS: tuple[str, ...] = (
     "template",
     "attribute",
     "positions",
+    "readout_pooling",
     "direction",
+    "control",
+    "description",
     "measure",
     "layer",
     "readout_layer",
@@ -87,8 +139,9 @@ def match_pairs(
 ) -> pd.DataFrame:
     """Pair toxic with non-toxic prompts of (nearly) the same rendered length in `template`.
 
-    Length is the number of tokens of the rendered prompt. With `exact_length`, only equal lengths
-    pair (needed for `positions="all"`); prompts of each length are shuffled with `seed` and zipped.
+    Length is the number of tokens of the rendered prompt; duplicate texts are used once. With
+    `exact_length`, only equal lengths pair (needed for `positions="all"`); prompts of each length
+    are shuffled with `seed` and zipped.
     Otherwise pairs minimise the total |length difference| (`scipy.optimize.linear_sum_assignment`),
     and the `max_pairs` closest are kept.
 
@@ -109,7 +162,8 @@ def match_pairs(
     missing = [c for c in ("prompt_id", "text", col) if c not in prompts.columns]
     if missing:
         raise ValueError(f"prompts lacks column(s) {missing}; score the prompts first (PromptSet.score).")
-    df = prompts.dropna(subset=[col]).reset_index(drop=True)
+    # One row per text: batched patching tells rows apart by their tokens (see `PromptPatch`).
+    df = prompts.dropna(subset=[col]).drop_duplicates("text").reset_index(drop=True)
     df = df.assign(length=[len(render_prompt(tokenizer, t, template).input_ids) for t in df["text"]])
     tox, non = df[df[col] >= threshold].reset_index(drop=True), df[df[col] < threshold].reset_index(drop=True)
     if tox.empty or non.empty:
@@ -147,37 +201,121 @@ def match_pairs(
     )
 
 
-def _patch_for(
-    src: RenderedPrompt, tgt: RenderedPrompt, src_resid: torch.Tensor, layer: int, positions: str
-) -> ResidualPatch:
-    """The `ResidualPatch` writing the source's activations into the target (src_resid: [pos, d])."""
-    if positions == "last":
-        return ResidualPatch(layer, src_resid[src.prompt_end - 1 : src.prompt_end], [tgt.prompt_end - 1])
-    if len(src.input_ids) != len(tgt.input_ids) or (src.prompt_start, src.prompt_end) != (
-        tgt.prompt_start,
-        tgt.prompt_end,
-    ):
-        raise ValueError(
-            f"positions='all' needs pairs of equal rendered length and prompt span; got lengths "
-            f"{len(src.input_ids)} and {len(tgt.input_ids)}. Build pairs with "
-            "match_pairs(..., exact_length=True)."
-        )
-    span = list(range(tgt.prompt_start, tgt.prompt_end))
-    return ResidualPatch(layer, src_resid[span], span)
+def _span_key(r: RenderedPrompt) -> tuple[int, int, int]:
+    return (len(r.input_ids), r.prompt_start, r.prompt_end)
+
+
+def patch_plan(
+    pairs: pd.DataFrame, rendered: Mapping[str, RenderedPrompt], positions: str, *, controls: bool = True
+) -> pd.DataFrame:
+    """Every (direction, source, target) patch of `pairs`, same-class controls included.
+
+    Args:
+        pairs: Matched pairs (`match_pairs`).
+        rendered: `{prompt_id: RenderedPrompt}` of every pair prompt.
+        positions: "last" or "all" ("all" needs equal rendered length and span, also for controls,
+            which rotate within groups of equal length).
+        controls: Add the same-class control directions.
+
+    Returns:
+        One row per patch: `pair_id` (the target's pair), `direction`, `source_id`, `target_id`,
+        `target_text`.
+    """
+    rows = []
+    for p in pairs.itertuples(index=False):
+        for direction in ("toxic_to_nontoxic", "nontoxic_to_toxic"):
+            src, tgt = DIRECTIONS[direction][:2]
+            s_id, t_id = str(getattr(p, f"{src}_prompt_id")), str(getattr(p, f"{tgt}_prompt_id"))
+            if positions == "all" and _span_key(rendered[s_id]) != _span_key(rendered[t_id]):
+                raise ValueError(
+                    f"positions='all' needs pairs of equal rendered length and prompt span; got lengths "
+                    f"{len(rendered[s_id].input_ids)} and {len(rendered[t_id].input_ids)}. Build pairs with "
+                    "match_pairs(..., exact_length=True)."
+                )
+            rows.append((p.pair_id, direction, s_id, t_id, getattr(p, f"{tgt}_text")))
+    if controls:
+        for direction in CONTROL_DIRECTIONS:
+            cls = DIRECTIONS[direction][0]
+            members = [
+                (pid, str(i), t)
+                for pid, i, t in zip(
+                    pairs["pair_id"], pairs[f"{cls}_prompt_id"], pairs[f"{cls}_text"], strict=True
+                )
+            ]
+            groups: dict[Any, list[tuple[Any, str, str]]] = {}
+            for m in members:  # rotate within groups that can be patched into each other
+                groups.setdefault(_span_key(rendered[m[1]]) if positions == "all" else 0, []).append(m)
+            for group in groups.values():
+                for i, (pid, t_id, text) in enumerate(group if len(group) > 1 else []):
+                    rows.append((pid, direction, group[(i + 1) % len(group)][1], t_id, text))
+    return pd.DataFrame(rows, columns=["pair_id", "direction", "source_id", "target_id", "target_text"])
+
+
+def _clean_spans(
+    model: Any, rendered: Mapping[str, RenderedPrompt], layers: Sequence[int], batch_size: int
+) -> dict[str, dict[int, torch.Tensor]]:
+    """`{prompt_id: {layer: residuals over the prompt span [n, d_model]}}` (CPU float32), batched."""
+    ids = list(rendered)
+    out: dict[str, dict[int, torch.Tensor]] = {i: {} for i in ids}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        tokens, mask = right_padded(model, [rendered[i].input_ids for i in chunk])
+        res = record_residuals(model, tokens, list(layers), attention_mask=mask)
+        for row, i in enumerate(chunk):
+            r = rendered[i]
+            for layer in layers:
+                out[i][layer] = res[layer][row, r.prompt_start : r.prompt_end].clone()
+    return out
+
+
+def _prompt_patch(
+    plan: pd.DataFrame,
+    rendered: Mapping[str, RenderedPrompt],
+    spans: Mapping[str, Mapping[int, torch.Tensor]],
+    layer: int,
+    positions: str,
+) -> PromptPatch:
+    """One `PromptPatch` writing each row's source activations into its target (one direction)."""
+    table: dict[tuple[int, ...], tuple[list[int], torch.Tensor]] = {}
+    for s_id, t_id in zip(plan["source_id"], plan["target_id"], strict=True):
+        tgt, span = rendered[t_id], spans[s_id][layer]
+        key = tuple(tgt.input_ids)
+        if key in table:
+            raise ValueError(
+                f"Two target prompts render to the same tokens (prompt {t_id!r}); drop duplicate texts "
+                "(match_pairs does) so each row of a batched patch has one source."
+            )
+        if positions == "last":
+            table[key] = ([tgt.prompt_end - 1], span[-1:])
+        else:
+            table[key] = (list(range(tgt.prompt_start, tgt.prompt_end)), span)
+    return PromptPatch(layer, table)
 
 
 def _check_args(
-    model: Any, layers: Sequence[int], positions: str, probes: Mapping[int, Predictor] | None, scorer: Any
-) -> list[int]:
-    if positions not in ("last", "all"):
+    model: Any,
+    layers: Sequence[int],
+    positions: str,
+    pooling: str | None,
+    probes: Mapping[int, Predictor] | None,
+    scorer: Any,
+) -> tuple[list[int], str]:
+    if positions not in READOUT_POOLING:
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}.")
+    expected = READOUT_POOLING[positions]
+    if pooling is not None and pooling != expected:
+        raise ValueError(
+            f"pooling={pooling!r} does not match positions={positions!r}: the read-out must pool what "
+            f"was patched, so pass pooling={expected!r} (probes trained on {expected}-pooled prompt "
+            "encodings) or leave pooling=None."
+        )
     layers = [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x <= model.n_layers]
     if bad:
         raise ValueError(f"layers must be in 0..{model.n_layers}, got {bad}.")
     if probes is None and scorer is None:
         raise ValueError("Pass probes (read-out effect), a scorer (behaviour effect), or both; got neither.")
-    return layers
+    return layers, expected
 
 
 def clean_pair_continuations(
@@ -189,14 +327,21 @@ def clean_pair_continuations(
     clean runs one prompt at a time; pass them to several `activation_patching` calls to share them.
     """
     gen = generation or GenerationSettings()
-    frame = pd.concat(
-        [
-            pairs[["toxic_prompt_id", "toxic_text"]].set_axis(["prompt_id", "text"], axis=1),
-            pairs[["nontoxic_prompt_id", "nontoxic_text"]].set_axis(["prompt_id", "text"], axis=1),
-        ],
-        ignore_index=True,
-    ).drop_duplicates("prompt_id")
-    return generate_and_score(model, frame, scorer, gen)
+    return generate_and_score(model, _pair_prompts(pairs), scorer, gen)
+
+
+def _pair_prompts(pairs: pd.DataFrame) -> pd.DataFrame:
+    return (
+        pd.concat(
+            [
+                pairs[["toxic_prompt_id", "toxic_text"]].set_axis(["prompt_id", "text"], axis=1),
+                pairs[["nontoxic_prompt_id", "nontoxic_text"]].set_axis(["prompt_id", "text"], axis=1),
+            ],
+            ignore_index=True,
+        )
+        .drop_duplicates("prompt_id")
+        .astype({"prompt_id": str})
+    )
 
 
 def activation_patching(
@@ -205,13 +350,16 @@ def activation_patching(
     *,
     layers: Sequence[int],
     probes: Mapping[int, Predictor] | None = None,
-    pooling: str = "mean",
+    pooling: str | None = None,
     scorer: Any = None,
     generate_layers: Sequence[int] | None = None,
     positions: str = "last",
+    controls: bool = True,
+    fluency: bool = True,
     generation: GenerationSettings | None = None,
     stats: StatSettings | None = None,
     clean_continuations: pd.DataFrame | None = None,
+    batch_size: int = 16,
 ) -> pd.DataFrame:
     """Patch source -> target residuals per layer; measure probe read-out and continuation toxicity.
 
@@ -219,115 +367,135 @@ def activation_patching(
         model: A `LoadedModel`.
         pairs: Matched pairs (`match_pairs`).
         layers: Residual layers 0..L to patch (one at a time).
-        probes: `{layer: predictor}` fitted on pooled prompt encodings (`pooling`), single output;
+        probes: `{layer: predictor}` fitted on `READOUT_POOLING[positions]`-pooled prompt encodings
+            of prompts *not* in `pairs` (in-sample read-outs overstate the gap), single output;
             read-out rows are reported for every probed layer >= the patched layer.
-        pooling: "mean" over the prompt span or "last", as the probes were trained.
+        pooling: The probes' pooling; None means the one matching `positions` ("last" for
+            "last", "mean" for "all"); anything else is an error.
         scorer: Scorer for continuation toxicity (None: no generation).
         generate_layers: Layers whose patched runs are also generated from (default: `layers`);
             generation dominates the cost.
         positions: "last" (prompt span's last position) or "all" (every prompt position; pairs of
             equal length).
-        generation: Sampling settings (the same seeds for patched and clean targets).
+        controls: Also run the same-class controls (`toxic_to_toxic`, `nontoxic_to_nontoxic`).
+        fluency: Report `log_perplexity` of the patched continuations under the unmodified model.
+        generation: Sampling settings (the same seeds for patched and clean targets); its
+            `batch_size` batches the patched generations across pairs.
         stats: Attribute, threshold and bootstrap settings (bootstrap over pairs).
         clean_continuations: Scored continuations of the unpatched pair prompts with the same
             `generation` settings (`clean_pair_continuations`), to share them between calls (e.g.
             one call per block of layers); generated here, all pairs in one batch, when None.
+        batch_size: Prompts per read-out forward pass.
 
     Returns:
         Tidy rows with `PATCHING_COLUMNS`: `measure` = "readout" (with `readout_layer`) or a
-        behaviour metric (`readout_layer` <NA>); per (direction, layer[, readout_layer]).
+        behaviour metric / `log_perplexity` (`readout_layer` <NA>); per (direction, layer[,
+        readout_layer]). `description` spells the direction out; `control` marks same-class rows.
 
     Example:
         >>> pairs = match_pairs(prompts.df, model.tokenizer, max_pairs=50)  # doctest: +SKIP
-        >>> activation_patching(model, pairs, layers=[4, 8], probes=probes, scorer=scorer)  # doctest: +SKIP
+        >>> activation_patching(model, pairs, layers=[4, 8], probes=last_token_probes,
+        ...                     scorer=scorer)  # doctest: +SKIP
     """
     gen = generation or GenerationSettings()
     stat = stats or StatSettings()
-    layers = _check_args(model, layers, positions, probes, scorer)
+    layers, readout_pooling = _check_args(model, layers, positions, pooling, probes, scorer)
     gen_layers = (
         [int(x) for x in (layers if generate_layers is None else generate_layers)]
         if scorer is not None
         else []
     )
     probes = dict(probes or {})
-    readout_records: list[dict] = []
-    behaviour_frames: list[pd.DataFrame] = []
-    clean_behaviour: dict[str, pd.DataFrame] = {}
+    frame = _pair_prompts(pairs)
+    texts = zip(frame.prompt_id, frame.text, strict=True)
+    rendered = {i: render_prompt(model.tokenizer, t, gen.template) for i, t in texts}
+    plan = patch_plan(pairs, rendered, positions, controls=controls)
+    spans = _clean_spans(model, rendered, sorted(set(layers) | set(gen_layers)), batch_size)
+    parts = []
+    if probes:
+        parts.append(
+            _readouts(
+                model, plan, rendered, spans, layers, probes, positions, readout_pooling, stat, batch_size
+            )
+        )
     if gen_layers:
-        if clean_continuations is None:
-            clean_continuations = clean_pair_continuations(model, pairs, scorer, gen)
-        clean_behaviour = dict(tuple(clean_continuations.groupby("prompt_id", sort=False)))
-        wanted = set(pairs.toxic_prompt_id) | set(pairs.nontoxic_prompt_id)
-        missing = sorted(wanted - set(clean_behaviour))
-        if missing:
-            raise ValueError(f"clean_continuations has no rows for the pair prompt(s) {missing[:5]}.")
-    for pair in pairs.itertuples(index=False):
-        texts = {"toxic": pair.toxic_text, "nontoxic": pair.nontoxic_text}
-        ids = {"toxic": pair.toxic_prompt_id, "nontoxic": pair.nontoxic_prompt_id}
-        rendered = {s: render_prompt(model.tokenizer, t, gen.template) for s, t in texts.items()}
-        clean = {s: record_residuals(model, torch.tensor([r.input_ids])) for s, r in rendered.items()}
-        span = {s: (r.prompt_start, r.prompt_end) for s, r in rendered.items()}
-        clean_read = {s: probe_readout(clean[s], probes, span[s], pooling) for s in rendered}
-        for direction in DIRECTIONS:
-            src, tgt = ("toxic", "nontoxic") if direction == "toxic_to_nontoxic" else ("nontoxic", "toxic")
-            tgt_ids = torch.tensor([rendered[tgt].input_ids])
-            for layer in layers:
-                patch = _patch_for(rendered[src], rendered[tgt], clean[src][layer][0], layer, positions)
-                later = [x for x in probes if x >= layer]
-                if later:
-                    res = record_residuals(model, tgt_ids, later, intervention=patch)
-                    read = probe_readout(res, {x: probes[x] for x in later}, span[tgt], pooling)
-                    for x in later:
-                        readout_records.append(
-                            {
-                                "pair_id": pair.pair_id,
-                                "direction": direction,
-                                "layer": layer,
-                                "readout_layer": x,
-                                "value": read[x][0],
-                                "baseline": clean_read[tgt][x][0],
-                                "source": clean_read[src][x][0],
-                            }
-                        )
-                if layer in gen_layers:
-                    frame = pd.DataFrame({"prompt_id": [ids[tgt]], "text": [texts[tgt]]})
-                    patched = generate_and_score(model, frame, scorer, gen, intervention=patch)
-                    behaviour_frames.append(
-                        _pair_behaviour(
-                            patched,
-                            clean_behaviour[ids[tgt]],
-                            clean_behaviour[ids[src]],
-                            stat,
-                            pair_id=pair.pair_id,
-                            direction=direction,
-                            layer=layer,
-                        )
-                    )
-    out = pd.concat(
-        [_summarise_readouts(readout_records, stat), _summarise_behaviour(behaviour_frames, stat)],
-        ignore_index=True,
+        parts.append(
+            _behaviour(
+                model,
+                frame,
+                plan,
+                rendered,
+                spans,
+                gen_layers,
+                positions,
+                scorer,
+                gen,
+                stat,
+                clean_continuations,
+                fluency,
+            )
+        )
+    out = pd.concat([p for p in parts if len(p)], ignore_index=True)
+    out["control"] = out["direction"].isin(CONTROL_DIRECTIONS)
+    out["description"] = out["direction"].map(lambda d: DIRECTIONS[d][2])
+    out = out.assign(
+        model=model.name,
+        template=gen.template,
+        attribute=stat.attribute,
+        positions=positions,
+        readout_pooling=readout_pooling,
     )
-    out.insert(0, "positions", positions)
-    out.insert(0, "attribute", stat.attribute)
-    out.insert(0, "template", gen.template)
-    out.insert(0, "model", model.name)
     return out[list(PATCHING_COLUMNS)].astype({"readout_layer": "Int64"})
 
 
-def _pair_behaviour(
-    patched: pd.DataFrame, target: pd.DataFrame, source: pd.DataFrame, stat: StatSettings, **keys: Any
+def _readouts(
+    model: Any,
+    plan: pd.DataFrame,
+    rendered: Mapping[str, RenderedPrompt],
+    spans: Mapping[str, Mapping[int, torch.Tensor]],
+    layers: list[int],
+    probes: dict[int, Predictor],
+    positions: str,
+    pooling: str,
+    stat: StatSettings,
+    batch_size: int,
 ) -> pd.DataFrame:
-    """Per-pair behaviour metrics of the patched target, the clean target and the clean source."""
-
-    def metrics(df: pd.DataFrame) -> pd.Series:
-        return per_prompt_metrics(df, stat.attribute, threshold=stat.threshold).iloc[0]
-
-    p, t, s = metrics(patched), metrics(target), metrics(source)
-    return pd.DataFrame(
-        [
-            {**keys, "metric": m, "value": p[m], "baseline": t[m], "source": s[m], "k": int(p["k"])}
-            for m in METRICS
-        ]
+    """Read-out rows: per (direction, layer, readout layer), patched vs clean target, batched over pairs."""
+    ids = list(rendered)
+    clean_feats = encode_prompts(
+        model, [rendered[i] for i in ids], list(probes), pooling=pooling, batch_size=batch_size
+    )
+    clean = {x: dict(zip(ids, predict_one(p, clean_feats[x], x), strict=True)) for x, p in probes.items()}
+    records = []
+    for layer, (direction, grp) in ((x, dg) for x in layers for dg in plan.groupby("direction")):
+        later = [x for x in probes if x >= layer]
+        if not later:
+            continue
+        patch = _prompt_patch(grp, rendered, spans, layer, positions)
+        targets = [rendered[t] for t in grp["target_id"]]
+        feats = encode_prompts(
+            model, targets, later, pooling=pooling, batch_size=batch_size, intervention=patch
+        )
+        for x in later:
+            pred = predict_one(probes[x], feats[x], x)
+            for pair_id, s_id, t_id, v in zip(
+                grp["pair_id"], grp["source_id"], grp["target_id"], pred, strict=True
+            ):
+                records.append(
+                    {
+                        "pair_id": pair_id,
+                        "direction": direction,
+                        "layer": layer,
+                        "readout_layer": x,
+                        "value": v,
+                        "baseline": clean[x][t_id],
+                        "source": clean[x][s_id],
+                    }
+                )
+    if not records:
+        return pd.DataFrame()
+    return _summarise(pd.DataFrame(records), ["direction", "layer", "readout_layer"], stat).assign(
+        measure="readout", k=0
     )
 
 
@@ -335,7 +503,7 @@ def _summarise(per_pair: pd.DataFrame, keys: list[str], stat: StatSettings) -> p
     rows = []
     for key, grp in per_pair.groupby(keys, sort=True):
         value, base, source = (grp[c].to_numpy(dtype=np.float64) for c in ("value", "baseline", "source"))
-        row = effect_row("", value, base, value - base, stat, k=int(grp["k"].min()) if "k" in grp else 0)
+        row = effect_row("", value, base, value - base, stat, k=0)
         gap = float(np.mean(source - base))
         row.update(
             dict(zip(keys, key, strict=True)),
@@ -344,19 +512,38 @@ def _summarise(per_pair: pd.DataFrame, keys: list[str], stat: StatSettings) -> p
             n_pairs=row.pop("n_prompts"),
         )
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop(columns="metric")
 
 
-def _summarise_readouts(records: list[dict], stat: StatSettings) -> pd.DataFrame:
-    if not records:
-        return pd.DataFrame()
-    out = _summarise(pd.DataFrame(records), ["direction", "layer", "readout_layer"], stat)
-    return out.assign(measure="readout").drop(columns="metric")
-
-
-def _summarise_behaviour(frames: list[pd.DataFrame], stat: StatSettings) -> pd.DataFrame:
-    if not frames:
-        return pd.DataFrame()
-    per_pair = pd.concat(frames, ignore_index=True).rename(columns={"metric": "measure"})
-    out = _summarise(per_pair, ["direction", "layer", "measure"], stat).drop(columns="metric")
-    return out.assign(readout_layer=pd.NA)
+def _behaviour(
+    model: Any,
+    frame: pd.DataFrame,
+    plan: pd.DataFrame,
+    rendered: Mapping[str, RenderedPrompt],
+    spans: Mapping[str, Mapping[int, torch.Tensor]],
+    gen_layers: list[int],
+    positions: str,
+    scorer: Any,
+    gen: GenerationSettings,
+    stat: StatSettings,
+    clean: pd.DataFrame | None,
+    fluency: bool,
+) -> pd.DataFrame:
+    """Behaviour rows through `paired_sweep`: one condition per (direction, layer), all pairs batched."""
+    if clean is None:
+        clean = generate_and_score(model, frame, scorer, gen)
+    missing = sorted(set(frame["prompt_id"]) - set(clean["prompt_id"].astype(str)))
+    if missing:
+        raise ValueError(f"clean_continuations has no rows for the pair prompt(s) {missing[:5]}.")
+    conditions = []
+    for direction, grp in plan.groupby("direction", sort=True):
+        targets = pd.DataFrame({"prompt_id": grp["target_id"], "text": grp["target_text"]})
+        sources = dict(zip(grp["target_id"], grp["source_id"], strict=True))
+        for layer in gen_layers:
+            patch = _prompt_patch(grp, rendered, spans, layer, positions)
+            conditions.append(Condition({"direction": direction, "layer": layer}, patch, targets, sources))
+    out = paired_sweep(
+        model, frame, scorer, conditions, generation=gen, stats=stat, baseline=clean, fluency=fluency
+    )
+    out = out.rename(columns={"metric": "measure", "n_prompts": "n_pairs"})
+    return out.sort_values(["direction", "layer", "measure"], kind="stable").assign(readout_layer=pd.NA)

@@ -13,16 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from aligned_probing.causal._runs import (
-    EFFECT_COLUMNS,
-    GenerationSettings,
-    StatSettings,
-    fluency_effect,
-    generate_and_score,
-    paired_effects,
-    prompt_log_perplexity,
-)
+from aligned_probing.causal._runs import EFFECT_COLUMNS, GenerationSettings, StatSettings
 from aligned_probing.causal.interventions import LayerSkip
+from aligned_probing.causal.sweep import Condition, paired_sweep
 
 SKIPPING_COLUMNS: tuple[str, ...] = (
     "model",
@@ -75,19 +68,12 @@ def layer_skipping(
     bad = [b for b in blocks if not 0 <= b < model.n_layers]
     if bad:
         raise ValueError(f"blocks must be in 0..{model.n_layers - 1}, got {bad}.")
-    base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
-    base_lp = prompt_log_perplexity(model, base, gen) if fluency else None
-    frames = []
-    for b in blocks:
-        cond = generate_and_score(model, prompts, scorer, gen, intervention=LayerSkip(b))
-        eff = paired_effects(base, cond, stat)
-        if base_lp is not None:
-            row = fluency_effect(base_lp, prompt_log_perplexity(model, cond, gen), gen, stat)
-            eff = pd.concat([eff, pd.DataFrame([row])], ignore_index=True)
-        eff.insert(0, "relative_depth", (b + 1) / model.n_layers)
-        eff.insert(0, "block", b)
-        frames.append(eff)
-    out = pd.concat(frames, ignore_index=True)
+    conditions = [
+        Condition({"block": b, "relative_depth": (b + 1) / model.n_layers}, LayerSkip(b)) for b in blocks
+    ]
+    out = paired_sweep(
+        model, prompts, scorer, conditions, generation=gen, stats=stat, baseline=baseline, fluency=fluency
+    )
     out.insert(0, "attribute", stat.attribute)
     out.insert(0, "template", gen.template)
     out.insert(0, "model", model.name)

@@ -1,10 +1,18 @@
 """The pipeline's causal stage: layer skipping, activation patching and steering on one model.
 
-Probes for the patching read-out and the steering direction are the probe stage's input-scenario
-probes fitted on every prompt (`aligned_probing.pipeline.probes`: ridge on the stored input
-encodings, prompt score targets, one row per prompt), the same probes `load_results(...).probe()`
-gives a notebook; they are refitted here only when the probe stage did not save them. Steering acts
-at the layer where input information peaks in the probing stage's results.
+Probes are ridge probes on prompt encodings -> prompt score, refitted here on every prompt *except*
+those the interventions run on (the steering/skipping subset and the patching pairs), so read-outs
+and directions are never scored in-sample; the probing stage's probes are cross-validated fold
+models, and we want one probe per layer.
+
+* Steering uses the mean-pooled input probe (from the activation store) at the layer where input
+  information peaks in the probing stage's results. `causal.steering_alphas` are in units of that
+  layer's median residual norm over the subset's prompt tokens, and every strength is also run
+  along a seeded random direction (same norm, layer and operator): `direction` = "probe",
+  "random" and "probe_vs_random" rows (see `steering_sweep`).
+* Patching writes the last prompt position and reads out with *last-token* probes (computed here
+  from the model: the store may hold only mean pooling), so the read-out pools what was patched;
+  it runs the same-class controls and reports fluency (see `activation_patching`).
 
 The stage runs as tasks through `ctx.executor`, like probing's layer blocks:
 
@@ -66,14 +74,18 @@ def _fit_probes(
     pooling: str,
     alphas: list[float],
     storage_options: dict[str, Any] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> dict[int, Any]:
-    """One `RidgeProbe` per layer on the input encodings (first row of each prompt) -> prompt score."""
+    """One `RidgeProbe` per layer on the stored input encodings (first row of each prompt) -> prompt score.
+
+    Prompts in `exclude` (those the interventions run on) are left out of the fit.
+    """
     from aligned_probing.encoding.store import ActivationStore
     from aligned_probing.probing import RidgeProbe
 
     store = ActivationStore.open(store_dir, storage_options=storage_options)
     index = store.index.reset_index(drop=True)
-    first = ~index["prompt_id"].duplicated()
+    first = ~index["prompt_id"].duplicated() & ~index["prompt_id"].astype(str).isin(exclude)
     target = index.loc[first, "prompt_id"].map(prompts.set_index("prompt_id")[f"prompt_{attribute}"])
     keep = first.to_numpy().copy()
     keep[first.to_numpy()] = target.notna().to_numpy()
@@ -82,6 +94,32 @@ def _fit_probes(
         layer: RidgeProbe(alphas=alphas).fit(store.layer(layer, "input", pooling)[keep], y)
         for layer in layers
     }
+
+
+def _fit_last_token_probes(
+    model: Any,
+    prompts: pd.DataFrame,
+    attribute: str,
+    layers: list[int],
+    template: int,
+    alphas: list[float],
+    exclude: frozenset[str] = frozenset(),
+    batch_size: int = 16,
+) -> dict[int, Any]:
+    """One `RidgeProbe` per layer on the last prompt token's residual -> prompt score (not in `exclude`).
+
+    The read-out of last-position patching: a probe on the position that was patched.
+    """
+    from aligned_probing.causal import encode_prompts
+    from aligned_probing.data.templates import render_prompt
+    from aligned_probing.probing import RidgeProbe
+
+    col = f"prompt_{attribute}"
+    use = prompts[~prompts["prompt_id"].astype(str).isin(exclude)].dropna(subset=[col])
+    rendered = [render_prompt(model.tokenizer, t, template) for t in use["text"]]
+    feats = encode_prompts(model, rendered, layers, pooling="last", batch_size=batch_size)
+    y = use[col].to_numpy(dtype=np.float64)
+    return {layer: RidgeProbe(alphas=alphas).fit(feats[layer], y) for layer in layers}
 
 
 def _steering_layer(
@@ -167,14 +205,16 @@ class _Task:
             seed=self.c.seed,
         )
 
-    def probes(self, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
-        """The probe stage's input-scenario probes (fitted on all prompts) at `layers`; refitted if absent."""
-        from aligned_probing.pipeline.probes import PROBES_DIR, probe_name, read_probe
+    def held_out(self, prompts: pd.DataFrame) -> frozenset[str]:
+        """Prompts the interventions run on (subset and pairs): never used to fit a probe."""
+        ids = set(self.subset(prompts)["prompt_id"].astype(str))
+        if self.c.patching:
+            pairs = self.pairs()
+            ids |= set(pairs["toxic_prompt_id"].astype(str)) | set(pairs["nontoxic_prompt_id"].astype(str))
+        return frozenset(ids)
 
-        names = {x: probe_name("input", self.c.attribute, x) for x in sorted(set(layers))}
-        saved = {x: _fs.child(self.task["probe_dir"], PROBES_DIR, n) for x, n in names.items()}
-        if all(_fs.exists(loc, self.so) for loc in saved.values()):
-            return {x: read_probe(loc, self.so) for x, loc in saved.items()}
+    def probes(self, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
+        """Mean-pooled input probes from the store (the steering direction), held-out prompts excluded."""
         return _fit_probes(
             self.task["store_dir"],
             prompts,
@@ -183,6 +223,20 @@ class _Task:
             self.settings.pooling,
             self.settings.alphas,
             self.so,
+            exclude=self.held_out(prompts),
+        )
+
+    def readout_probes(self, model: Any, prompts: pd.DataFrame, layers: list[int]) -> dict[int, Any]:
+        """Last-token probes for the last-position patching read-out, held-out prompts excluded."""
+        return _fit_last_token_probes(
+            model,
+            prompts,
+            self.c.attribute,
+            sorted(set(layers)),
+            self.settings.template,
+            self.settings.alphas,
+            exclude=self.held_out(prompts),
+            batch_size=self.settings.generation.batch_size,
         )
 
     def pairs(self) -> pd.DataFrame:
@@ -277,13 +331,13 @@ def block_task(task: dict[str, Any]) -> list[str]:
         else:
             # Read-outs at every intervention layer >= the patched one, as in one unsplit call.
             readout = [x for x in task["all_layers"] if x >= layers[0]]
-            probes = t.probes(prompts, readout)
+            probes = t.readout_probes(model, prompts, readout)
             patch = activation_patching(
                 model,
                 t.pairs(),
                 layers=layers,
                 probes={x: probes[x] for x in readout},
-                pooling=t.settings.pooling,
+                pooling="last",
                 scorer=scorer,
                 positions="last",
                 generation=gen,
@@ -310,6 +364,9 @@ def steering_task(task: dict[str, Any]) -> bool:
         t.probes(prompts, [layer])[layer].direction(),
         layer=layer,
         alphas=t.c.steering_alphas,
+        units="norm",
+        random_control=True,
+        control_seed=t.c.seed,
         generation=t.generation(),
         stats=t.stats(),
         baseline=t.continuations(BASELINE_FILE),

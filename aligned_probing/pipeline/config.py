@@ -238,9 +238,16 @@ class CausalConfig(_Section):
     layers: list[int] | None = Field(None, description="Layers to intervene at; default: every layer.")
     layer_skipping: bool = Field(True, description="Measure the change in EMT when each block is bypassed.")
     patching: bool = Field(True, description="Patch the residual stream between toxic and non-toxic prompts.")
-    steering: bool = Field(True, description="Add alpha times the probe direction while generating.")
+    steering: bool = Field(
+        True,
+        description="Add alpha times the probe direction while generating (and, as a control, a "
+        "seeded random direction of the same norm at the same layer).",
+    )
     steering_alphas: list[float] = Field(
-        default_factory=lambda: [-8.0, -4.0, 0.0, 4.0, 8.0], description="Steering strengths."
+        default_factory=lambda: [-0.5, -0.25, 0.0, 0.25, 0.5],
+        description="Steering strengths in units of the steered layer's median residual norm "
+        "(over the causal prompts' tokens): 0.25 moves every position by a quarter of a typical "
+        "residual vector.",
     )
     seed: int = Field(0, description="Seed of the sampler under interventions.")
 

@@ -51,8 +51,11 @@ STAGE_FORMAT = 1
 #: of a scorer outage as complete); prompts are read by `load_prompt_source`.
 #: encode 2: prompts truncated with generation's budget (context_length - max_new_tokens); the
 #: activation store records checksums (`checksums.json`) verified on read.
+#: causal 2: steering in norm units with a random-direction control; patching with same-class
+#: controls, fluency, last-token read-out probes fitted on prompts disjoint from the pairs.
 STAGE_VERSIONS: dict[str, int] = {
     "prompts": 2, "generate": 2, "score": 2, "encode": 2, "probe": 2, "behaviour": 2, "interplay": 2,
+    "causal": 2,
 }
 
 

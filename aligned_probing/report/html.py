@@ -303,6 +303,8 @@ def _causal_section(r: RunResults, add: Callable[..., _Figure]) -> _Section:
                     ax.figure,
                 )
             )
+    if steer is not None and "direction" in steer:  # causal stage 2: control rows not drawn yet
+        steer = steer[steer["direction"] == "probe"]
     if steer is not None and len(steer):
         d = steer[steer["metric"] == "emt"]
         ax = plots.steering_curve(d)
