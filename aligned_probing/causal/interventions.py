@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -432,7 +432,7 @@ class PromptPatch(Intervention):
     """
 
     def __init__(
-        self, layer: int, patches: dict[tuple[int, ...], tuple[Sequence[int], Tensor | np.ndarray]]
+        self, layer: int, patches: Mapping[tuple[int, ...], tuple[Sequence[int], Tensor | np.ndarray]]
     ) -> None:
         self.layer = layer
         self.table: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}

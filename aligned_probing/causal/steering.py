@@ -123,7 +123,8 @@ def steering_sweep(
     kinds = {"probe": np.asarray(direction, dtype=np.float64)}
     if random_control:
         kinds["random"] = random_direction(model.d_model, seed=control_seed, orthogonal_to=direction)
-    conditions, contrasts = [], []
+    conditions: list[Condition] = []
+    contrasts: list[Contrast] = []
     for alpha in alphas:
         index = {}
         for kind, vec in kinds.items():

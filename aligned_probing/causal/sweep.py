@@ -114,7 +114,7 @@ def paired_sweep(
     """
     gen = generation or GenerationSettings()
     stat = stats or StatSettings()
-    keys = [tuple(c.labels) for c in (*conditions, *contrasts)]
+    keys = [tuple(c.labels) for c in conditions] + [tuple(c.labels) for c in contrasts]
     if len(set(keys)) > 1:
         raise ValueError(f"every condition and contrast needs the same label keys, got {sorted(set(keys))}.")
     metrics = [*METRICS, "log_perplexity"] if fluency else list(METRICS)
