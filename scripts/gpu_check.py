@@ -180,6 +180,7 @@ class HashScorer:
         from aligned_probing.scoring import ATTRIBUTES
 
         self.attributes = tuple(ATTRIBUTES)
+        self.id = "gpu-check-hash-v1"  # the stage's persistent score cache keys scores by scorer id
 
     def score(self, texts: list[str]) -> Any:
         """One column per attribute, in [0, 1]."""
