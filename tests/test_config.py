@@ -184,3 +184,18 @@ def test_causal_layer_block_is_a_positive_int_or_none():
     assert RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 2}}).runtime.causal_layer_block == 2
     with pytest.raises(ConfigError, match=r"runtime.causal_layer_block: Input should be greater than 0"):
         RunConfig.from_dict({**BASE, "runtime": {"causal_layer_block": 0}})
+
+
+def test_threads_default_to_every_available_core_and_can_be_pinned(monkeypatch):
+    import torch
+
+    from aligned_probing.pipeline import plan
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(plan.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    try:
+        assert RunConfig.from_dict(BASE).runtime.threads is None
+        assert plan._set_threads(None) == before and torch.get_num_threads() == 3  # default: all cores
+        assert plan._set_threads(1) == 3 and torch.get_num_threads() == 1  # pinned
+    finally:
+        torch.set_num_threads(before)
