@@ -392,3 +392,13 @@ def test_case_sections_appear_only_with_their_ingredients(tmp_path, rng):
     templates = _section(html, "case-templates")
     # Template 1 adds 0.2 to every EMT in the planted tables: beyond the +/-0.02 intervals.
     assert "model-a: EMT: 1 of 1 templates distinguishable from the base (1 (+0.200))" in templates
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "zoo.toml", "replication.toml"])
+def test_lineage_names_are_the_pipelines_model_names(name):
+    from pathlib import Path
+
+    from aligned_probing.pipeline.config import RunConfig
+
+    cfg = RunConfig.from_toml(Path(__file__).parents[1] / "configs" / name)
+    assert cases.model_lineage(cfg.model_dump())["model"].tolist() == [v.name for v in cfg.model_variants()]
