@@ -108,8 +108,11 @@ def _generation_section(r: RunResults) -> Section:
     if r.selfchecks is not None:
         cols = ["model", "template", "passed", "log_perplexity", "n_tokens_total", "max_abs_logprob_diff",
                 "logprob_tolerance", "n_rows_checked", "greedy_mismatches", "greedy_ties", "n_greedy_prompts"]
-        section.tables.append(html_table(r.selfchecks[[c for c in cols if c in r.selfchecks.columns]],
-                                         "Generation self-check", table_id="selfcheck"))
+        checks = r.selfchecks[[c for c in cols if c in r.selfchecks.columns]].copy()
+        for c in ("max_abs_logprob_diff", "logprob_tolerance"):
+            if c in checks.columns:
+                checks[c] = [f"{float(v):.1e}" for v in checks[c]]
+        section.tables.append(html_table(checks, "Generation self-check", table_id="selfcheck"))
     if r.continuations is not None:
         section.tables.append(html_table(_examples(r.continuations, r.scores), "Example continuations",
                                          table_id="examples"))

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from aligned_probing.pipeline.results import RunResults
 
 #: Printed next to every value picked as a maximum over layers or conditions.
-PEAK_NOTE = "peak-picked over {n} layers: the interval is optimistic for the picked value"
+PEAK_NOTE = "peak-picked over {n} layers (its interval is optimistic)"
 NOT_DISTINGUISHABLE = "not distinguishable from the control"
 
 
@@ -73,6 +73,8 @@ def headlines(
                 attribute = main_attribute(mine["attribute"])
                 template = main_template(mine["template"])
                 mine = mine[(mine["attribute"] == attribute) & (mine["template"] == template)]
+                order = {sc: i for i, sc in enumerate(plots.SCENARIO_COLORS)}
+                mine = mine.sort_values("scenario", key=lambda c: c.map(order), kind="stable")
                 for _, row in mine.iterrows():
                     text = f"r = {fmt_ci(row['mean'], row['ci_low'], row['ci_high'])} at " + depth_text(
                         row["layer"], row["n_layers"]
@@ -424,5 +426,6 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
             )
     if len(effects):
         shown = effects.assign(**{"CI excludes zero": effects["excludes_zero"]}).drop(columns="excludes_zero")
+        shown = shown[[c for c in shown.columns if shown[c].notna().any()]]
         s.tables.append(html_table(shown, "Every causal effect on EMT (controls marked)"))
     return s
