@@ -402,3 +402,21 @@ def test_lineage_names_are_the_pipelines_model_names(name):
 
     cfg = RunConfig.from_toml(Path(__file__).parents[1] / "configs" / name)
     assert cases.model_lineage(cfg.model_dump())["model"].tolist() == [v.name for v in cfg.model_variants()]
+
+
+def test_corrected_statistics_are_used_when_the_tables_have_them(results, tmp_path, rng):
+    # Interplay with the statistics issue's columns: the picked layer, its family-wise p, no interval + note.
+    inter = results.interplay.assign(p_raw=0.01, p_fwer=0.04, q_bh=0.03, ci_note="", peak_picked=False)
+    inter.loc[inter["layer"] == 2, ["peak_picked", "ci_low", "ci_high", "ci_note"]] = [True, np.nan, np.nan,
+                                                                                        "fewer than 4 models"]
+    results.interplay = inter
+    # Probing with MDL gains in bits: the reliability section plots gains instead of compression.
+    results.probing = results.probing.assign(mdl_gain_control=0.1, mdl_gain_baseline=0.2)
+    html = render_report(results, tmp_path / "r.html").read_text()
+    table = _section(html, "interplay").split("Peak correlation per scenario")[1]
+    assert "<th>p_fwer</th>" in table and "<th>q_bh</th>" in table and table.count("fewer than 4 models") == 4
+    assert table.count("<td>2</td>") == 4  # the picked layer of each scenario
+    assert "no family-wise adjusted p" not in html
+    reliability = _section(html, "reliability")
+    assert "MDL gain vs control (permuted) targets" in reliability and "MDL gain vs a features-free code" in reliability
+    assert "MDL compression (" not in reliability

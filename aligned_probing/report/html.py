@@ -126,6 +126,18 @@ def _alerts(r: RunResults) -> list[str]:
     return [str(m) for m in r.selfchecks.loc[~r.selfchecks["passed"].astype(bool), "message"]]
 
 
+#: Probing metrics the report summarises when the probing table has them (MDL gains come with the statistics
+#: issue's sweep; older tables have `compression` only).
+REPORT_METRICS: tuple[str, ...] = (
+    "pearson", "r2", "rmse", "control_pearson", "selectivity", "mdl_gain_control", "mdl_gain_baseline",
+    "compression",
+)
+
+
+def _summary(probing: pd.DataFrame) -> pd.DataFrame:
+    return summarize(probing, metrics=[m for m in REPORT_METRICS if m in probing.columns])
+
+
 def _timings(timings: pd.DataFrame) -> pd.DataFrame:
     """The stage table, with the report stage shown as being written (it is, while this runs)."""
     if timings.empty or "name" not in timings.columns:
@@ -182,7 +194,7 @@ def render_report(
         return Figure(fig_id, title, caption, guide, _png(fig, fig_id, fdir, formats), wide)
 
     r = results
-    summary = summarize(r.probing) if r.probing is not None else None
+    summary = _summary(r.probing) if r.probing is not None else None
     peaks = findings.peak_table(summary) if summary is not None and "pearson" in set(summary["metric"]) else None
     effects = findings.causal_effects(r.layer_skipping, r.steering, r.patching)
     lineage = cases.model_lineage(r.config)
