@@ -142,15 +142,17 @@ def causal_effects(
 
     Returns:
         Rows: model, experiment, description (words), delta, ci_low, ci_high, excludes_zero, control,
-        p_fwer (NaN when absent), fluency_delta (log-perplexity change when the table has it).
+        p_fwer (NaN when absent), fluency_delta (log-perplexity change when the table has it), layer,
+        strength (steering alpha, in residual norms when the table has them).
     """
     rows: list[pd.DataFrame] = []
     if layer_skipping is not None and len(layer_skipping):
         t = layer_skipping
         eff = t[t["metric"] == metric].copy()
         keys = [c for c in ("model", "template", "block") if c in t.columns]
-        layer = eff["layer"] if "layer" in eff.columns else eff["block"] + 1
-        eff["description"] = [f"skipping the block that writes layer {int(x)}" for x in layer]
+        if "layer" not in eff.columns:
+            eff["layer"] = eff["block"] + 1
+        eff["description"] = [f"skipping the block that writes layer {int(x)}" for x in eff["layer"]]
         rows.append(_with_fluency(eff, t, keys, "layer skipping"))
     if steering is not None and len(steering):
         t = steering
@@ -158,6 +160,7 @@ def causal_effects(
         strength = "alpha_in_norms" if "alpha_in_norms" in t.columns else "alpha"
         unit = " residual norms" if strength == "alpha_in_norms" else " (absolute)"
         eff = eff[eff[strength] != 0]
+        eff["strength"] = eff[strength]
         eff["description"] = [
             f"steering at layer {int(layer)} with alpha {a:+.2g}{unit}"
             for layer, a in zip(eff["layer"], eff[strength], strict=True)
@@ -175,15 +178,18 @@ def causal_effects(
     if not rows:
         return pd.DataFrame(
             columns=["model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero",
-                     "control", "p_fwer", "fluency_delta"]
+                     "control", "p_fwer", "fluency_delta", "layer", "strength"]
         )
     out = pd.concat(rows, ignore_index=True)
     out["excludes_zero"] = excludes_zero(out)
     out["control"] = is_control(out)
     if "p_fwer" not in out.columns:
         out["p_fwer"] = np.nan
+    for col in ("layer", "strength"):
+        if col not in out.columns:
+            out[col] = np.nan
     cols = ["model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero", "control",
-            "p_fwer", "fluency_delta"]
+            "p_fwer", "fluency_delta", "layer", "strength"]
     return out[cols]
 
 
@@ -196,6 +202,18 @@ def _with_fluency(effects: pd.DataFrame, table: pd.DataFrame, keys: list[str], e
     else:
         effects["fluency_delta"] = np.nan
     return effects.assign(experiment=experiment)
+
+
+def matching_control(effects: pd.DataFrame, effect: pd.Series) -> pd.Series | None:
+    """The control condition measured with `effect` (same model, experiment, layer and strength), if any."""
+    same = effects[
+        effects["control"]
+        & (effects["model"] == effect["model"])
+        & (effects["experiment"] == effect["experiment"])
+        & (effects["layer"] == effect["layer"])
+        & ((effects["strength"] == effect["strength"]) | (effects["strength"].isna() & pd.isna(effect["strength"])))
+    ]
+    return None if same.empty else same.iloc[0]
 
 
 def strongest_effect(effects: pd.DataFrame, model: str) -> tuple[pd.Series | None, int]:

@@ -119,6 +119,9 @@ def headlines(
                 text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])}"
                 if pd.notna(best["fluency_delta"]):
                     text += f"; log perplexity {float(best['fluency_delta']):+.2f}"
+                control = findings.matching_control(effects, best)
+                if control is not None:
+                    text += f"; its control: EMT {fmt_ci(control['delta'], control['ci_low'], control['ci_high'])}"
                 note = (
                     f"p_FWER = {fmt_p(best['p_fwer'])}"
                     if pd.notna(best["p_fwer"])
