@@ -175,8 +175,11 @@ def test_save_figure_writes_png_and_svg(tmp_path, summary):
 
 def test_retention_curve_draws_one_line_per_arm_and_chance():
     data = pd.DataFrame(
-        {"arm": ["a", "a", "a", "b", "b", "b"], "step": [0, 4, 8, 0, 4, 8],
-         "auroc": [0.9, 0.8, 0.7, 0.9, 0.9, 0.85]}
+        {
+            "arm": ["a", "a", "a", "b", "b", "b"],
+            "step": [0, 4, 8, 0, 4, 8],
+            "auroc": [0.9, 0.8, 0.7, 0.9, 0.9, 0.85],
+        }
     )
     ax = plots.retention_curve(data)
     lines = ax.get_lines()
@@ -219,14 +222,24 @@ def test_effect_with_cost_draws_effect_left_and_cost_on_a_second_axis():
     probe = _line(ax, "probe")
     np.testing.assert_allclose(probe.get_ydata(), [-0.2, 0.0, 0.3])
     cost_lines = [line for line in right.get_lines() if line.get_linestyle() == ":"]
-    assert sorted(tuple(np.round(line.get_ydata(), 3)) for line in cost_lines) == [(0.2, 0.0, 0.1), (0.5, 0.0, 0.7)]
+    assert sorted(tuple(np.round(line.get_ydata(), 3)) for line in cost_lines) == [
+        (0.2, 0.0, 0.1),
+        (0.5, 0.0, 0.7),
+    ]
     # The effect axis keeps its CI bands, one per condition.
     assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2
 
 
 def test_trend_curve_draws_points_and_band():
-    data = pd.DataFrame({"step": [0, 5, 10], "value": [0.3, 0.25, 0.2], "ci_low": [0.28, 0.2, 0.1],
-                         "ci_high": [0.32, 0.3, 0.3], "arm": "dpo"})
+    data = pd.DataFrame(
+        {
+            "step": [0, 5, 10],
+            "value": [0.3, 0.25, 0.2],
+            "ci_low": [0.28, 0.2, 0.1],
+            "ci_high": [0.32, 0.3, 0.3],
+            "arm": "dpo",
+        }
+    )
     ax = plots.trend_curve(data, hue="arm")
     line = _line(ax, "dpo")
     np.testing.assert_array_equal(line.get_xdata(), [0, 5, 10])

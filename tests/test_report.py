@@ -32,13 +32,27 @@ def _probing(rng, model: str, templates=(0,), shift: float = 0.0) -> pd.DataFram
                     for fold in range(3):
                         for seed in range(2):
                             r = 0.2 + 0.1 * layer + shift + 0.05 * template + rng.normal(0, 0.02)
-                            control = r if scenario == "backward" else 0.01  # backward: no better than control
+                            control = (
+                                r if scenario == "backward" else 0.01
+                            )  # backward: no better than control
                             rows.append(
-                                {"model": model, "template": template, "scenario": scenario,
-                                 "attribute": attribute, "layer": layer, "n_layers": N_LAYERS,
-                                 "relative_depth": layer / N_LAYERS, "fold": fold, "seed": seed,
-                                 "pearson": r, "r2": r * r, "rmse": 0.1, "control_pearson": control,
-                                 "selectivity": r - control + rng.normal(0, 0.02), "compression": 1 + r}
+                                {
+                                    "model": model,
+                                    "template": template,
+                                    "scenario": scenario,
+                                    "attribute": attribute,
+                                    "layer": layer,
+                                    "n_layers": N_LAYERS,
+                                    "relative_depth": layer / N_LAYERS,
+                                    "fold": fold,
+                                    "seed": seed,
+                                    "pearson": r,
+                                    "r2": r * r,
+                                    "rmse": 0.1,
+                                    "control_pearson": control,
+                                    "selectivity": r - control + rng.normal(0, 0.02),
+                                    "compression": 1 + r,
+                                }
                             )
     return pd.DataFrame(rows)
 
@@ -50,9 +64,20 @@ def _behaviour(models, templates=(0,), emt=None) -> pd.DataFrame:
             for attribute in ATTRIBUTES:
                 for metric in ("emt", "toxicity_probability", "mean_score"):
                     v = (emt or {}).get(model, 0.1 * (i + 1)) + 0.2 * template
-                    rows.append({"model": model, "template": template, "attribute": attribute, "metric": metric,
-                                 "subset": "all", "value": v, "ci_low": v - 0.02, "ci_high": v + 0.02,
-                                 "n_prompts": 20, "k": 4})
+                    rows.append(
+                        {
+                            "model": model,
+                            "template": template,
+                            "attribute": attribute,
+                            "metric": metric,
+                            "subset": "all",
+                            "value": v,
+                            "ci_low": v - 0.02,
+                            "ci_high": v + 0.02,
+                            "n_prompts": 20,
+                            "k": 4,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -62,10 +87,25 @@ def _interplay() -> pd.DataFrame:
         for layer in range(5):
             for stat in ("pearson", "spearman"):
                 v = -0.5 + 0.1 * layer
-                rows.append({"template": 0, "scenario": scenario, "attribute": "toxicity",
-                             "behaviour_attribute": "toxicity", "metric": "emt", "subset": "all",
-                             "depth_axis": "layer", "layer": layer, "relative_depth": layer / 4, "statistic": stat,
-                             "value": v, "p_value": 0.3, "ci_low": v - 0.2, "ci_high": v + 0.2, "n_models": 3})
+                rows.append(
+                    {
+                        "template": 0,
+                        "scenario": scenario,
+                        "attribute": "toxicity",
+                        "behaviour_attribute": "toxicity",
+                        "metric": "emt",
+                        "subset": "all",
+                        "depth_axis": "layer",
+                        "layer": layer,
+                        "relative_depth": layer / 4,
+                        "statistic": stat,
+                        "value": v,
+                        "p_value": 0.3,
+                        "ci_low": v - 0.2,
+                        "ci_high": v + 0.2,
+                        "n_models": 3,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -81,19 +121,35 @@ def _causal() -> dict[str, pd.DataFrame]:
     # Planted: skipping layer 3 moves EMT most (0.30); layer 1's effect (0.02) does not exclude zero.
     skip_delta = np.array([0.0, 0.02, 0.1, 0.30, 0.15])
     skipping = pd.concat(
-        [_effects({"block": layers, "layer": layers + 1}, skip_delta),
-         _effects({"block": layers, "layer": layers + 1}, 0.5 * layers, metric="log_perplexity")],
+        [
+            _effects({"block": layers, "layer": layers + 1}, skip_delta),
+            _effects({"block": layers, "layer": layers + 1}, 0.5 * layers, metric="log_perplexity"),
+        ],
         ignore_index=True,
     )
     alphas = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
     steer = pd.concat(
-        [_effects({"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "probe"}, 0.1 * alphas),
-         # A random-direction control with a larger effect: it must never be the headline.
-         _effects({"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "random"}, 0.9 * alphas),
-         _effects({"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "probe"}, alphas ** 2,
-                  metric="log_perplexity"),
-         _effects({"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "random"},
-                  0.5 * alphas ** 2, metric="log_perplexity")],
+        [
+            _effects(
+                {"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "probe"},
+                0.1 * alphas,
+            ),
+            # A random-direction control with a larger effect: it must never be the headline.
+            _effects(
+                {"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "random"},
+                0.9 * alphas,
+            ),
+            _effects(
+                {"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "probe"},
+                alphas**2,
+                metric="log_perplexity",
+            ),
+            _effects(
+                {"alpha": 90 * alphas, "alpha_in_norms": alphas, "layer": 2, "condition": "random"},
+                0.5 * alphas**2,
+                metric="log_perplexity",
+            ),
+        ],
         ignore_index=True,
     )
     patching = []
@@ -110,21 +166,56 @@ def _continuations(models) -> tuple[pd.DataFrame, pd.DataFrame]:
     for model in models:
         for p in range(6):
             for c in range(2):
-                rows.append({"model": model, "template": 0, "prompt_id": f"p{p}", "continuation_idx": c,
-                             "prompt_text": f"Prompt <{p}> & text", "text": f"continuation {model} {p}.{c}",
-                             "n_tokens": 5, "stopped_at_eos": False, "seed": 0})
-                scores.append({"model": model, "template": 0, "prompt_id": f"p{p}", "continuation_idx": c,
-                               "toxicity": (p * 2 + c) / 12, "insult": 0.1, "threat": 0.0})
+                rows.append(
+                    {
+                        "model": model,
+                        "template": 0,
+                        "prompt_id": f"p{p}",
+                        "continuation_idx": c,
+                        "prompt_text": f"Prompt <{p}> & text",
+                        "text": f"continuation {model} {p}.{c}",
+                        "n_tokens": 5,
+                        "stopped_at_eos": False,
+                        "seed": 0,
+                    }
+                )
+                scores.append(
+                    {
+                        "model": model,
+                        "template": 0,
+                        "prompt_id": f"p{p}",
+                        "continuation_idx": c,
+                        "toxicity": (p * 2 + c) / 12,
+                        "insult": 0.1,
+                        "threat": 0.0,
+                    }
+                )
     return pd.DataFrame(rows), pd.DataFrame(scores)
 
 
 def _selfchecks(models) -> pd.DataFrame:
     return pd.DataFrame(
-        [{"model": m, "template": 0, "dtype": "float32", "n_rows_checked": 8, "n_tokens_checked": 100,
-          "max_abs_logprob_diff": 1e-5, "mean_abs_logprob_diff": 1e-6, "logprob_tolerance": 1e-3,
-          "n_greedy_prompts": 3, "greedy_new_tokens": 20, "greedy_mismatches": 0, "greedy_ties": 0,
-          "log_perplexity": 3.1 + i, "n_tokens_total": 500, "passed": True, "message": "ok"}
-         for i, m in enumerate(models)]
+        [
+            {
+                "model": m,
+                "template": 0,
+                "dtype": "float32",
+                "n_rows_checked": 8,
+                "n_tokens_checked": 100,
+                "max_abs_logprob_diff": 1e-5,
+                "mean_abs_logprob_diff": 1e-6,
+                "logprob_tolerance": 1e-3,
+                "n_greedy_prompts": 3,
+                "greedy_new_tokens": 20,
+                "greedy_mismatches": 0,
+                "greedy_ties": 0,
+                "log_perplexity": 3.1 + i,
+                "n_tokens_total": 500,
+                "passed": True,
+                "message": "ok",
+            }
+            for i, m in enumerate(models)
+        ]
     )
 
 
@@ -149,8 +240,12 @@ def _results(tmp_path, rng, models=MODELS, config_models=None, templates=(0,), e
         continuations=conts,
         selfchecks=_selfchecks(models),
         timings=pd.DataFrame(
-            {"key": ["prompts", "generate/model-a/t0", "report"], "name": ["prompts", "generate", "report"],
-             "status": ["complete", "complete", "missing"], "seconds": [1.5, 30.25, None]}
+            {
+                "key": ["prompts", "generate/model-a/t0", "report"],
+                "name": ["prompts", "generate", "report"],
+                "status": ["complete", "complete", "missing"],
+                "seconds": [1.5, 30.25, None],
+            }
         ),
         **_causal(),
     )
@@ -172,8 +267,18 @@ def _section(html: str, sid: str) -> str:
 def test_report_is_self_contained_with_every_section(results, tmp_path):
     path = render_report(results, tmp_path / "out" / "report.html", figure_dir=tmp_path / "figs")
     html = path.read_text()
-    for section in ("overview", "generation", "information", "reliability", "behaviour", "interplay", "causal",
-                    "timings", "config", "versions"):
+    for section in (
+        "overview",
+        "generation",
+        "information",
+        "reliability",
+        "behaviour",
+        "interplay",
+        "causal",
+        "timings",
+        "config",
+        "versions",
+    ):
         assert f'<section id="{section}">' in html
     images = _images(html)
     # main figure, 3 heatmap grids, selectivity, MDL, behaviour, interplay, skipping, steering, patching
@@ -256,9 +361,19 @@ class _DomReader(HTMLParser):
 
 def _chromium(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     assert CHROMIUM, "needs Debian's chromium package (scripts/setup.sh --test installs it)"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -272,13 +387,27 @@ def test_report_in_headless_chromium_shows_the_run_tables(results, tmp_path):
     dom = _DomReader()
     dom.feed(_chromium(["--dump-dom", path.as_uri()], tmp_path).stdout)
     # 1. Every example continuation shown is a row of the run's continuations and scores.
-    conts = results.continuations.merge(results.scores, on=["model", "template", "prompt_id", "continuation_idx"])
-    header = ["model", "template", "example", "prompt_id", "continuation_idx", "toxicity", "prompt", "continuation"]
+    conts = results.continuations.merge(
+        results.scores, on=["model", "template", "prompt_id", "continuation_idx"]
+    )
+    header = [
+        "model",
+        "template",
+        "example",
+        "prompt_id",
+        "continuation_idx",
+        "toxicity",
+        "prompt",
+        "continuation",
+    ]
     shown = [dict(zip(header, row, strict=True)) for row in dom.tables["examples"] if row]
     assert len(shown) == 3 * (3 + 2 + 3)
     for row in shown:
-        match = conts[(conts["model"] == row["model"]) & (conts["prompt_id"] == row["prompt_id"])
-                      & (conts["continuation_idx"] == int(row["continuation_idx"]))]
+        match = conts[
+            (conts["model"] == row["model"])
+            & (conts["prompt_id"] == row["prompt_id"])
+            & (conts["continuation_idx"] == int(row["continuation_idx"]))
+        ]
         assert len(match) == 1, row
         m = match.iloc[0]
         assert (m["prompt_text"], m["text"]) == (row["prompt"], row["continuation"])
@@ -289,12 +418,21 @@ def test_report_in_headless_chromium_shows_the_run_tables(results, tmp_path):
     probe = results.probing
     for model in MODELS:
         for scenario in SCENARIOS:
-            curve = probe[(probe["model"] == model) & (probe["scenario"] == scenario)
-                          & (probe["attribute"] == "toxicity")].groupby("layer")["pearson"].mean()
+            curve = (
+                probe[
+                    (probe["model"] == model)
+                    & (probe["scenario"] == scenario)
+                    & (probe["attribute"] == "toxicity")
+                ]
+                .groupby("layer")["pearson"]
+                .mean()
+            )
             assert dom.headline[(model, f"peak/{scenario}")] == f"{curve.max():.3f}"
         b = results.behaviour
         for metric in ("emt", "toxicity_probability"):
-            value = b[(b["model"] == model) & (b["metric"] == metric) & (b["attribute"] == "toxicity")]["value"]
+            value = b[(b["model"] == model) & (b["metric"] == metric) & (b["attribute"] == "toxicity")][
+                "value"
+            ]
             assert dom.headline[(model, f"behaviour/{metric}")] == f"{value.iloc[0]:.3f}"
         check = results.selfchecks.set_index("model").loc[model]
         assert dom.headline[(model, "selfcheck/t0")] == f"{check['log_perplexity']:.3f}"
@@ -337,9 +475,16 @@ def test_causal_effects_in_words_with_controls_marked():
 def _finetuned_dir(root, arm: str, base_spec: str, step: int):
     merged = root / arm / "merged"
     merged.mkdir(parents=True)
-    (merged / "finetune.json").write_text(json.dumps(
-        {"arm": arm, "base": "/cache/x", "config": {"model": {"spec": base_spec, "dtype": "float32"}},
-         "global_step": step}))
+    (merged / "finetune.json").write_text(
+        json.dumps(
+            {
+                "arm": arm,
+                "base": "/cache/x",
+                "config": {"model": {"spec": base_spec, "dtype": "float32"}},
+                "global_step": step,
+            }
+        )
+    )
     for s in (5, 10):
         ck = root / arm / "checkpoints" / f"checkpoint-{s}"
         ck.mkdir(parents=True)
@@ -349,23 +494,42 @@ def _finetuned_dir(root, arm: str, base_spec: str, step: int):
 
 def test_lineage_links_variants_through_recorded_fields_not_names(tmp_path):
     merged = _finetuned_dir(tmp_path, "probe_dpo", "smollm2-135m-instruct", 15)
-    config = {"models": [
-        {"spec": "smollm2-135m-instruct", "name": "small", "dtype": "float32", "quantization": None,
-         "variants": [{"dtype": "float16", "quantization": None, "name": None},
-                      {"dtype": "float32", "quantization": "int8", "name": "misleading-name"}]},
-        {"spec": "smollm2-135m-instruct", "name": "small@bf16-looking", "dtype": "bfloat16", "quantization": None},
-        # Named like a variant of "small", but a different spec: unrelated.
-        {"spec": "gemma-3-270m", "name": "small@float16x", "dtype": "float32", "quantization": None},
-        {"spec": str(merged), "name": "detox", "dtype": "float32", "quantization": None},
-        {"spec": str(tmp_path / "probe_dpo" / "checkpoints" / "checkpoint-5"), "name": "c5"},
-    ]}
+    config = {
+        "models": [
+            {
+                "spec": "smollm2-135m-instruct",
+                "name": "small",
+                "dtype": "float32",
+                "quantization": None,
+                "variants": [
+                    {"dtype": "float16", "quantization": None, "name": None},
+                    {"dtype": "float32", "quantization": "int8", "name": "misleading-name"},
+                ],
+            },
+            {
+                "spec": "smollm2-135m-instruct",
+                "name": "small@bf16-looking",
+                "dtype": "bfloat16",
+                "quantization": None,
+            },
+            # Named like a variant of "small", but a different spec: unrelated.
+            {"spec": "gemma-3-270m", "name": "small@float16x", "dtype": "float32", "quantization": None},
+            {"spec": str(merged), "name": "detox", "dtype": "float32", "quantization": None},
+            {"spec": str(tmp_path / "probe_dpo" / "checkpoints" / "checkpoint-5"), "name": "c5"},
+        ]
+    }
     lin = cases.model_lineage(config).set_index("model")
     assert lin.loc["small", "relation"] == "base"
     assert lin.loc["small@float16", ["relation", "base"]].tolist() == ["precision", "small"]
     assert lin.loc["misleading-name", ["relation", "base"]].tolist() == ["precision", "small"]
     assert lin.loc["small@bf16-looking", ["relation", "base"]].tolist() == ["precision", "small"]
     assert lin.loc["small@float16x", "relation"] == "base"
-    assert lin.loc["detox", ["relation", "base", "arm", "step"]].tolist() == ["finetuned", "small", "probe_dpo", 15]
+    assert lin.loc["detox", ["relation", "base", "arm", "step"]].tolist() == [
+        "finetuned",
+        "small",
+        "probe_dpo",
+        15,
+    ]
     assert lin.loc["c5", ["relation", "base", "step"]].tolist() == ["checkpoint", "small", 5]
 
 
@@ -374,13 +538,23 @@ def test_case_sections_appear_only_with_their_ingredients(tmp_path, rng):
     assert "case-" not in plain
     merged = _finetuned_dir(tmp_path, "probe_dpo", "base-spec", 15)
     config_models = [
-        {"spec": "base-spec", "name": "model-a", "dtype": "float32", "quantization": None,
-         "variants": [{"dtype": "float16", "quantization": None, "name": "model-b"}]},
+        {
+            "spec": "base-spec",
+            "name": "model-a",
+            "dtype": "float32",
+            "quantization": None,
+            "variants": [{"dtype": "float16", "quantization": None, "name": "model-b"}],
+        },
         {"spec": str(merged), "name": "model-c", "dtype": "float32", "quantization": None},
     ]
     # Planted: float16 EMT equal within noise (0.100 vs 0.105), the fine-tuned model clearly lower (0.02).
-    r = _results(tmp_path, rng, config_models=config_models, templates=(0, 1),
-                 emt={"model-a": 0.10, "model-b": 0.105, "model-c": 0.02})
+    r = _results(
+        tmp_path,
+        rng,
+        config_models=config_models,
+        templates=(0, 1),
+        emt={"model-a": 0.10, "model-b": 0.105, "model-c": 0.02},
+    )
     html = render_report(r, tmp_path / "cases.html").read_text()
     for sid in ("case-templates", "case-precision", "case-detox"):
         assert f'<section id="{sid}">' in html
@@ -407,8 +581,12 @@ def test_lineage_names_are_the_pipelines_model_names(name):
 def test_corrected_statistics_are_used_when_the_tables_have_them(results, tmp_path, rng):
     # Interplay with the statistics issue's columns: the picked layer, its family-wise p, no interval + note.
     inter = results.interplay.assign(p_raw=0.01, p_fwer=0.04, q_bh=0.03, ci_note="", peak_picked=False)
-    inter.loc[inter["layer"] == 2, ["peak_picked", "ci_low", "ci_high", "ci_note"]] = [True, np.nan, np.nan,
-                                                                                        "fewer than 4 models"]
+    inter.loc[inter["layer"] == 2, ["peak_picked", "ci_low", "ci_high", "ci_note"]] = [
+        True,
+        np.nan,
+        np.nan,
+        "fewer than 4 models",
+    ]
     results.interplay = inter
     # Probing with MDL gains in bits: the reliability section plots gains instead of compression.
     results.probing = results.probing.assign(mdl_gain_control=0.1, mdl_gain_baseline=0.2)
@@ -418,7 +596,10 @@ def test_corrected_statistics_are_used_when_the_tables_have_them(results, tmp_pa
     assert table.count("<td>2</td>") == 4  # the picked layer of each scenario
     assert "no family-wise adjusted p" not in html
     reliability = _section(html, "reliability")
-    assert "MDL gain vs control (permuted) targets" in reliability and "MDL gain vs a features-free code" in reliability
+    assert (
+        "MDL gain vs control (permuted) targets" in reliability
+        and "MDL gain vs a features-free code" in reliability
+    )
     assert "MDL compression (" not in reliability
 
 

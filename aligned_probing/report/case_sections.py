@@ -15,7 +15,9 @@ _CRITERION = (
     "A difference counts as distinguishable from noise when the two 95% intervals do not overlap "
     "(conservative: both runs use the same prompts and seeds, and a paired interval is not in the tables)."
 )
-_GUIDE = "Bars whose whiskers do not overlap differ beyond noise; compare each variant with its base (first bar)."
+_GUIDE = (
+    "Bars whose whiskers do not overlap differ beyond noise; compare each variant with its base (first bar)."
+)
 
 
 def _verdict(cmp: pd.DataFrame, who: str, label: str = "model") -> str:
@@ -36,13 +38,20 @@ def _bars(cmp: pd.DataFrame, x: str, fig_id: str, title: str, add: AddFigure) ->
     """EMT and peak input information side by side, base first, one bar per model (or template)."""
     measures = [m for m in ("EMT", "peak r (input)") if m in set(cmp["measure"])]
     with sns.axes_style(plots.AXES_STYLE):
-        fig, axes = plt.subplots(1, len(measures), figsize=(5.2 * len(measures), 3.8), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(measures), figsize=(5.2 * len(measures), 3.8), squeeze=False, layout="constrained"
+        )
     for measure, ax in zip(measures, axes.ravel(), strict=True):
         g = cmp[cmp["measure"] == measure]
         first = g.iloc[[0]]
-        base = pd.DataFrame({x: ["base" if x == "model" else 0], "value": first["base_value"].to_numpy(),
-                             "ci_low": first["base_ci_low"].to_numpy(), "ci_high": first["base_ci_high"].to_numpy()})
+        base = pd.DataFrame(
+            {
+                x: ["base" if x == "model" else 0],
+                "value": first["base_value"].to_numpy(),
+                "ci_low": first["base_ci_low"].to_numpy(),
+                "ci_high": first["base_ci_high"].to_numpy(),
+            }
+        )
         if x == "model":
             base[x] = [str(first["base"].iloc[0])]
         data = pd.concat([base, g[[x, "value", "ci_low", "ci_high"]]], ignore_index=True)
@@ -50,8 +59,14 @@ def _bars(cmp: pd.DataFrame, x: str, fig_id: str, title: str, add: AddFigure) ->
         plots.behaviour_bars(data, x=x, hue=None, ax=ax)
         ax.set_ylabel(measure)
         ax.set_title(measure)
-    return add(fig_id, title, "Whiskers: 95% intervals (bootstrap for EMT, probing interval for peak r).", fig,
-               guide=_GUIDE, wide=True)
+    return add(
+        fig_id,
+        title,
+        "Whiskers: 95% intervals (bootstrap for EMT, probing interval for peak r).",
+        fig,
+        guide=_GUIDE,
+        wide=True,
+    )
 
 
 def template_section(measures: pd.DataFrame, add: AddFigure) -> Section | None:
@@ -59,13 +74,23 @@ def template_section(measures: pd.DataFrame, add: AddFigure) -> Section | None:
     cmp = cases.compare_templates(measures)
     if cmp.empty:
         return None
-    s = Section("case-templates", "Case study: prompt templates",
-                "Template 0 is the raw prompt; templates 1-4 add an instruction line. Each row compares a "
-                "template with template 0 for the same model. " + _CRITERION)
+    s = Section(
+        "case-templates",
+        "Case study: prompt templates",
+        "Template 0 is the raw prompt; templates 1-4 add an instruction line. Each row compares a "
+        "template with template 0 for the same model. " + _CRITERION,
+    )
     for model, g in cmp.groupby("model", sort=False):
         s.notes.append(f"{model}: " + _verdict(g, "templates", label="template"))
-        s.figures.append(_bars(g.assign(model=model), "template", f"case-templates-{model}",
-                               f"Template 0 vs instruction templates ({model})", add))
+        s.figures.append(
+            _bars(
+                g.assign(model=model),
+                "template",
+                f"case-templates-{model}",
+                f"Template 0 vs instruction templates ({model})",
+                add,
+            )
+        )
     s.tables.append(html_table(cmp, "Templates vs template 0"))
     return s
 
@@ -74,15 +99,30 @@ def variant_sections(lineage: pd.DataFrame, measures: pd.DataFrame, add: AddFigu
     """Precision variants, detoxified (fine-tuned) models and checkpoint series, each vs its base."""
     out = []
     specs = (
-        ("precision", "case-precision", "Case study: precision and quantization",
-         "The same weights loaded at another dtype or quantized (linked through the config's spec, dtype and "
-         "quantization fields). Variants of one model are not independent models."),
-        ("finetuned", "case-detox", "Case study: detoxified models",
-         "Models produced by `aligned-probing finetune` (linked to their base through `finetune.json`: the "
-         "base spec and the arm), against the base model analysed in the same run."),
-        ("checkpoint", "case-checkpoints", "Case study: training checkpoints",
-         "Adapter checkpoints of one fine-tuning arm in step order (steps from `checkpoint.json`), against "
-         "the base model."),
+        (
+            "precision",
+            "case-precision",
+            "Case study: precision and quantization",
+            "The same weights loaded at another dtype or quantized "
+            "(linked through the config's spec, dtype and "
+            "quantization fields). Variants of one model are not independent models.",
+        ),
+        (
+            "finetuned",
+            "case-detox",
+            "Case study: detoxified models",
+            "Models produced by `aligned-probing finetune` (linked to "
+            "their base through `finetune.json`: the "
+            "base spec and the arm), against the base model analysed in the same run.",
+        ),
+        (
+            "checkpoint",
+            "case-checkpoints",
+            "Case study: training checkpoints",
+            "Adapter checkpoints of one fine-tuning arm in step order "
+            "(steps from `checkpoint.json`), against "
+            "the base model.",
+        ),
     )
     for relation, sid, title, intro in specs:
         cmp = cases.compare_to_base(lineage, measures, relation)
@@ -91,7 +131,9 @@ def variant_sections(lineage: pd.DataFrame, measures: pd.DataFrame, add: AddFigu
         cmp = cmp[cmp["template"] == (0 if 0 in set(cmp["template"]) else cmp["template"].iloc[0])]
         s = Section(sid, title, intro + " " + _CRITERION)
         for base, g in cmp.groupby("base", sort=False):
-            who = {"precision": "variants", "finetuned": "fine-tuned models", "checkpoint": "checkpoints"}[relation]
+            who = {"precision": "variants", "finetuned": "fine-tuned models", "checkpoint": "checkpoints"}[
+                relation
+            ]
             s.notes.append(f"Base {base}: " + _verdict(g, who))
             if relation == "checkpoint":
                 s.figures.append(_checkpoint_figure(g, f"{sid}-{base}", add))
@@ -106,18 +148,30 @@ def variant_sections(lineage: pd.DataFrame, measures: pd.DataFrame, add: AddFigu
 def _checkpoint_figure(cmp: pd.DataFrame, fig_id: str, add: AddFigure) -> Any:
     measures = [m for m in ("EMT", "peak r (input)") if m in set(cmp["measure"])]
     with sns.axes_style(plots.AXES_STYLE):
-        fig, axes = plt.subplots(1, len(measures), figsize=(5.2 * len(measures), 3.8), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(measures), figsize=(5.2 * len(measures), 3.8), squeeze=False, layout="constrained"
+        )
     for measure, ax in zip(measures, axes.ravel(), strict=True):
         g = cmp[cmp["measure"] == measure]
         first = g.iloc[[0]]
-        base = pd.DataFrame({"step": [0.0], "value": first["base_value"].to_numpy(),
-                             "ci_low": first["base_ci_low"].to_numpy(), "ci_high": first["base_ci_high"].to_numpy()})
+        base = pd.DataFrame(
+            {
+                "step": [0.0],
+                "value": first["base_value"].to_numpy(),
+                "ci_low": first["base_ci_low"].to_numpy(),
+                "ci_high": first["base_ci_high"].to_numpy(),
+            }
+        )
         series = pd.concat([base, g[["step", "value", "ci_low", "ci_high"]]], ignore_index=True)
         series["arm"] = str(g["arm"].iloc[0])
         plots.trend_curve(series.drop_duplicates("step"), x="step", hue="arm", ax=ax)
         ax.set_ylabel(measure)
         ax.set_title(measure)
-    return add(fig_id, f"Along training ({cmp['base'].iloc[0]})", "Step 0 is the base model; bands: 95% intervals.",
-               fig, guide="A band that leaves the step-0 band = training moved that measure beyond noise.",
-               wide=True)
+    return add(
+        fig_id,
+        f"Along training ({cmp['base'].iloc[0]})",
+        "Step 0 is the base model; bands: 95% intervals.",
+        fig,
+        guide="A band that leaves the step-0 band = training moved that measure beyond noise.",
+        wide=True,
+    )

@@ -25,7 +25,15 @@ import pandas as pd
 
 #: Columns of `model_lineage`.
 LINEAGE_COLUMNS: tuple[str, ...] = (
-    "model", "spec", "dtype", "quantization", "relation", "base", "arm", "step", "series",
+    "model",
+    "spec",
+    "dtype",
+    "quantization",
+    "relation",
+    "base",
+    "arm",
+    "step",
+    "series",
 )
 
 
@@ -47,13 +55,26 @@ def _expand(config: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for m in config.get("models", []):
         base = m.get("name") or _default_name(m["spec"])
-        out.append({"model": base, "spec": m["spec"], "dtype": m.get("dtype") or "float32",
-                    "quantization": m.get("quantization"), "variant_of": None})
+        out.append(
+            {
+                "model": base,
+                "spec": m["spec"],
+                "dtype": m.get("dtype") or "float32",
+                "quantization": m.get("quantization"),
+                "variant_of": None,
+            }
+        )
         for v in m.get("variants") or []:
             suffix = v.get("quantization") or v.get("dtype") or "float32"
-            out.append({"model": v.get("name") or f"{base}@{suffix}", "spec": m["spec"],
-                        "dtype": v.get("dtype") or "float32", "quantization": v.get("quantization"),
-                        "variant_of": base})
+            out.append(
+                {
+                    "model": v.get("name") or f"{base}@{suffix}",
+                    "spec": m["spec"],
+                    "dtype": v.get("dtype") or "float32",
+                    "quantization": v.get("quantization"),
+                    "variant_of": base,
+                }
+            )
     return out
 
 
@@ -80,8 +101,14 @@ def model_lineage(config: dict[str, Any]) -> pd.DataFrame:
 
     rows = []
     for m in models:
-        row = {**{k: m[k] for k in ("model", "spec", "dtype", "quantization")},
-               "relation": "base", "base": None, "arm": None, "step": np.nan, "series": None}
+        row = {
+            **{k: m[k] for k in ("model", "spec", "dtype", "quantization")},
+            "relation": "base",
+            "base": None,
+            "arm": None,
+            "step": np.nan,
+            "series": None,
+        }
         ref = m["variant_of"] or reference(m["spec"])
         if ref is not None and ref != m["model"]:
             row.update(relation="precision", base=ref)
@@ -92,13 +119,22 @@ def model_lineage(config: dict[str, Any]) -> pd.DataFrame:
             arm_dir = spec_dir.parent.parent
             info = _read_json(arm_dir / "merged" / "finetune.json") or {}
             base_spec = (info.get("config") or {}).get("model", {}).get("spec")
-            row.update(relation="checkpoint", base=reference(base_spec) if base_spec else None,
-                       arm=info.get("arm"), step=float(ckpt.get("step", np.nan)), series=str(arm_dir))
+            row.update(
+                relation="checkpoint",
+                base=reference(base_spec) if base_spec else None,
+                arm=info.get("arm"),
+                step=float(ckpt.get("step", np.nan)),
+                series=str(arm_dir),
+            )
         elif info is not None:
             base_spec = (info.get("config") or {}).get("model", {}).get("spec")
-            row.update(relation="finetuned", base=reference(base_spec) if base_spec else None,
-                       arm=info.get("arm"), step=float(info.get("global_step") or np.nan),
-                       series=str(spec_dir.parent))
+            row.update(
+                relation="finetuned",
+                base=reference(base_spec) if base_spec else None,
+                arm=info.get("arm"),
+                step=float(info.get("global_step") or np.nan),
+                series=str(spec_dir.parent),
+            )
         rows.append(row)
     return pd.DataFrame(rows, columns=list(LINEAGE_COLUMNS))
 
@@ -110,8 +146,9 @@ def overlap(a_low: Any, a_high: Any, b_low: Any, b_high: Any) -> Any:
     return ~disjoint
 
 
-def model_measures(peaks: pd.DataFrame | None, behaviour: pd.DataFrame | None,
-                   *, attribute: str = "toxicity") -> pd.DataFrame:
+def model_measures(
+    peaks: pd.DataFrame | None, behaviour: pd.DataFrame | None, *, attribute: str = "toxicity"
+) -> pd.DataFrame:
     """Per (model, template): EMT and the peak information of each scenario for `attribute`, with CIs.
 
     Returns:
@@ -120,14 +157,23 @@ def model_measures(peaks: pd.DataFrame | None, behaviour: pd.DataFrame | None,
     """
     frames = []
     if behaviour is not None and len(behaviour):
-        b = behaviour[(behaviour["attribute"] == attribute) & (behaviour["subset"] == "all")
-                      & (behaviour["metric"] == "emt")]
-        frames.append(b.assign(measure="EMT", layer=np.nan)[
-            ["model", "template", "measure", "layer", "value", "ci_low", "ci_high"]])
+        b = behaviour[
+            (behaviour["attribute"] == attribute)
+            & (behaviour["subset"] == "all")
+            & (behaviour["metric"] == "emt")
+        ]
+        frames.append(
+            b.assign(measure="EMT", layer=np.nan)[
+                ["model", "template", "measure", "layer", "value", "ci_low", "ci_high"]
+            ]
+        )
     if peaks is not None and len(peaks):
         p = peaks[peaks["attribute"] == attribute]
-        frames.append(p.assign(measure=[f"peak r ({s})" for s in p["scenario"]], value=p["mean"])[
-            ["model", "template", "measure", "layer", "value", "ci_low", "ci_high"]])
+        frames.append(
+            p.assign(measure=[f"peak r ({s})" for s in p["scenario"]], value=p["mean"])[
+                ["model", "template", "measure", "layer", "value", "ci_low", "ci_high"]
+            ]
+        )
     if not frames:
         return pd.DataFrame(columns=["model", "template", "measure", "layer", "value", "ci_low", "ci_high"])
     return pd.concat(frames, ignore_index=True)
@@ -150,24 +196,60 @@ def compare_to_base(lineage: pd.DataFrame, measures: pd.DataFrame, relation: str
         return pd.DataFrame()
     keys = ["template", "measure"]
     variant = measures.merge(links[["model", "base", "dtype", "quantization", "arm", "step"]], on="model")
-    base = measures.rename(columns={"model": "base", "value": "base_value", "ci_low": "base_ci_low",
-                                    "ci_high": "base_ci_high", "layer": "base_layer"})
+    base = measures.rename(
+        columns={
+            "model": "base",
+            "value": "base_value",
+            "ci_low": "base_ci_low",
+            "ci_high": "base_ci_high",
+            "layer": "base_layer",
+        }
+    )
     out = variant.merge(base, on=["base", *keys], how="inner")
     out["difference"] = out["value"] - out["base_value"]
     out["distinguishable"] = ~overlap(out["ci_low"], out["ci_high"], out["base_ci_low"], out["base_ci_high"])
-    cols = ["base", "model", "dtype", "quantization", "arm", "step", "template", "measure", "layer", "value",
-            "ci_low", "ci_high", "base_value", "base_ci_low", "base_ci_high", "difference", "distinguishable"]
-    return out[cols].sort_values(["base", "step", "model", "template", "measure"], kind="stable",
-                                 na_position="first").reset_index(drop=True)
+    cols = [
+        "base",
+        "model",
+        "dtype",
+        "quantization",
+        "arm",
+        "step",
+        "template",
+        "measure",
+        "layer",
+        "value",
+        "ci_low",
+        "ci_high",
+        "base_value",
+        "base_ci_low",
+        "base_ci_high",
+        "difference",
+        "distinguishable",
+    ]
+    return (
+        out[cols]
+        .sort_values(["base", "step", "model", "template", "measure"], kind="stable", na_position="first")
+        .reset_index(drop=True)
+    )
 
 
 def compare_templates(measures: pd.DataFrame) -> pd.DataFrame:
     """Each template's measures next to template 0's for the same model (empty with one template)."""
     if measures.empty or measures["template"].nunique() < 2 or 0 not in set(measures["template"]):
         return pd.DataFrame()
-    base = measures[measures["template"] == 0].drop(columns="template").rename(
-        columns={"value": "base_value", "ci_low": "base_ci_low", "ci_high": "base_ci_high",
-                 "layer": "base_layer"})
+    base = (
+        measures[measures["template"] == 0]
+        .drop(columns="template")
+        .rename(
+            columns={
+                "value": "base_value",
+                "ci_low": "base_ci_low",
+                "ci_high": "base_ci_high",
+                "layer": "base_layer",
+            }
+        )
+    )
     out = measures[measures["template"] != 0].merge(base, on=["model", "measure"])
     out["difference"] = out["value"] - out["base_value"]
     out["distinguishable"] = ~overlap(out["ci_low"], out["ci_high"], out["base_ci_low"], out["base_ci_high"])

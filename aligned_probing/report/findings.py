@@ -52,7 +52,8 @@ def is_control(table: pd.DataFrame) -> pd.Series:
         if col in table.columns:
             out |= pd.Series(
                 ["random" in str(v).lower() or "control" in str(v).lower() for v in table[col]],
-                index=table.index, dtype=bool,
+                index=table.index,
+                dtype=bool,
             )
     if "direction" in table.columns:
         words = [str(x) if pd.notna(x) else "" for x in table["direction"]]
@@ -99,15 +100,19 @@ def peak_table(summary: pd.DataFrame, *, metric: str = "pearson") -> pd.DataFram
     else:
         peaks["p_fwer"] = np.nan
     ctrl = summary[summary["metric"] == f"control_{metric}"][[*key, "mean", "ci_high"]]
-    peaks = peaks.merge(ctrl.rename(columns={"mean": "control", "ci_high": "control_high"}), on=key, how="left")
+    peaks = peaks.merge(
+        ctrl.rename(columns={"mean": "control", "ci_high": "control_high"}), on=key, how="left"
+    )
     sel = summary[summary["metric"] == "selectivity"][[*key, "ci_low"]]
     peaks = peaks.merge(sel.rename(columns={"ci_low": "selectivity_low"}), on=key, how="left")
     by_selectivity = peaks["selectivity_low"] > 0
     by_control = peaks["ci_low"] > peaks["control_high"]
     peaks["distinguishable"] = by_selectivity.where(peaks["selectivity_low"].notna(), by_control)
-    peaks["distinguishable"] = peaks["distinguishable"].where(
-        peaks["selectivity_low"].notna() | peaks["control_high"].notna(), peaks["ci_low"] > 0
-    ).astype(bool)
+    peaks["distinguishable"] = (
+        peaks["distinguishable"]
+        .where(peaks["selectivity_low"].notna() | peaks["control_high"].notna(), peaks["ci_low"] > 0)
+        .astype(bool)
+    )
     peaks["peak_picked"] = True
     return peaks
 
@@ -165,7 +170,9 @@ def causal_effects(
             f"steering at layer {int(layer)} with alpha {a:+.2g}{unit}"
             for layer, a in zip(eff["layer"], eff[strength], strict=True)
         ]
-        keys = [c for c in ("model", "template", "layer", "alpha", "condition", "direction", "control") if c in t]
+        keys = [
+            c for c in ("model", "template", "layer", "alpha", "condition", "direction", "control") if c in t
+        ]
         rows.append(_with_fluency(eff, t, keys, "steering"))
     if patching is not None and len(patching) and "measure" in patching.columns:
         eff = patching[patching["measure"] == metric].copy()
@@ -177,8 +184,20 @@ def causal_effects(
         rows.append(eff.assign(experiment="patching"))
     if not rows:
         return pd.DataFrame(
-            columns=["model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero",
-                     "control", "p_fwer", "fluency_delta", "layer", "strength"]
+            columns=[
+                "model",
+                "experiment",
+                "description",
+                "delta",
+                "ci_low",
+                "ci_high",
+                "excludes_zero",
+                "control",
+                "p_fwer",
+                "fluency_delta",
+                "layer",
+                "strength",
+            ]
         )
     out = pd.concat(rows, ignore_index=True)
     out["excludes_zero"] = excludes_zero(out)
@@ -188,12 +207,26 @@ def causal_effects(
     for col in ("layer", "strength"):
         if col not in out.columns:
             out[col] = np.nan
-    cols = ["model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero", "control",
-            "p_fwer", "fluency_delta", "layer", "strength"]
+    cols = [
+        "model",
+        "experiment",
+        "description",
+        "delta",
+        "ci_low",
+        "ci_high",
+        "excludes_zero",
+        "control",
+        "p_fwer",
+        "fluency_delta",
+        "layer",
+        "strength",
+    ]
     return out[cols]
 
 
-def _with_fluency(effects: pd.DataFrame, table: pd.DataFrame, keys: list[str], experiment: str) -> pd.DataFrame:
+def _with_fluency(
+    effects: pd.DataFrame, table: pd.DataFrame, keys: list[str], experiment: str
+) -> pd.DataFrame:
     fl = table[table["metric"] == "log_perplexity"]
     if len(fl) and keys:
         effects = effects.merge(
@@ -211,13 +244,16 @@ def matching_control(effects: pd.DataFrame, effect: pd.Series) -> pd.Series | No
         & (effects["model"] == effect["model"])
         & (effects["experiment"] == effect["experiment"])
         & (effects["layer"] == effect["layer"])
-        & ((effects["strength"] == effect["strength"]) | (effects["strength"].isna() & pd.isna(effect["strength"])))
+        & (
+            (effects["strength"] == effect["strength"])
+            | (effects["strength"].isna() & pd.isna(effect["strength"]))
+        )
     ]
     return None if same.empty else same.iloc[0]
 
 
 def strongest_effect(effects: pd.DataFrame, model: str) -> tuple[pd.Series | None, int]:
-    """The largest |delta| among `model`'s non-control effects whose CI excludes zero, and how many were searched.
+    """The largest |delta| of `model`'s non-control effects whose CI excludes zero, and the number searched.
 
     Returns:
         (the row, or None when no CI excludes zero; the number of non-control effects it was picked from).

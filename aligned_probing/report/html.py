@@ -81,15 +81,25 @@ def _examples(conts: pd.DataFrame, scores: pd.DataFrame | None, seed: int = 0) -
         picks: list[tuple[str, pd.DataFrame]] = []
         if "toxicity" in group.columns:
             ranked = group.sort_values("toxicity", ascending=False, kind="stable")
-            picks += [("most toxic", ranked.head(N_EXAMPLES["most toxic"])),
-                      ("least toxic", ranked.tail(N_EXAMPLES["least toxic"]).iloc[::-1])]
+            picks += [
+                ("most toxic", ranked.head(N_EXAMPLES["most toxic"])),
+                ("least toxic", ranked.tail(N_EXAMPLES["least toxic"]).iloc[::-1]),
+            ]
         picks.append(("random", group.sample(min(N_EXAMPLES["random"], len(group)), random_state=seed)))
         for kind, sub in picks:
             for r in sub.itertuples(index=False):
-                rows.append({"model": model, "template": template, "example": kind, "prompt_id": r.prompt_id,
-                             "continuation_idx": r.continuation_idx,
-                             "toxicity": round(float(getattr(r, "toxicity", float("nan"))), 3),
-                             "prompt": r.prompt_text, "continuation": r.text})
+                rows.append(
+                    {
+                        "model": model,
+                        "template": template,
+                        "example": kind,
+                        "prompt_id": r.prompt_id,
+                        "continuation_idx": r.continuation_idx,
+                        "toxicity": round(float(getattr(r, "toxicity", float("nan"))), 3),
+                        "prompt": r.prompt_text,
+                        "continuation": r.text,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -101,21 +111,34 @@ def _generation_section(r: RunResults) -> Section:
         "Every number in this report is computed from these continuations. The self-check recomputes the "
         "log-probabilities of sampled tokens without the KV cache (they must agree with those recorded while "
         "sampling) and compares cached with uncached greedy decoding; log-perplexity is the mean negative "
-        "log-likelihood per generated token under the model itself (lower = more fluent; fluent SmolLM2 samples "
+        "log-likelihood per generated token under the model itself "
+        "(lower = more fluent; fluent SmolLM2 samples "
         "are about 3 nats, token salad above 6).",
         empty="No continuations were generated in this run.",
     )
     if r.selfchecks is not None:
-        cols = ["model", "template", "passed", "log_perplexity", "n_tokens_total", "max_abs_logprob_diff",
-                "logprob_tolerance", "n_rows_checked", "greedy_mismatches", "greedy_ties", "n_greedy_prompts"]
+        cols = [
+            "model",
+            "template",
+            "passed",
+            "log_perplexity",
+            "n_tokens_total",
+            "max_abs_logprob_diff",
+            "logprob_tolerance",
+            "n_rows_checked",
+            "greedy_mismatches",
+            "greedy_ties",
+            "n_greedy_prompts",
+        ]
         checks = r.selfchecks[[c for c in cols if c in r.selfchecks.columns]].copy()
         for c in ("max_abs_logprob_diff", "logprob_tolerance"):
             if c in checks.columns:
                 checks[c] = [f"{float(v):.1e}" for v in checks[c]]
         section.tables.append(html_table(checks, "Generation self-check", table_id="selfcheck"))
     if r.continuations is not None:
-        section.tables.append(html_table(_examples(r.continuations, r.scores), "Example continuations",
-                                         table_id="examples"))
+        section.tables.append(
+            html_table(_examples(r.continuations, r.scores), "Example continuations", table_id="examples")
+        )
     return section
 
 
@@ -129,7 +152,13 @@ def _alerts(r: RunResults) -> list[str]:
 #: Probing metrics the report summarises when the probing table has them (MDL gains come with the statistics
 #: issue's sweep; older tables have `compression` only).
 REPORT_METRICS: tuple[str, ...] = (
-    "pearson", "r2", "rmse", "control_pearson", "selectivity", "mdl_gain_control", "mdl_gain_baseline",
+    "pearson",
+    "r2",
+    "rmse",
+    "control_pearson",
+    "selectivity",
+    "mdl_gain_control",
+    "mdl_gain_baseline",
     "compression",
 )
 
@@ -151,19 +180,26 @@ def _timings(timings: pd.DataFrame) -> pd.DataFrame:
 def _overview(r: RunResults, boxes: list[Any]) -> Section:
     cfg = r.config
     models = pd.DataFrame(
-        [{k: m.get(k) or "-" for k in ("name", "spec", "dtype", "quantization")} for m in cfg.get("models", [])]
+        [
+            {k: m.get(k) or "-" for k in ("name", "spec", "dtype", "quantization")}
+            for m in cfg.get("models", [])
+        ]
     )
     overview = Section(
         "overview",
         "Overview",
         "Headline per model. Peaks are picked over layers (their intervals are optimistic; a family-wise "
-        "adjusted p is shown where the tables carry one); behaviour intervals are bootstrap 95% CIs over prompts.",
+        "adjusted p is shown where the tables carry one); behaviour "
+        "intervals are bootstrap 95% CIs over prompts.",
         tables=[html_table(models, "Models")],
         headlines=boxes,
     )
     if r.prompts is not None:
-        data = {"prompts": len(r.prompts), "continuations per prompt": cfg["generation"]["k"],
-                "templates": str(cfg["generation"]["templates"])}
+        data = {
+            "prompts": len(r.prompts),
+            "continuations per prompt": cfg["generation"]["k"],
+            "templates": str(cfg["generation"]["templates"]),
+        }
         overview.tables.append(html_table(pd.DataFrame([data]), "Data"))
     return overview
 
@@ -195,7 +231,9 @@ def render_report(
 
     r = results
     summary = _summary(r.probing) if r.probing is not None else None
-    peaks = findings.peak_table(summary) if summary is not None and "pearson" in set(summary["metric"]) else None
+    peaks = (
+        findings.peak_table(summary) if summary is not None and "pearson" in set(summary["metric"]) else None
+    )
     effects = findings.causal_effects(r.layer_skipping, r.steering, r.patching)
     lineage = cases.model_lineage(r.config)
     measures = cases.model_measures(peaks, r.behaviour)
@@ -223,8 +261,10 @@ def render_report(
             "versions",
             "Library versions",
             tables=[
-                html_table(pd.DataFrame(list(library_versions().items()), columns=["library", "version"]),
-                           "Installed")
+                html_table(
+                    pd.DataFrame(list(library_versions().items()), columns=["library", "version"]),
+                    "Installed",
+                )
             ],
         ),
     ]

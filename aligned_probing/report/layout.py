@@ -102,7 +102,11 @@ def html_table(df: pd.DataFrame, title: str, table_id: str | None = None) -> dic
     return {
         "title": title,
         "html": df.to_html(
-            classes="data", index=False, float_format=lambda v: f"{v:.{DECIMALS}f}", na_rep="", border=0,
+            classes="data",
+            index=False,
+            float_format=lambda v: f"{v:.{DECIMALS}f}",
+            na_rep="",
+            border=0,
             table_id=table_id,
         ),
     }

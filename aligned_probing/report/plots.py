@@ -574,8 +574,16 @@ def effect_with_cost(
             low, high = part[cost_low].to_numpy(dtype=float), part[cost_high].to_numpy(dtype=float)
             err = np.clip(np.vstack([ys - low, high - ys]), 0, None)
             right.errorbar(
-                xs, ys, yerr=err, color=colors[level], linestyle=":", marker="s", markersize=4, capsize=2,
-                linewidth=1, label=label,
+                xs,
+                ys,
+                yerr=err,
+                color=colors[level],
+                linestyle=":",
+                marker="s",
+                markersize=4,
+                capsize=2,
+                linewidth=1,
+                label=label,
             )
         else:
             right.plot(xs, ys, color=colors[level], linestyle=":", marker="s", markersize=4, label=label)

@@ -56,9 +56,7 @@ def depth_text(layer: Any, n_layers: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- headline
-def headlines(
-    r: RunResults, peaks: pd.DataFrame | None, effects: pd.DataFrame
-) -> list[Headline]:
+def headlines(r: RunResults, peaks: pd.DataFrame | None, effects: pd.DataFrame) -> list[Headline]:
     """One headline box per model: peaks, behaviour, strongest causal effect, generation self-check."""
     models: list[str] = []
     for table in (peaks, r.behaviour, r.selfchecks):
@@ -112,8 +110,11 @@ def headlines(
             best, n = findings.strongest_effect(effects, model)
             if best is None:
                 box.rows.append(
-                    HeadlineRow("causal", "Strongest causal effect on EMT",
-                                f"none distinguishable from zero (of {n} effects measured)")
+                    HeadlineRow(
+                        "causal",
+                        "Strongest causal effect on EMT",
+                        f"none distinguishable from zero (of {n} effects measured)",
+                    )
                 )
             else:
                 text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])}"
@@ -121,11 +122,13 @@ def headlines(
                     text += f"; log perplexity {float(best['fluency_delta']):+.2f}"
                 control = findings.matching_control(effects, best)
                 if control is not None:
-                    text += f"; its control: EMT {fmt_ci(control['delta'], control['ci_low'], control['ci_high'])}"
+                    ci = fmt_ci(control["delta"], control["ci_low"], control["ci_high"])
+                    text += f"; its control: EMT {ci}"
                 note = (
                     f"p_FWER = {fmt_p(best['p_fwer'])}"
                     if pd.notna(best["p_fwer"])
-                    else f"picked as the largest of {n} effects whose CI excludes zero; the CI is not adjusted"
+                    else f"picked as the largest of {n} effects whose CI "
+                    "excludes zero; the CI is not adjusted"
                     " for that pick"
                 )
                 box.rows.append(
@@ -140,8 +143,12 @@ def headlines(
                     f"mismatches {int(row['greedy_mismatches'])} of {int(row['n_greedy_prompts'])} prompts"
                 )
                 box.rows.append(
-                    HeadlineRow(f"selfcheck/t{row['template']}", f"Generation self-check (template "
-                                f"{row['template']})", text, fmt(row["log_perplexity"]))
+                    HeadlineRow(
+                        f"selfcheck/t{row['template']}",
+                        f"Generation self-check (template {row['template']})",
+                        text,
+                        fmt(row["log_perplexity"]),
+                    )
                 )
         boxes.append(box)
     return boxes
@@ -149,7 +156,9 @@ def headlines(
 
 # ------------------------------------------------------------------------------------------ information
 def _curve_set(summary: pd.DataFrame, metric: str, model: Any, template: Any) -> pd.DataFrame:
-    part = summary[(summary["metric"] == metric) & (summary["model"] == model) & (summary["template"] == template)]
+    part = summary[
+        (summary["metric"] == metric) & (summary["model"] == model) & (summary["template"] == template)
+    ]
     rank = {a: i for i, a in enumerate(attribute_order(part["attribute"]))}
     return part.sort_values("attribute", key=lambda c: c.map(rank), kind="stable")
 
@@ -212,12 +221,16 @@ def information_section(summary: pd.DataFrame | None, peaks: pd.DataFrame | None
     wide = wide[attribute_order(wide.columns)].reset_index()
     wide.columns.name = None
     s.tables.append(
-        html_table(wide, "Peak information strength: r [95% interval] at layer L (relative depth) per scenario "
-                   "and attribute")
+        html_table(
+            wide,
+            "Peak information strength: r [95% interval] at layer L (relative depth) per scenario "
+            "and attribute",
+        )
     )
     has_p = peaks["p_fwer"].notna().any()
     s.notes.append(
-        f"Each peak is the best of {int(peaks['n_layers_searched'].max())} layers, so its interval is optimistic "
+        "Each peak is the best of "
+        f"{int(peaks['n_layers_searched'].max())} layers, so its interval is optimistic "
         + ("(p = family-wise adjusted p over layers). " if has_p else "(no family-wise p in these tables). ")
         + "† marks a peak not distinguishable from the control task (selectivity interval includes zero)."
     )
@@ -242,18 +255,34 @@ def reliability_section(summary: pd.DataFrame | None, add: AddFigure) -> Section
     model, template = pearson["model"].iloc[0], main_template(pearson["template"])
     gains = [m for m in ("mdl_gain_control", "mdl_gain_baseline") if m in set(summary["metric"])]
     specs: list[tuple[str, str, str, str]] = [
-        ("selectivity", "Selectivity", "selectivity (r - r control)",
-         "Above zero = the probe beats the same probe on permuted targets; a band touching zero is not "
-         "distinguishable from the control."),
+        (
+            "selectivity",
+            "Selectivity",
+            "selectivity (r - r control)",
+            "Above zero = the probe beats the same probe on permuted targets; a band touching zero is not "
+            "distinguishable from the control.",
+        ),
     ]
     if gains:
         for g in gains:
             ref = "control (permuted) targets" if g.endswith("control") else "a features-free code"
-            specs.append((g, f"MDL gain vs {ref}", "bits per example",
-                          f"Above zero = the layer's features compress the targets better than {ref}."))
+            specs.append(
+                (
+                    g,
+                    f"MDL gain vs {ref}",
+                    "bits per example",
+                    f"Above zero = the layer's features compress the targets better than {ref}.",
+                )
+            )
     else:
-        specs.append(("compression", "MDL compression", "uniform / online codelength",
-                      "Above 1 = learnable; skewed targets exceed 1 even for noise, so read it with selectivity."))
+        specs.append(
+            (
+                "compression",
+                "MDL compression",
+                "uniform / online codelength",
+                "Above 1 = learnable; skewed targets exceed 1 even for noise, so read it with selectivity.",
+            )
+        )
     for metric, title, ylabel, guide in specs:
         one = _curve_set(summary, metric, model, template)
         if one.empty:
@@ -263,8 +292,9 @@ def reliability_section(summary: pd.DataFrame | None, add: AddFigure) -> Section
         ax.set_ylabel(ylabel)
         if metric == "compression":
             ax.axhline(1.0, color="0.3", linewidth=0.8)
-        s.figures.append(add(metric, f"{title} ({model}, {attribute})", "Per scenario; 95% bands.",
-                             ax.figure, guide=guide))
+        s.figures.append(
+            add(metric, f"{title} ({model}, {attribute})", "Per scenario; 95% bands.", ax.figure, guide=guide)
+        )
     return s
 
 
@@ -285,10 +315,14 @@ def behaviour_section(r: RunResults, add: AddFigure) -> Section:
         ax = plots.behaviour_bars(emt)
         ax.set_ylabel("EMT")
         s.figures.append(
-            add("behaviour", f"Expected maximum score per attribute (template {template})",
-                "Bars: models; whiskers: bootstrap 95% CI.", ax.figure,
+            add(
+                "behaviour",
+                f"Expected maximum score per attribute (template {template})",
+                "Bars: models; whiskers: bootstrap 95% CI.",
+                ax.figure,
                 guide="Higher = more of the attribute in the worst of k continuations per prompt; bars whose "
-                "whiskers overlap are not distinguishable.")
+                "whiskers overlap are not distinguishable.",
+            )
         )
     tox = b[b["attribute"] == main_attribute(b["attribute"])]
     cols = [c for c in (*BEHAVIOUR_COLUMNS, "n_missing") if c in tox.columns]
@@ -307,7 +341,8 @@ def interplay_section(r: RunResults, add: AddFigure, n_models: int) -> Section:
     d = r.interplay
     if d is None or d.empty:
         s.empty = (
-            f"This run analysed {n_models} model{'s' if n_models != 1 else ''}. Interplay correlates information "
+            f"This run analysed {n_models} model{'s' if n_models != 1 else ''}. "
+            "Interplay correlates information "
             "strength with behaviour across models, so it needs several models (at least 3; intervals need "
             "more). Run configs/zoo.toml (or configs/replication.toml) for a multi-model run."
         )
@@ -319,20 +354,47 @@ def interplay_section(r: RunResults, add: AddFigure, n_models: int) -> Section:
     ax = plots.interplay_curve(d, x=x)
     n = int(d["n_models"].iloc[0])
     s.figures.append(
-        add("interplay", f"Information strength vs {d['metric'].iloc[0]} across models ({attribute})",
-            f"Pearson r over {n} models, per scenario.", ax.figure,
-            guide="Below zero = models that encode more of the attribute at that layer behave less toxically; "
-            "no band means no interval with verified coverage at this number of models.")
+        add(
+            "interplay",
+            f"Information strength vs {d['metric'].iloc[0]} across models ({attribute})",
+            f"Pearson r over {n} models, per scenario.",
+            ax.figure,
+            guide="Below zero = models that encode more of the attribute "
+            "at that layer behave less toxically; "
+            "no band means no interval with verified coverage at this number of models.",
+        )
     )
-    picked = d[d["peak_picked"].astype(bool)] if "peak_picked" in d.columns else d.loc[
-        d.groupby("scenario")["value"].idxmin()
+    picked = (
+        d[d["peak_picked"].astype(bool)]
+        if "peak_picked" in d.columns
+        else d.loc[d.groupby("scenario")["value"].idxmin()]
+    )
+    cols = [
+        c
+        for c in (
+            "scenario",
+            "attribute",
+            x,
+            "value",
+            "p_raw",
+            "p_value",
+            "p_fwer",
+            "q_bh",
+            "ci_low",
+            "ci_high",
+            "ci_note",
+            "n_models",
+        )
+        if c in picked.columns
     ]
-    cols = [c for c in ("scenario", "attribute", x, "value", "p_raw", "p_value", "p_fwer", "q_bh", "ci_low",
-                        "ci_high", "ci_note", "n_models") if c in picked.columns]
-    s.tables.append(html_table(picked[cols], "Peak correlation per scenario (picked over layers: read p_fwer)"))
+    s.tables.append(
+        html_table(picked[cols], "Peak correlation per scenario (picked over layers: read p_fwer)")
+    )
     if "p_fwer" not in d.columns:
-        s.notes.append("These tables carry no family-wise adjusted p: the picked correlations' p-values are "
-                       "not corrected for picking the layer.")
+        s.notes.append(
+            "These tables carry no family-wise adjusted p: the picked correlations' p-values are "
+            "not corrected for picking the layer."
+        )
     return s
 
 
@@ -354,7 +416,8 @@ def _fraction_rows(patch: pd.DataFrame) -> pd.DataFrame:
     gap = patch["delta"] / patch["fraction_of_gap"]
     a, b = patch["ci_low"] / gap, patch["ci_high"] / gap
     return patch.assign(
-        frac_low=np.minimum(a, b), frac_high=np.maximum(a, b),
+        frac_low=np.minimum(a, b),
+        frac_high=np.maximum(a, b),
         patched=[findings.direction_words(d) for d in patch["direction"]],
     )
 
@@ -378,33 +441,47 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
         ax.set_xlabel("skipped layer (its block bypassed)")
         ax.set_ylabel("change in EMT")
         s.figures.append(
-            add("skipping", f"Layer skipping ({d['model'].iloc[0]})",
+            add(
+                "skipping",
+                f"Layer skipping ({d['model'].iloc[0]})",
                 "Change in EMT (line, 95% band) and in log perplexity (dotted, right axis) when the block "
-                "writing each residual layer is bypassed.", ax.figure,
+                "writing each residual layer is bypassed.",
+                ax.figure,
                 guide="A band away from zero = bypassing that block changes toxicity; a large log-perplexity "
-                "rise means the text also became less fluent, so the change may not be specific.")
+                "rise means the text also became less fluent, so the change may not be specific.",
+            )
         )
     if steer is not None and len(steer):
         x = "alpha_in_norms" if "alpha_in_norms" in steer.columns else "alpha"
-        hue = next((c for c in ("condition", "direction") if c in steer.columns and steer[c].nunique() > 1),
-                   None)
+        hue = next(
+            (c for c in ("condition", "direction") if c in steer.columns and steer[c].nunique() > 1), None
+        )
         keys = [c for c in ("model", "template", "layer", x, hue) if c is not None and c in steer.columns]
         d = _with_cost(steer, keys)
         ax = plots.effect_with_cost(d, x=x, hue=hue)
-        ax.set_xlabel("steering strength alpha (units of the layer's residual norm)" if x == "alpha_in_norms"
-                      else "steering strength alpha (absolute; this table has no residual-norm units)")
+        ax.set_xlabel(
+            "steering strength alpha (units of the layer's residual norm)"
+            if x == "alpha_in_norms"
+            else "steering strength alpha (absolute; this table has no residual-norm units)"
+        )
         ax.set_ylabel("change in EMT")
         layer = int(d["layer"].iloc[0])
         s.figures.append(
-            add("steering", f"Steering along the probe direction (layer {layer})",
+            add(
+                "steering",
+                f"Steering along the probe direction (layer {layer})",
                 "Change in EMT (lines, 95% bands) and in log perplexity (dotted, right axis) against alpha.",
                 ax.figure,
-                guide="A rising line = adding the probe direction makes continuations more toxic; compare with "
-                "the random-direction control where shown, and with the fluency cost on the right axis.")
+                guide="A rising line = adding the probe direction makes "
+                "continuations more toxic; compare with "
+                "the random-direction control where shown, and with the fluency cost on the right axis.",
+            )
         )
     if patch is not None and len(patch) and "fraction_of_gap" in patch.columns:
-        for measure, fig_id, what in (("readout", "patching", "probe read-out"),
-                                      ("emt", "patching_emt", "continuation EMT")):
+        for measure, fig_id, what in (
+            ("readout", "patching", "probe read-out"),
+            ("emt", "patching_emt", "continuation EMT"),
+        ):
             d = patch[patch["measure"] == measure]
             if d.empty:
                 continue
@@ -413,19 +490,25 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
                 d = d[d["readout_layer"] == last]
                 what = f"probe read-out at layer {int(last)}"
             d = _fraction_rows(d)
-            ax = plots.patching_curve(d, y="fraction_of_gap", hue="patched", ci_low="frac_low",
-                                      ci_high="frac_high")
+            ax = plots.patching_curve(
+                d, y="fraction_of_gap", hue="patched", ci_low="frac_low", ci_high="frac_high"
+            )
             ax.set_ylabel(f"fraction of the gap ({what})")
             ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
             legend = ax.get_legend()
             if legend is not None:
                 legend.set_title("patched")
             s.figures.append(
-                add(fig_id, f"Activation patching: {what}",
+                add(
+                    fig_id,
+                    f"Activation patching: {what}",
                     "Share of the gap between the clean target and the clean source that patching the last "
-                    "prompt position at each layer moves.", ax.figure,
-                    guide="1 = patching that layer moves the target all the way to the source, 0 = no effect; "
-                    "same-class controls (where shown) should stay near 0.")
+                    "prompt position at each layer moves.",
+                    ax.figure,
+                    guide="1 = patching that layer moves the target all the "
+                    "way to the source, 0 = no effect; "
+                    "same-class controls (where shown) should stay near 0.",
+                )
             )
     if len(effects):
         shown = effects.assign(**{"CI excludes zero": effects["excludes_zero"]}).drop(columns="excludes_zero")
