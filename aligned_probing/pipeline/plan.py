@@ -27,12 +27,11 @@ Example:
 
 from __future__ import annotations
 
-import os
-
 import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
