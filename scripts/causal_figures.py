@@ -1,6 +1,6 @@
 """Draw the causal real run's curves (docs/causal.md) from the Parquet tables of scripts/causal_real_run.py.
 
-Usage: .venv/bin/python scripts/causal_figures.py [--results benchmarks/results/causal] [--out docs/figures]
+Usage: .venv/bin/python scripts/causal_figures.py [--results data/causal] [--out docs/figures]
 Writes causal_skipping.png, causal_steering.png and causal_patching.png (and .svg).
 """
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     """Draw the three figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "causal")
+    p.add_argument("--results", type=Path, default=ROOT / "data" / "causal")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     args = p.parse_args(argv)
 

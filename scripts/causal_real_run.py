@@ -1,6 +1,6 @@
 """Real run of the causal experiments on the embedded SmolLM2-135M-Instruct with the embedded prompts.
 
-Writes Parquet tables to benchmarks/results/causal/ (baseline behaviour, probes, layer skipping,
+Writes Parquet tables to data/causal/ (baseline behaviour, probes, layer skipping,
 steering, activation patching) plus run.json (settings, timings, machine). Every setting is a
 command-line option, so the run can be sized to the machine; the defaults are what docs/causal.md
 reports. Steps:
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import machine_info  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "causal"
+OUT = ROOT / "data" / "causal"
 
 
 def _ints(text: str) -> list[int]:

@@ -232,3 +232,16 @@ def test_the_effective_config_round_trips_through_toml(tmp_path):
     text = config_to_toml(cfg, comment="line one\nline two")
     assert text.startswith("# line one\n# line two\n")
     assert RunConfig.from_dict(tomllib.loads(text)) == cfg
+def test_threads_default_to_every_available_core_and_can_be_pinned(monkeypatch):
+    import torch
+
+    from aligned_probing.pipeline import plan
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(plan.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    try:
+        assert RunConfig.from_dict(BASE).runtime.threads is None
+        assert plan._set_threads(None) == before and torch.get_num_threads() == 3  # default: all cores
+        assert plan._set_threads(1) == 3 and torch.get_num_threads() == 1  # pinned
+    finally:
+        torch.set_num_threads(before)

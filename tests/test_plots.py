@@ -175,8 +175,11 @@ def test_save_figure_writes_png_and_svg(tmp_path, summary):
 
 def test_retention_curve_draws_one_line_per_arm_and_chance():
     data = pd.DataFrame(
-        {"arm": ["a", "a", "a", "b", "b", "b"], "step": [0, 4, 8, 0, 4, 8],
-         "auroc": [0.9, 0.8, 0.7, 0.9, 0.9, 0.85]}
+        {
+            "arm": ["a", "a", "a", "b", "b", "b"],
+            "step": [0, 4, 8, 0, 4, 8],
+            "auroc": [0.9, 0.8, 0.7, 0.9, 0.9, 0.85],
+        }
     )
     ax = plots.retention_curve(data)
     lines = ax.get_lines()
@@ -184,3 +187,63 @@ def test_retention_curve_draws_one_line_per_arm_and_chance():
     np.testing.assert_allclose(lines[1].get_ydata(), [0.9, 0.9, 0.85])
     assert [line.get_label() for line in lines[:2]] == ["a", "b"]
     assert any(np.allclose(line.get_ydata(), 0.5) for line in lines[2:]), "chance level is drawn"
+
+
+def test_heatmap_grid_has_one_panel_per_scenario_on_one_colour_scale(summary):
+    one = summary[summary["model"] == "m"]
+    fig = plots.heatmap_grid(one)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == SCENARIOS  # every scenario, fixed order
+    lo, hi = one["mean"].min(), one["mean"].max()
+    for ax, scenario in zip(panels, SCENARIOS, strict=True):
+        mesh = next(c for c in ax.collections if isinstance(c, QuadMesh))
+        expected = one[one["scenario"] == scenario].pivot(index="attribute", columns="layer", values="mean")
+        expected = expected.reindex(["toxicity", "insult", "threat"])
+        np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(expected.shape), expected.to_numpy())
+        assert mesh.norm.vmin == pytest.approx(lo) and mesh.norm.vmax == pytest.approx(hi)
+
+
+def test_effect_with_cost_draws_effect_left_and_cost_on_a_second_axis():
+    data = pd.DataFrame(
+        {
+            "alpha": [-1.0, 0.0, 1.0] * 2,
+            "condition": ["probe"] * 3 + ["random"] * 3,
+            "delta": [-0.2, 0.0, 0.3, 0.01, 0.0, -0.01],
+            "ci_low": [-0.25, -0.01, 0.2, -0.05, -0.01, -0.06],
+            "ci_high": [-0.15, 0.01, 0.4, 0.06, 0.01, 0.04],
+            "cost": [0.5, 0.0, 0.7, 0.2, 0.0, 0.1],
+            "cost_low": [0.4, 0.0, 0.6, 0.1, 0.0, 0.0],
+            "cost_high": [0.6, 0.0, 0.8, 0.3, 0.0, 0.2],
+        }
+    )
+    ax = plots.effect_with_cost(data, x="alpha", hue="condition")
+    [right] = [a for a in ax.figure.axes if a is not ax]
+    assert right.get_ylabel() == "change in log perplexity"
+    probe = _line(ax, "probe")
+    np.testing.assert_allclose(probe.get_ydata(), [-0.2, 0.0, 0.3])
+    cost_lines = [line for line in right.get_lines() if line.get_linestyle() == ":"]
+    assert sorted(tuple(np.round(line.get_ydata(), 3)) for line in cost_lines) == [
+        (0.2, 0.0, 0.1),
+        (0.5, 0.0, 0.7),
+    ]
+    # The effect axis keeps its CI bands, one per condition.
+    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2
+
+
+def test_trend_curve_draws_points_and_band():
+    data = pd.DataFrame(
+        {
+            "step": [0, 5, 10],
+            "value": [0.3, 0.25, 0.2],
+            "ci_low": [0.28, 0.2, 0.1],
+            "ci_high": [0.32, 0.3, 0.3],
+            "arm": "dpo",
+        }
+    )
+    ax = plots.trend_curve(data, hue="arm")
+    line = _line(ax, "dpo")
+    np.testing.assert_array_equal(line.get_xdata(), [0, 5, 10])
+    np.testing.assert_allclose(line.get_ydata(), [0.3, 0.25, 0.2])
+    band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.1) and ys.max() == pytest.approx(0.32)

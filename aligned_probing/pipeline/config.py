@@ -325,8 +325,9 @@ class RuntimeConfig(_Section):
     threads: int | None = Field(
         None,
         gt=0,
-        description="Torch CPU threads during the run (`torch.set_num_threads`); none keeps torch's default. "
-        "On a shared or busy machine 1 is often several times faster (no waiting on descheduled threads).",
+        description="Torch CPU threads during the run (`torch.set_num_threads`); none uses every core the "
+        "process may run on. Pin a number (1 on a shared or busy machine is often several times faster: no "
+        "waiting on descheduled threads).",
     )
     executor: Literal["local", "ray"] = Field(
         "local",

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -287,10 +288,18 @@ def _run_log(run_dir: _fs.Resolved, storage_options: dict[str, Any]) -> Iterator
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; `os.cpu_count()` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _set_threads(threads: int | None) -> int | None:
-    """Set torch's CPU threads for the run; return the previous count (None: nothing changed)."""
+    """Set torch's CPU threads for the run (None: every available core); return the previous count."""
     if threads is None:
-        return None
+        threads = available_cores()
     import torch
 
     previous = torch.get_num_threads()

@@ -467,6 +467,159 @@ def steering_curve(
     return ax
 
 
+def heatmap_grid(
+    data: pd.DataFrame,
+    *,
+    col: str = "scenario",
+    x: str = "layer",
+    y: str = "attribute",
+    value: str = "mean",
+    col_wrap: int = 2,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
+    """One `attribute_heatmap` panel per `col` level (every scenario), sharing one colour scale.
+
+    Args:
+        data: One row per (col, y, x), e.g. one model and template of `probing.summarize` for pearson.
+        col: Facet column (scenario).
+        x: Column across (layer).
+        y: Column down (attribute).
+        value: Colour value.
+        col_wrap: Panels per row.
+        cmap: Matplotlib colormap.
+        vmin: Lower end of the colour scale (None: the data's minimum).
+        vmax: Upper end of the colour scale (None: the data's maximum).
+
+    Returns:
+        The Figure; each panel's heatmap is the first `QuadMesh` of its Axes, titled by facet value.
+    """
+    _check_columns(data, [col, x, y, value])
+    _check_unique(data, [col, y, x])
+    levels = _levels(data, col)
+    ncols = max(1, min(col_wrap, len(levels)))
+    nrows = int(np.ceil(len(levels) / ncols)) or 1
+    n_x, n_y = data[x].nunique(), data[y].nunique()
+    lo = float(np.nanmin(data[value])) if vmin is None else vmin
+    hi = float(np.nanmax(data[value])) if vmax is None else vmax
+    with sns.axes_style(AXES_STYLE):
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(max(5.0, 0.2 * n_x + 2.5) * ncols, (0.4 * n_y + 1.4) * nrows),
+            squeeze=False,
+            layout="constrained",
+        )
+    flat = axes.ravel()
+    for level, ax in zip(levels, flat, strict=False):
+        grid = data[data[col] == level].pivot(index=y, columns=x, values=value).sort_index(axis=1)
+        grid = grid.reindex([v for v in pd.unique(data[y]) if v in grid.index])
+        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=lo, vmax=hi, cbar_kws={"label": value})
+        ax.set_title(str(level))
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+    for ax in flat[len(levels) :]:
+        fig.delaxes(ax)
+    return fig
+
+
+def effect_with_cost(
+    data: pd.DataFrame,
+    *,
+    x: str,
+    y: str = "delta",
+    cost: str = "cost",
+    hue: str | None = None,
+    ci_low: str | None = "ci_low",
+    ci_high: str | None = "ci_high",
+    cost_low: str | None = "cost_low",
+    cost_high: str | None = "cost_high",
+    cost_label: str = "change in log perplexity",
+    ax: Axes | None = None,
+) -> Axes:
+    """An effect (lines, CI bands) per `x` with its cost (e.g. fluency) on a second y axis.
+
+    The effect is drawn as in `steering_curve` on `ax`; the cost as dotted grey-edged lines with
+    error bars on `ax.twinx()`, the same colour per hue level.
+
+    Args:
+        data: One row per (hue, x) with both the effect and the cost columns.
+        x: Intervention strength or layer.
+        y: Effect column (left axis).
+        cost: Cost column (right axis).
+        hue: Line grouping (e.g. probe vs random direction).
+        ci_low: Lower CI of the effect (None: no band).
+        ci_high: Upper CI of the effect.
+        cost_low: Lower CI of the cost (None: no error bars).
+        cost_high: Upper CI of the cost.
+        cost_label: Right axis label.
+        ax: Axes to draw on; None makes a new figure.
+
+    Returns:
+        The left Axes; the cost's Axes is its twin (`[a for a in ax.figure.axes if a is not ax]`).
+    """
+    _check_columns(data, [x, y, cost, hue, ci_low, ci_high, cost_low, cost_high])
+    ax = _line_band(data, x=x, y=y, hue=hue, ci_low=ci_low, ci_high=ci_high, ax=ax, marker="o")
+    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
+    right = ax.twinx()
+    right.grid(False)
+    levels = _levels(data, hue)
+    colors = palette_for(levels) if hue is not None else {None: sns.color_palette("colorblind")[0]}
+    for level in levels:
+        part = (data if hue is None else data[data[hue] == level]).sort_values(x)
+        xs, ys = part[x].to_numpy(dtype=float), part[cost].to_numpy(dtype=float)
+        label = f"{cost_label}" if hue is None else f"{level}: {cost_label}"
+        if cost_low is not None and cost_high is not None:
+            low, high = part[cost_low].to_numpy(dtype=float), part[cost_high].to_numpy(dtype=float)
+            err = np.clip(np.vstack([ys - low, high - ys]), 0, None)
+            right.errorbar(
+                xs,
+                ys,
+                yerr=err,
+                color=colors[level],
+                linestyle=":",
+                marker="s",
+                markersize=4,
+                capsize=2,
+                linewidth=1,
+                label=label,
+            )
+        else:
+            right.plot(xs, ys, color=colors[level], linestyle=":", marker="s", markersize=4, label=label)
+    right.set_ylabel(cost_label)
+    ax.set_xlabel(x)
+    return ax
+
+
+def trend_curve(
+    data: pd.DataFrame,
+    *,
+    x: str = "step",
+    y: str = "value",
+    hue: str | None = None,
+    ci_low: str | None = "ci_low",
+    ci_high: str | None = "ci_high",
+    ax: Axes | None = None,
+) -> Axes:
+    """A measure with its CI band along an ordered axis (training step, checkpoint), markers at the points.
+
+    Args:
+        data: One row per (hue, x).
+        x: Ordered axis (step).
+        y: Measure column.
+        hue: Line grouping (e.g. fine-tuning arm).
+        ci_low: Lower CI column (None: no band).
+        ci_high: Upper CI column.
+        ax: Axes to draw on; None makes a new figure.
+
+    Returns:
+        The Axes.
+    """
+    ax = _line_band(data, x=x, y=y, hue=hue, ci_low=ci_low, ci_high=ci_high, ax=ax, marker="o")
+    return ax
+
+
 def retention_curve(
     data: pd.DataFrame,
     *,
