@@ -97,7 +97,8 @@ def model_lineage(config: dict[str, Any]) -> pd.DataFrame:
     def reference(spec: str) -> str | None:
         same = by_spec.get(spec, [])
         full = [m for m in same if m["dtype"] == "float32" and not m["quantization"]]
-        return (full or same or [None])[0]["model"] if (full or same) else None
+        picked = full or same
+        return str(picked[0]["model"]) if picked else None
 
     rows = []
     for m in models:
