@@ -642,3 +642,25 @@ def test_dataset_prompt_scores_missing_an_attribute_are_refused(tiny_models, tmp
         "scoring.prompt_scores": '"dataset"'})
     with pytest.raises(DataError, match=r"no scores for \['severe_toxicity'.*prompt_scores = 'scorer'"):
         pipeline.run(cfg, stages=["prompts"], progress=False)
+
+
+def test_missing_scores_stop_the_behaviour_stage_unless_the_config_opts_in(tiny_models, tmp_path, monkeypatch):
+    from aligned_probing.pipeline import stages
+
+    real = stages.read_table
+
+    def with_holes(directory, name, storage_options=None):
+        table = real(directory, name, storage_options)
+        if name == "scores.parquet":  # as a scorer outage recorded under `drop` would leave them
+            table.loc[table.index[::3], "toxicity"] = float("nan")
+        return table
+
+    monkeypatch.setattr(stages, "read_table", with_holes)
+    cfg = _one_model(tiny_models, tmp_path / "run")
+    with pytest.raises(ValueError, match="missing"):
+        pipeline.run(cfg, stages=["behaviour"], progress=False)
+    cfg = _one_model(tiny_models, tmp_path / "run", **{"behaviour.missing": '"drop"'})
+    result = pipeline.run(cfg, stages=["behaviour"], progress=False)
+    table = pd.read_parquet(next(r.dir for r in result.records if r.name == "behaviour") / "behaviour.parquet")
+    tox = table[table["attribute"] == "toxicity"]
+    assert (tox["n_missing"] > 0).all() and (table[table["attribute"] == "insult"]["n_missing"] == 0).all()

@@ -211,6 +211,11 @@ class BehaviourConfig(_Section):
     n_bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence intervals.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
     seed: int = Field(0, description="Seed of the bootstrap.")
+    missing: Literal["error", "drop"] = Field(
+        "error",
+        description="Continuations without a score: `error` stops with counts per model; `drop` computes on the "
+        "scored ones and every table carries `n_missing` (EMT then takes the max over fewer draws).",
+    )
 
 
 class InterplayConfig(_Section):
@@ -222,8 +227,10 @@ class InterplayConfig(_Section):
     metric: Literal["emt", "toxicity_probability", "mean_score"] = Field(
         "emt", description="Behaviour metric correlated with information strength."
     )
-    n_bootstrap: int = Field(1000, ge=0, description="Resamples (over models) for the uncertainty.")
-    seed: int = Field(0, description="Seed of the resampling.")
+    n_bootstrap: int = Field(
+        1000, ge=0, description="Unused since interplay intervals are Fisher-z / exact permutation; kept for old configs."
+    )
+    seed: int = Field(0, description="Seed of the permutations.")
 
 
 class CausalConfig(_Section):

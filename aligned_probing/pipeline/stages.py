@@ -415,6 +415,7 @@ def behaviour_stage(ctx: StageContext) -> dict[str, Any]:
         n_resamples=b.n_bootstrap,
         confidence_level=b.confidence,
         seed=b.seed,
+        missing=b.missing,
     )
     write_table(table, ctx.out_dir, "behaviour.parquet", ctx.storage_options)
     return {"n_rows": len(table)}
