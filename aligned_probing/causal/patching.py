@@ -39,6 +39,9 @@ Each effect is a mean over pairs of a paired difference with a bootstrap CI over
 gives the clean source's mean, so `fraction_of_gap` = delta / mean(source - baseline) is the share
 of the gap from the clean target to the clean source that the patch closed. Read-out rows have
 `k = 0`.
+
+Over 500 lines on purpose: pair matching, the batched patched runs, the probe read-out and the
+same-class controls are one experiment; the generic parts live in `causal.sweep`.
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ writes) are truncated back to it, so rows and vectors always stay aligned and a 
 simply skips the (prompt_id, continuation_idx) pairs already in the index. Locally a file lock
 serialises writers; on object storage there is no lock, so a store has one writer at a time (the
 pipeline runs one encoding task per store), while any number of readers may open it.
+
+Over 500 lines on purpose: the store's on-disk contract (manifest, index, chunked arrays, per-flush
+checksums, crash-safe commit) is one concept whose parts must change together.
 """
 
 from __future__ import annotations

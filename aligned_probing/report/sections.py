@@ -2,6 +2,8 @@
 
 Each builder takes the run's tables and an `AddFigure` callback and returns a `Section`; statistics
 come from the tables (`findings` picks peaks and effects), the plot functions only draw.
+
+Just over 500 lines: one builder per report section, in page order.
 """
 
 from __future__ import annotations
