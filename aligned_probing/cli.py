@@ -54,7 +54,7 @@ ExecutorOpt = Annotated[
     str | None,
     typer.Option(
         "--executor",
-        help="Where stages run: local (default) or ray (needs pip install 'aligned-probing[ray]'); "
+        help="Where stages run: local (default) or ray (needs pip install 'aligned-probing\\[ray]'); "
         "overrides runtime.executor.",
     ),
 ]
@@ -414,17 +414,59 @@ def doctor(
         raise typer.Exit(int(ExitCode.INTERNAL))
 
 
+FinetuneConfigArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Fine-tuning config (TOML), e.g. configs/finetune_quick.toml.", exists=True, dir_okay=False,
+        readable=True,
+    ),
+]
+
+
 @app.command()
-def finetune(config: ConfigArg) -> None:
-    """Probe-based fine-tuning (SFT with a probe penalty, probe-ranked DPO) from a fine-tuning CONFIG."""
-    from aligned_probing.training import run_finetune
+def finetune(
+    config: FinetuneConfigArg,
+    overrides: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the config and list the trainings; run nothing.")
+    ] = False,
+) -> None:
+    """Probe-based fine-tuning (SFT with a probe penalty, probe-ranked DPO) from a fine-tuning CONFIG.
+
+    Example: aligned-probing finetune configs/finetune_quick.toml --set training.seeds=[0,1] --dry-run
+    """
+    import tomllib
+
+    from aligned_probing.pipeline.config import apply_override
+    from aligned_probing.training import load_finetune_config, run_finetune
 
     _setup_logging()
     try:
-        results = run_finetune(config)
+        data = tomllib.loads(config.read_text())
+        for item in overrides or []:
+            apply_override(data, item)
+        cfg = load_finetune_config(data)
+    except Exception as err:  # a bad config or override: one line, exit code 2
+        _echo_error(err)
+        raise typer.Exit(int(ExitCode.CONFIG)) from None
+    if dry_run:
+        arms, seeds = cfg.training.arms, cfg.training.seeds
+        typer.echo(f"model {cfg.model.spec} ({cfg.model.dtype}, {cfg.model.device}); prompts {cfg.data.prompts}; "
+                   f"probe layer {cfg.probes.layer}; output {cfg.output_dir}")
+        for arm in arms:
+            typer.echo(f"would train {arm} with seeds {list(seeds)}")
+        typer.echo(f"{len(arms) * len(seeds)} trainings, plus the base model's evaluation")
+        return
+    try:
+        results = run_finetune(cfg)
     except Exception as err:  # one line and its exit code (see ExitCode)
         raise _fail(err) from None
     typer.echo(results.to_string(index=False))
+
+
+def _echo_error(err: Exception) -> None:
+    """Print a config error as one line (`error: ...`), as `run` does."""
+    typer.echo(f"error: {err}", err=True)
 
 
 @app.command("config-docs")

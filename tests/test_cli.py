@@ -307,3 +307,22 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(config, monkeypatch, capsys):
     monkeypatch.setattr("aligned_probing.pipeline.run", interrupted)
     assert main(["run", str(config)]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_finetune_takes_overrides_and_a_dry_run(capsys, tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_quick.toml"
+    code = main(["finetune", str(config), "--set", "training.seeds=[0,1]", "--set", f'output_dir="{tmp_path}/o"',
+                 "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "with seeds [0, 1]" in out and "trainings, plus the base model" in out
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+    assert main(["finetune", str(config), "--set", "training.nope=1", "--dry-run"]) == 2
+    assert "unknown key 'training.nope'" in capsys.readouterr().err
+
+
+def test_help_texts_keep_bracketed_extras_and_name_the_right_config():
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    assert "aligned-probing[ray]" in " ".join(runner.invoke(cli.app, ["run", "--help"]).output.split())
+    assert "finetune_quick.toml" in runner.invoke(cli.app, ["finetune", "--help"]).output

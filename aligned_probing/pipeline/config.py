@@ -520,7 +520,7 @@ class RunConfig(_Section):
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
         for item in overrides:
-            _apply_override(data, item)
+            apply_override(data, item)
         return cls.from_dict(data, base_dir=path.parent)
 
 
@@ -535,7 +535,8 @@ def _resolve_spec(model: Any, base_dir: Path) -> Any:
     return model
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `section.key=value` (value parsed as TOML, else a bare string) in a raw config dict, in place."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"An override must look like `section.key=value`, got {item!r}.")
