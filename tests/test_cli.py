@@ -159,16 +159,19 @@ def test_doctor_fails_with_the_reason(monkeypatch, capsys):
     )
 
 
-def test_finetune_dispatches(monkeypatch, capsys, config):
+def test_finetune_dispatches(monkeypatch, capsys, tmp_path):
     import pandas as pd
 
+    config = tmp_path / "ft.toml"
+    config.write_text("[probes]\nlayer = 1\n")
     calls = []
     monkeypatch.setattr(
         "aligned_probing.training.run_finetune",
-        lambda path: calls.append(path) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}),
+        lambda cfg: calls.append(cfg) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}),
     )
-    assert main(["finetune", str(config)]) == 0
-    assert calls == [config] and "probe_dpo" in capsys.readouterr().out
+    assert main(["finetune", str(config), "--set", "training.seeds=[3]"]) == 0
+    assert calls[0].probes.layer == 1 and calls[0].training.seeds == [3]  # the validated, overridden config
+    assert "probe_dpo" in capsys.readouterr().out
 
 
 def test_config_docs_writes_the_reference(tmp_path):
