@@ -363,9 +363,10 @@ def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
     html = result.report.read_text()
     for fig in (
         "information",
-        "heatmap",
+        "heatmap-tiny-a",  # one heatmap grid per model (every scenario)
         "selectivity",
-        "mdl",
+        "mdl_gain_control",  # MDL as codelength gain in bits against the control and the baseline code
+        "mdl_gain_baseline",
         "behaviour",
         "interplay",
         "skipping",
