@@ -610,3 +610,16 @@ def test_strongest_steering_effect_is_shown_with_its_control(results, tmp_path):
     # Planted: probe direction +-0.1 at |alpha| = 1; the random direction at the same alpha moves EMT 0.9.
     assert "steering at layer 2 with alpha -1 residual norms: EMT -0.100 [-0.150, -0.050]" in box
     assert "its control: EMT -0.900 [-0.950, -0.850]" in box
+
+
+def test_a_patching_effect_is_paired_with_the_control_of_its_target_class():
+    from aligned_probing.report.findings import matching_control
+
+    rows = [
+        {"direction": d, "control": d in ("toxic_to_toxic", "nontoxic_to_nontoxic"), "model": "m",
+         "experiment": "patching", "layer": 20, "strength": float("nan"), "delta": v}
+        for d, v in [("nontoxic_to_nontoxic", -0.05), ("toxic_to_toxic", -0.23), ("nontoxic_to_toxic", -0.32)]
+    ]
+    effects = pd.DataFrame(rows)
+    effect = effects.iloc[2]  # the non-toxic prompt's activations patched into a toxic prompt
+    assert matching_control(effects, effect)["direction"] == "toxic_to_toxic"

@@ -249,7 +249,17 @@ def matching_control(effects: pd.DataFrame, effect: pd.Series) -> pd.Series | No
             | (effects["strength"].isna() & pd.isna(effect["strength"]))
         )
     ]
-    return None if same.empty else same.iloc[0]
+    if same.empty:
+        return None
+    # Patching into a prompt of class b is controlled by patching another b prompt into it (b_to_b):
+    # same target, same-class source, so what remains is the effect of patching itself.
+    direction = str(effect.get("direction", ""))
+    if "direction" in same.columns and "_to_" in direction:
+        target = direction.partition("_to_")[2]
+        matched = same[same["direction"] == f"{target}_to_{target}"]
+        if len(matched):
+            return matched.iloc[0]
+    return same.iloc[0]
 
 
 def strongest_effect(effects: pd.DataFrame, model: str) -> tuple[pd.Series | None, int]:
