@@ -28,6 +28,13 @@ DIRECTION_WORDS: dict[str, str] = {
 HEADLINE_BEHAVIOUR: dict[str, str] = {"emt": "EMT", "toxicity_probability": "toxicity probability"}
 
 
+#: Columns of `causal_effects`: one row per causal effect, controls marked.
+EFFECT_COLUMNS: tuple[str, ...] = (
+    "model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero", "control", "p_fwer",
+    "fluency_delta", "layer", "strength",
+)
+
+
 def direction_words(direction: str) -> str:
     """A patching direction in words (`a_to_b`: a's activations patched into b)."""
     if direction in DIRECTION_WORDS:
@@ -183,22 +190,7 @@ def causal_effects(
         eff["fluency_delta"] = np.nan
         rows.append(eff.assign(experiment="patching"))
     if not rows:
-        return pd.DataFrame(
-            columns=[
-                "model",
-                "experiment",
-                "description",
-                "delta",
-                "ci_low",
-                "ci_high",
-                "excludes_zero",
-                "control",
-                "p_fwer",
-                "fluency_delta",
-                "layer",
-                "strength",
-            ]
-        )
+        return pd.DataFrame(columns=list(EFFECT_COLUMNS))
     out = pd.concat(rows, ignore_index=True)
     out["excludes_zero"] = excludes_zero(out)
     out["control"] = is_control(out)
@@ -207,21 +199,7 @@ def causal_effects(
     for col in ("layer", "strength"):
         if col not in out.columns:
             out[col] = np.nan
-    cols = [
-        "model",
-        "experiment",
-        "description",
-        "delta",
-        "ci_low",
-        "ci_high",
-        "excludes_zero",
-        "control",
-        "p_fwer",
-        "fluency_delta",
-        "layer",
-        "strength",
-    ]
-    return out[cols]
+    return out[list(EFFECT_COLUMNS)]
 
 
 def _with_fluency(
