@@ -345,7 +345,9 @@ def _generate_batch(
         f"continuation {first[1]}"
     )
     sampler = _PerRowSampler(generators, temperature, top_p, where)
-    with torch.inference_mode(), warnings.catch_warnings():
+    # no_grad, not inference_mode: optimum-quanto's 4-bit weights raise "Cannot set version_counter for
+    # inference tensor" under inference mode (measured: every 4-bit generation failed).
+    with torch.no_grad(), warnings.catch_warnings():
         # The model's own sampling keys (temperature, top_p) are unused in greedy mode: not news.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers\.generation")
         out = model.hf_model.generate(

@@ -101,7 +101,7 @@ def _tolerance(table: dict[str, float], dtype: str) -> float:
 def _uncached_logprobs(model: LoadedModel, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
     """Log p(token_i | prompt, token_<i) of every continuation token from one uncached forward."""
     ids = torch.tensor([list(prompt_ids) + list(token_ids)], dtype=torch.long, device=model.device)
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = model.hf_model(ids, use_cache=False).logits[0].float()  # (pos, vocab)
     n = len(prompt_ids)
     logp = torch.log_softmax(logits[n - 1 : -1], dim=-1)  # predictions for positions n .. end
@@ -123,7 +123,7 @@ def greedy_decode(
         repetition_penalty=1.0,
     )
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model.hf_model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
         )
@@ -133,7 +133,7 @@ def greedy_decode(
 def _top2_gap(model: LoadedModel, ids: Sequence[int]) -> float:
     """Gap between the two largest next-token logits after `ids`, from an uncached forward."""
     x = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
-    with torch.inference_mode():
+    with torch.no_grad():
         top = model.hf_model(x, use_cache=False).logits[0, -1].float().topk(2).values
     return float(top[0] - top[1])
 

@@ -436,7 +436,7 @@ def _encode_batch(
         )
         for layer, name in enumerate(model.hook_names)
     ]
-    with torch.inference_mode():
+    with torch.no_grad():
         try:
             # The bridge's stop_at_layer=n_layers would still run the final norm and the
             # unembedding (no block n_layers exists to stop at), so the last hook raises instead.
