@@ -31,7 +31,8 @@ HEADLINE_BEHAVIOUR: dict[str, str] = {"emt": "EMT", "toxicity_probability": "tox
 #: Columns of `causal_effects`: one row per causal effect, controls marked.
 EFFECT_COLUMNS: tuple[str, ...] = (
     "model", "experiment", "description", "delta", "ci_low", "ci_high", "excludes_zero", "control", "p_fwer",
-    "fluency_delta", "layer", "strength",
+    "fluency_delta", "layer", "strength", "control_test", "control_delta", "control_ci_low", "control_ci_high",
+    "beyond_control",
 )
 
 
@@ -196,10 +197,52 @@ def causal_effects(
     out["control"] = is_control(out)
     if "p_fwer" not in out.columns:
         out["p_fwer"] = np.nan
-    for col in ("layer", "strength"):
+    for col in ("layer", "strength", "direction"):
         if col not in out.columns:
             out[col] = np.nan
-    return out[list(EFFECT_COLUMNS)]
+    return _against_controls(out)[list(EFFECT_COLUMNS)]
+
+
+def _against_controls(out: pd.DataFrame) -> pd.DataFrame:
+    """Each effect next to its control and whether it goes beyond it (`beyond_control`; NaN: no control).
+
+    Steering: the paired per-prompt difference probe direction - random direction at the same layer and
+    strength (`probe_vs_random` rows) must exclude zero with the effect's sign. Patching: the effect's CI
+    must not overlap its same-class control's (patching another prompt of the target's class), a
+    conservative check, since the two are not paired. Layer skipping has no control condition.
+    """
+    out = out.assign(
+        control_test="", control_delta=np.nan, control_ci_low=np.nan, control_ci_high=np.nan, beyond_control=np.nan
+    )
+    out["beyond_control"] = out["beyond_control"].astype(object)
+    for i, row in out[~out["control"]].iterrows():
+        if row["experiment"] == "steering":
+            paired = out[
+                (out["experiment"] == "steering")
+                & (out["direction"] == "probe_vs_random")
+                & (out["model"] == row["model"])
+                & (out["layer"] == row["layer"])
+                & (out["strength"] == row["strength"])
+            ]
+            if paired.empty:
+                continue
+            ctrl = paired.iloc[0]
+            test = "paired difference from a random direction of the same norm"
+            beyond = bool(ctrl["excludes_zero"]) and bool(np.sign(ctrl["delta"]) == np.sign(row["delta"]))
+        elif row["experiment"] == "patching":
+            found = matching_control(out, row)
+            if found is None:
+                continue
+            ctrl = found
+            test = "same-class control (CIs must not overlap)"
+            beyond = bool(row["ci_low"] > ctrl["ci_high"] or row["ci_high"] < ctrl["ci_low"])
+        else:
+            continue
+        out.loc[i, ["control_test", "control_delta", "control_ci_low", "control_ci_high"]] = [
+            test, ctrl["delta"], ctrl["ci_low"], ctrl["ci_high"]
+        ]
+        out.at[i, "beyond_control"] = beyond
+    return out
 
 
 def _with_fluency(
@@ -240,14 +283,23 @@ def matching_control(effects: pd.DataFrame, effect: pd.Series) -> pd.Series | No
     return same.iloc[0]
 
 
-def strongest_effect(effects: pd.DataFrame, model: str) -> tuple[pd.Series | None, int]:
+def strongest_effect(
+    effects: pd.DataFrame, model: str, *, beyond_control: bool = False
+) -> tuple[pd.Series | None, int]:
     """The largest |delta| of `model`'s non-control effects whose CI excludes zero, and the number searched.
+
+    Args:
+        effects: `causal_effects` output.
+        model: The model.
+        beyond_control: Only effects that also go beyond their control (`beyond_control` True).
 
     Returns:
         (the row, or None when no CI excludes zero; the number of non-control effects it was picked from).
     """
     mine = effects[(effects["model"] == model) & ~effects["control"]]
     hits = mine[mine["excludes_zero"]]
+    if beyond_control and "beyond_control" in hits.columns:
+        hits = hits[hits["beyond_control"].map(lambda v: v is True)]
     if hits.empty:
         return None, len(mine)
     return hits.loc[hits["delta"].abs().idxmax()], len(mine)

@@ -109,33 +109,7 @@ def headlines(r: RunResults, peaks: pd.DataFrame | None, effects: pd.DataFrame) 
                     )
                 )
         if len(effects) and model in set(effects["model"]):
-            best, n = findings.strongest_effect(effects, model)
-            if best is None:
-                box.rows.append(
-                    HeadlineRow(
-                        "causal",
-                        "Strongest causal effect on EMT",
-                        f"none distinguishable from zero (of {n} effects measured)",
-                    )
-                )
-            else:
-                text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])}"
-                if pd.notna(best["fluency_delta"]):
-                    text += f"; log perplexity {float(best['fluency_delta']):+.2f}"
-                control = findings.matching_control(effects, best)
-                if control is not None:
-                    ci = fmt_ci(control["delta"], control["ci_low"], control["ci_high"])
-                    text += f"; its control: EMT {ci}"
-                note = (
-                    f"p_FWER = {fmt_p(best['p_fwer'])}"
-                    if pd.notna(best["p_fwer"])
-                    else f"picked as the largest of {n} effects whose CI "
-                    "excludes zero; the CI is not adjusted"
-                    " for that pick"
-                )
-                box.rows.append(
-                    HeadlineRow("causal", "Strongest causal effect on EMT", text, fmt(best["delta"]), note)
-                )
+            box.rows.append(_causal_headline(effects, model))
         if r.selfchecks is not None and len(r.selfchecks):
             for _, row in r.selfchecks[r.selfchecks["model"] == model].iterrows():
                 verdict = "passed" if bool(row["passed"]) else "FAILED"
@@ -424,6 +398,39 @@ def _fraction_rows(patch: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _causal_headline(effects: pd.DataFrame, model: str) -> HeadlineRow:
+    """The strongest effect beyond its control; else the strongest against zero, saying it is uncontrolled."""
+    best, n = findings.strongest_effect(effects, model, beyond_control=True)
+    controlled = best is not None
+    if best is None:
+        best, n = findings.strongest_effect(effects, model)
+    if best is None:
+        return HeadlineRow(
+            "causal", "Strongest causal effect on EMT", f"none distinguishable from zero (of {n} effects measured)"
+        )
+    text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])}"
+    if pd.notna(best["fluency_delta"]):
+        text += f"; log perplexity {float(best['fluency_delta']):+.2f}"
+    if pd.notna(best.get("control_delta")):
+        ci = fmt_ci(best["control_delta"], best["control_ci_low"], best["control_ci_high"])
+        verdict = "beyond its control" if controlled else "NOT beyond its control"
+        text += f"; {verdict} ({best['control_test']}: EMT {ci})"
+    else:
+        control = findings.matching_control(effects, best)
+        if control is not None:
+            text += f"; its control: EMT {fmt_ci(control['delta'], control['ci_low'], control['ci_high'])}"
+        elif not controlled:
+            text += "; no control condition (none of the controlled effects went beyond its control)"
+    note = (
+        f"p_FWER = {fmt_p(best['p_fwer'])}"
+        if pd.notna(best["p_fwer"])
+        else f"picked as the largest of {n} effects whose CI excludes zero"
+        + (" and that go beyond their control" if controlled else "")
+        + "; the CI is not adjusted for that pick"
+    )
+    return HeadlineRow("causal", "Strongest causal effect on EMT", text, fmt(best["delta"]), note)
+
+
 def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Section:
     """Skipping and steering with their fluency cost, patching as fraction of the gap, the effects table."""
     s = Section(
@@ -515,7 +522,21 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
                 )
             )
     if len(effects):
-        shown = effects.assign(**{"CI excludes zero": effects["excludes_zero"]}).drop(columns="excludes_zero")
-        shown = shown[[c for c in shown.columns if shown[c].notna().any()]]
-        s.tables.append(html_table(shown, "Every causal effect on EMT (controls marked)"))
+        shown = effects.assign(
+            **{
+                "CI excludes zero": effects["excludes_zero"],
+                "beyond its control": effects["beyond_control"].map(
+                    lambda v: "-" if not isinstance(v, bool) else ("yes" if v else "no")
+                ),
+            }
+        ).drop(columns=["excludes_zero", "beyond_control"])
+        shown = shown[[c for c in shown.columns if shown[c].notna().any() and (shown[c] != "").any()]]
+        s.tables.append(
+            html_table(
+                shown,
+                "Every causal effect on EMT (controls marked; 'beyond its control': steering's paired difference "
+                "from the random direction excludes zero with the same sign, or patching's CI is disjoint from its "
+                "same-class control's; '-': no control condition)",
+            )
+        )
     return s
