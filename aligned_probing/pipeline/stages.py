@@ -341,6 +341,7 @@ def probe_block(task: dict[str, Any]) -> int:
     p: ProbingConfig = task["probing"]
     store = ActivationStore.open(task["store"], storage_options=options)
     targets = _fs.read_parquet(task["targets"], options)
+    show = bool(task.get("show_progress", False))  # bars over the layers' fits (the local executor)
     table = run_probing(
         store,
         targets,
@@ -353,10 +354,11 @@ def probe_block(task: dict[str, Any]) -> int:
         pooling=p.pooling,
         alphas=p.alphas,
         layers=task["layers"],
+        show_progress=show,
     )
     # The block's probes fitted on every row (notebooks, the causal stage), saved before its table,
     # whose presence marks the block complete.
-    probes = fit_final_probes(store, targets, p, task["layers"])
+    probes = fit_final_probes(store, targets, p, task["layers"], show_progress=show)
     save_final_probes(probes, store, p.pooling, task["stage_dir"], options)
     _fs.write_parquet_atomic(table, out, options)
     return len(table)
@@ -391,6 +393,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
             "out": str(_fs.child(ctx.out_dir, "blocks", f"layers-{block[0]:03d}-{block[-1]:03d}.parquet")),
             "stage_dir": ctx.out_dir,
             "storage_options": so,
+            "show_progress": ctx.progress,
         }
         for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
     ]
