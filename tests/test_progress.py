@@ -149,3 +149,35 @@ def test_report_out_writes_html_and_figures_there_and_leaves_the_run_alone(quiet
 def test_the_ray_install_hint_is_intact_at_any_terminal_width(command, columns):
     output = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": columns}).output
     assert "pip install 'aligned-probing[ray]'" in " ".join(output.split()), output
+
+
+class _RecordingExecutor:
+    """A non-local executor: records every `map` call (a cluster gets all tasks at once)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, object]] = []
+
+    def map(self, fn, tasks, *, resources=None):
+        self.calls.append((list(tasks), resources))
+        return [fn(t) for t in tasks]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_causal_tasks_advance_the_stage_bar_without_changing_dispatch(local, capsys):
+    from types import SimpleNamespace
+
+    from aligned_probing.causal.stage import _map_tasks, _task_bar
+    from aligned_probing.pipeline.executors import LocalExecutor, Resources
+
+    executor = LocalExecutor() if local else _RecordingExecutor()
+    ctx = SimpleNamespace(executor=executor, progress=True)
+    needs = [Resources(num_cpus=1), Resources(num_cpus=2), Resources(num_cpus=3)]
+    with _task_bar(ctx, 4) as bar:
+        assert _map_tasks(ctx, abs, [-1], None, bar) == [1]
+        assert _map_tasks(ctx, abs, [-2, 3, -4], needs, bar) == [2, 3, 4]
+        assert bar.n == 4
+    assert _bar_totals(capsys.readouterr().err, "causal") == [4]
+    if not local:  # one map per call, with the per-task resources as given
+        assert executor.calls == [([-1], None), ([-2, 3, -4], needs)]
