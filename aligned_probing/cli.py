@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import logging
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -197,14 +198,15 @@ def _run_stages(
         sets = [*(overrides or []), *_executor_overrides(executor, ray_address)]
         sets += ["runtime.verify_inputs=true"] if verify else []
         cfg = RunConfig.from_toml(config, overrides=sets)
-        result = pipeline.run(
-            cfg,
-            stages=stages,
-            dry_run=dry_run,
-            progress=progress,
-            config_text=config.read_text(),
-            overrides=sets,
-        )
+        with _library_bars(progress or dry_run):
+            result = pipeline.run(
+                cfg,
+                stages=stages,
+                dry_run=dry_run,
+                progress=progress,
+                config_text=config.read_text(),
+                overrides=sets,
+            )
     except Exception as err:  # every error becomes one line and its exit code (see ExitCode)
         raise _fail(err) from None
     width = max((len(r.key) for r in result.records), default=10)
@@ -218,6 +220,23 @@ def _run_stages(
         typer.echo(f"report: {_shown(result.report)}")
     else:
         typer.echo(f"results in {_shown(result.run_dir)}")
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool) -> Iterator[None]:
+    """With `show=False` (`--no-progress`) also hide transformers' bars (Loading weights), restored after."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _shown(location: Path | str) -> str:

@@ -181,3 +181,29 @@ def test_causal_tasks_advance_the_stage_bar_without_changing_dispatch(local, cap
     assert _bar_totals(capsys.readouterr().err, "causal") == [4]
     if not local:  # one map per call, with the per-task resources as given
         assert executor.calls == [([-1], None), ([-2, 3, -4], needs)]
+
+
+def test_no_progress_also_hides_the_model_loaders_bars(tmp_path, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from aligned_probing.pipeline import RunResult
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'name = "t"\n[[models]]\nspec = "smollm2-135m-instruct"\n[output]\nrun_dir = "{tmp_path}"\n'
+    )
+    seen = {}
+
+    def fake_run(cfg, *, progress, **kwargs):
+        seen.update(progress=progress, transformers_bars=hf_logging.is_progress_bar_enabled())
+        return RunResult(tmp_path, [], None)
+
+    monkeypatch.setattr("aligned_probing.pipeline.run", fake_run)
+    for flag, expected in (("--no-progress", False), ("--progress", True)):
+        assert hf_logging.is_progress_bar_enabled()
+        assert main(["generate", str(config), flag]) == 0
+        assert seen == {
+            "progress": expected,
+            "transformers_bars": expected,
+        }  # "Loading weights" follows the flag
+    assert hf_logging.is_progress_bar_enabled()  # restored for whoever loads a model next in this process
