@@ -74,8 +74,8 @@ VerifyOpt = Annotated[
 # rich markup from swallowing `[ray]`.
 EXECUTOR_EPILOG = (
     "The ray executor needs Ray: pip install 'aligned-probing\\[ray]'. "
-    "Progress bars (--progress, the default) go to stderr: generation and encoding per batch, probing "
-    "per layer, the causal stage per task and per generated condition."
+    "Progress bars (--progress, the default) go to stderr: generation and encoding per batch, scoring per "
+    "text, probing per layer, the causal stage per task and per generated condition."
 )
 RayAddressOpt = Annotated[
     str | None,

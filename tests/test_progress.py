@@ -25,6 +25,7 @@ from tests._tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {
+    "score": ["scores.parquet"],
     "probe": ["probing.parquet"],
     "causal": ["layer_skipping.parquet", "patching.parquet", "steering.parquet"],
 }
@@ -80,20 +81,22 @@ def test_probe_and_causal_stages_show_bars_with_their_totals(quiet_run, tmp_path
 
     root, quiet_dir, quiet_err = quiet_run
     ours = ("stages", "generate", "encode tiny-a", "probe", "probe final fits", "causal", "causal skipping")
-    ours += ("causal patching", "causal steering")
+    ours += ("causal patching", "causal steering", "score continuations")
     assert not _labels(quiet_err) & set(ours), (
         quiet_err
     )  # progress off: none (transformers' loading bar is not ours)
     run_dir = tmp_path / "run"
     shutil.copytree(quiet_dir, run_dir)
-    for name in TABLES:  # re-run the probe and causal stages, reusing everything upstream
+    for name in TABLES:  # re-run the score, probe and causal stages, reusing the generations and the store
         shutil.rmtree(_stage_dir(run_dir, name))
     cfg = _config(root, run_dir)
     capsys.readouterr()
     result = pipeline.run(cfg, stages=["causal"], progress=True)
     err = capsys.readouterr().err
     assert set(ours) - {"encode tiny-a"} <= _labels(err)  # encode is cached; the rest are drawn
-    assert sorted(result.executed) == ["causal/tiny-a", "probe/tiny-a/t0"]
+    assert sorted(result.executed) == ["causal/tiny-a", "probe/tiny-a/t0", "score/tiny-a/t0"]
+    n_continuations = len(pd.read_parquet(_stage_dir(run_dir, "score") / "scores.parquet"))
+    assert _bar_totals(err, "score continuations") == [n_continuations] and n_continuations == 24 * 2
 
     # probing: one step per (position design, layer), every layer of the tiny model (3 blocks: 0..3)
     store = ActivationStore.open(_stage_dir(run_dir, "encode") / "store")

@@ -271,7 +271,8 @@ def score_stage(ctx: StageContext) -> dict[str, Any]:
     s = settings_of(ctx.settings, ScoreSettings).scoring
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     scorer = stage_scorer(ctx, s)
-    scores = score_or_raise(scorer, conts["text"].tolist(), batch_size=s.batch_size, what="continuations")
+    texts, show = conts["text"].tolist(), ctx.progress
+    scores = score_or_raise(scorer, texts, batch_size=s.batch_size, what="continuations", show_progress=show)
     keys = conts[["model", "template", "prompt_id", "continuation_idx"]].reset_index(drop=True)
     table = pd.concat([keys, scores[list(scorer.attributes)].reset_index(drop=True)], axis=1)
     write_table(table, ctx.out_dir, "scores.parquet", ctx.storage_options)
