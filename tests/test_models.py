@@ -212,6 +212,26 @@ def test_quantized_variants_are_close_not_equal_and_ordered(tiny_llama_dir):
     assert errors["int8"] < errors["4bit"] < 0.5, errors  # fewer bits, more error
 
 
+@pytest.mark.parametrize("quant", ["int8", "4bit"])
+def test_quantized_models_generate_pass_the_self_check_and_encode(tiny_llama_dir, tmp_path, quant):
+    # Generation and encoding once ran under torch.inference_mode, where optimum-quanto's 4-bit
+    # weights raise "Cannot set version_counter for inference tensor": every 4-bit run failed.
+    from aligned_probing.data import PromptSet
+    from aligned_probing.encoding import encode
+    from aligned_probing.generation import generate_continuations
+    from aligned_probing.generation_checks import check_generation
+
+    model = load_model(tiny_llama_dir, quantization=quant)
+    prompts = PromptSet.from_texts(["the cat sat", "a dog ran far", "one two"], source="test")
+    conts = generate_continuations(model, prompts, k=2, seed=0, max_new_tokens=5, batch_size=4)
+    assert len(conts) == 6 and (conts["n_tokens"] > 0).all()
+    check = check_generation(model, conts, max_new_tokens=5, n_rows=4, n_greedy_prompts=2, greedy_new_tokens=5)
+    assert check.passed, check
+    store = encode(model, prompts, conts, store=tmp_path / "store")
+    feats = store.layer(model.n_layers, "output", "mean")
+    assert feats.shape == (6, model.d_model) and np.isfinite(feats).all()
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"dtype": "float64"}, r"dtype must be one of \['float32', 'float16', 'bfloat16'\], got 'float64'"),
     ({"quantization": "int4"}, r"quantization must be None or one of \['int8', '4bit'\], got 'int4'"),

@@ -480,6 +480,43 @@ def test_unsplit_causal_stage_equals_one_in_memory_pass_of_the_library(unsplit_c
         pd.testing.assert_frame_equal(table, expected[name], check_exact=True, obj=name)
 
 
+def test_steering_runs_on_its_own_larger_subset_and_its_prompts_never_fit_a_probe(tiny_models, tmp_path):
+    from aligned_probing.causal import GenerationSettings, StatSettings, generate_and_score, steering_sweep
+    from aligned_probing.causal.stage import _fit_probes
+    from aligned_probing.data import PromptSet
+    from aligned_probing.scoring import get_scorer
+
+    data = _causal_config(tiny_models, tmp_path / "run", block=None).model_dump(mode="json")
+    data["causal"] = {**data["causal"], "steering_n_prompts": 10, "patching": False}
+    cfg = RunConfig.from_dict(data)
+    result = pipeline.run(cfg, stages=["causal"], progress=False)
+    dirs = {r.name: r.dir for r in result.records}
+    skip = pd.read_parquet(dirs["causal"] / "layer_skipping.parquet")
+    steer = pd.read_parquet(dirs["causal"] / "steering.parquet")
+    assert set(skip["n_prompts"]) == {4} and set(steer["n_prompts"]) == {10}
+
+    # The steering rows are one library call on the 10-prompt stratified sample, with its direction
+    # fitted on every prompt except the skipping and steering prompts.
+    c, g = cfg.causal, cfg.generation
+    model = pipeline.ModelLoader(cfg.model_variants())(cfg.model_variants()[0].name)
+    prompts = pd.read_parquet(dirs["prompts"] / "prompts.parquet")
+    sample = PromptSet.from_frame(prompts)
+    sub = sample.sample(10, stratify_by="prompt_toxicity", seed=c.seed).df
+    skipped = sample.sample(c.n_prompts, stratify_by="prompt_toxicity", seed=c.seed).df
+    held_out = frozenset(sub.prompt_id) | frozenset(skipped.prompt_id)
+    layer = int(steer["layer"].iloc[0])
+    probe = _fit_probes(dirs["encode"] / "store", prompts, c.attribute, [layer], "mean", cfg.probing.alphas,
+                        exclude=held_out)[layer]
+    gen = GenerationSettings(k=c.k, seed=c.seed, max_new_tokens=c.max_new_tokens, temperature=g.temperature,
+                             top_p=g.top_p, template=0, batch_size=g.batch_size)
+    stat = StatSettings(c.attribute, cfg.behaviour.threshold, cfg.behaviour.n_bootstrap, seed=c.seed)
+    scorer = get_scorer(cfg.scoring.scorer, **cfg.scoring.options)
+    expected = steering_sweep(model, sub, scorer, probe.direction(), layer=layer, alphas=c.steering_alphas,
+                              control_seed=c.seed, generation=gen, stats=stat,
+                              baseline=generate_and_score(model, sub, scorer, gen))
+    pd.testing.assert_frame_equal(steer, expected, check_exact=True)
+
+
 @pytest.mark.slow
 def test_causal_blocks_resume_after_a_kill_and_equal_the_unsplit_tables(
     unsplit_causal, tiny_models, tmp_path, monkeypatch

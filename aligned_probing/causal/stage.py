@@ -17,7 +17,8 @@ models, and we want one probe per layer.
 The stage runs as tasks through `ctx.executor`, like probing's layer blocks:
 
 1. one *setup* task generates the unmodified model's scored continuations (`baseline.parquet`,
-   shared by layer skipping and steering), matches the patching pairs (`pairs.parquet`) and
+   shared by layer skipping and steering; `steering_baseline.parquet` when steering runs on its
+   own number of prompts, `causal.steering_n_prompts`), matches the patching pairs (`pairs.parquet`) and
    generates their unpatched continuations (`pairs_clean.parquet`, shared by the patching blocks);
 2. one task per block of `runtime["causal_layer_block"]` intervention layers runs layer skipping
    and patching for those layers (`blocks/skipping-layers-XXX-YYY.parquet`,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aligned_probing.pipeline")
 
 BASELINE_FILE = "baseline.parquet"
+STEERING_BASELINE_FILE = "steering_baseline.parquet"
 PAIRS_FILE = "pairs.parquet"
 PAIRS_CLEAN_FILE = "pairs_clean.parquet"
 OUTPUT_FILES = {
@@ -172,15 +174,29 @@ class _Task:
     def prompts(self) -> pd.DataFrame:
         return read_prompts(self.task["prompts_dir"], self.so)
 
-    def subset(self, prompts: pd.DataFrame) -> pd.DataFrame:
-        """The prompts the interventions run on (skipping, steering): a stratified sample."""
+    def subset(self, prompts: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+        """The prompts layer skipping runs on (`n` of them, default `n_prompts`): a stratified sample."""
         from aligned_probing.data import PromptSet
 
         return (
             PromptSet.from_frame(prompts)
-            .sample(self.c.n_prompts, stratify_by=f"prompt_{self.c.attribute}", seed=self.c.seed)
+            .sample(n or self.c.n_prompts, stratify_by=f"prompt_{self.c.attribute}", seed=self.c.seed)
             .df
         )
+
+    def steering_subset(self, prompts: pd.DataFrame) -> pd.DataFrame:
+        """The prompts the steering sweep runs on (`steering_n_prompts`, default `n_prompts`)."""
+        return self.subset(prompts, self.c.steering_n_prompts)
+
+    def steering_baseline_file(self) -> str:
+        """The file of the steering sweep's unmodified continuations.
+
+        Skipping's baseline when both run on the same prompts; otherwise the steering prompts get
+        their own, generated in one call over exactly them, so the sweep equals one library call
+        (batch composition moves logits by ~1e-6, see `aligned_probing.generation`).
+        """
+        own = self.c.steering_n_prompts not in (None, self.c.n_prompts)
+        return STEERING_BASELINE_FILE if own else BASELINE_FILE
 
     def generation(self) -> GenerationSettings:
         from aligned_probing.causal import GenerationSettings
@@ -210,6 +226,8 @@ class _Task:
     def held_out(self, prompts: pd.DataFrame) -> frozenset[str]:
         """Prompts the interventions run on (subset and pairs): never used to fit a probe."""
         ids = set(self.subset(prompts)["prompt_id"].astype(str))
+        if self.c.steering:
+            ids |= set(self.steering_subset(prompts)["prompt_id"].astype(str))
         if self.c.patching:
             pairs = self.pairs()
             ids |= set(pairs["toxic_prompt_id"].astype(str)) | set(pairs["nontoxic_prompt_id"].astype(str))
@@ -261,15 +279,22 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
     from aligned_probing.causal import clean_pair_continuations, generate_and_score, match_pairs
 
     t = _Task(task)
-    need_base = (t.c.layer_skipping or t.c.steering) and not t.done(BASELINE_FILE)
+    steer_base = t.steering_baseline_file()
+    shared = t.c.layer_skipping or (t.c.steering and steer_base == BASELINE_FILE)
+    need_base = shared and not t.done(BASELINE_FILE)
+    need_steer_base = t.c.steering and steer_base != BASELINE_FILE and not t.done(steer_base)
     need_pairs = t.c.patching and not t.done(PAIRS_FILE)
     need_clean = t.c.patching and not t.done(PAIRS_CLEAN_FILE)
-    if need_base or need_pairs or need_clean:
+    if need_base or need_steer_base or need_pairs or need_clean:
         model, prompts = t.model(), t.prompts()
         if need_base:
             scorer = build_scorer(t.settings.scoring)
             subset, gen = t.subset(prompts), t.generation()
             t.write(generate_and_score(model, subset, scorer, gen, show_progress=t.progress), BASELINE_FILE)
+        if need_steer_base:
+            scorer = build_scorer(t.settings.scoring)
+            subset, gen = t.steering_subset(prompts), t.generation()
+            t.write(generate_and_score(model, subset, scorer, gen, show_progress=t.progress), steer_base)
         if need_pairs:
             pairs = match_pairs(
                 prompts,
@@ -365,7 +390,7 @@ def steering_task(task: dict[str, Any]) -> bool:
     layer = task["steering_layer"]
     steer = steering_sweep(
         model,
-        t.subset(prompts),
+        t.steering_subset(prompts),
         build_scorer(t.settings.scoring),
         t.probes(prompts, [layer])[layer].direction(),
         layer=layer,
@@ -375,7 +400,7 @@ def steering_task(task: dict[str, Any]) -> bool:
         control_seed=t.c.seed,
         generation=t.generation(),
         stats=t.stats(),
-        baseline=t.continuations(BASELINE_FILE),
+        baseline=t.continuations(t.steering_baseline_file()),
         show_progress=t.progress,
     )
     t.write(steer, "blocks", "steering.parquet")
