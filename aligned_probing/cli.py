@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import logging
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -54,8 +55,7 @@ ExecutorOpt = Annotated[
     str | None,
     typer.Option(
         "--executor",
-        help="Where stages run: local (default) or ray (needs pip install 'aligned-probing\\[ray]'); "
-        "overrides runtime.executor.",
+        help="Where stages run: local (default) or ray (needs Ray, see below); overrides runtime.executor.",
     ),
 ]
 VerboseOpt = Annotated[
@@ -69,6 +69,14 @@ VerifyOpt = Annotated[
         "(path, size, mtime).",
     ),
 ]
+# The install hint goes below the options, at full width: the options table truncates words that do
+# not fit its help column (at COLUMNS=60, 'aligned-probing[ray]' became 'aligned-p…'); `\\[` keeps
+# rich markup from swallowing `[ray]`.
+EXECUTOR_EPILOG = (
+    "The ray executor needs Ray: pip install 'aligned-probing\\[ray]'. "
+    "Progress bars (--progress, the default) go to stderr: generation and encoding per batch, scoring per "
+    "text, probing per layer, the causal stage per task and per generated condition."
+)
 RayAddressOpt = Annotated[
     str | None,
     typer.Option("--ray-address", help="Ray cluster address (auto, ray://head:10001); with --executor ray."),
@@ -190,14 +198,15 @@ def _run_stages(
         sets = [*(overrides or []), *_executor_overrides(executor, ray_address)]
         sets += ["runtime.verify_inputs=true"] if verify else []
         cfg = RunConfig.from_toml(config, overrides=sets)
-        result = pipeline.run(
-            cfg,
-            stages=stages,
-            dry_run=dry_run,
-            progress=progress,
-            config_text=config.read_text(),
-            overrides=sets,
-        )
+        with _library_bars(progress or dry_run):
+            result = pipeline.run(
+                cfg,
+                stages=stages,
+                dry_run=dry_run,
+                progress=progress,
+                config_text=config.read_text(),
+                overrides=sets,
+            )
     except Exception as err:  # every error becomes one line and its exit code (see ExitCode)
         raise _fail(err) from None
     width = max((len(r.key) for r in result.records), default=10)
@@ -213,12 +222,29 @@ def _run_stages(
         typer.echo(f"results in {_shown(result.run_dir)}")
 
 
+@contextlib.contextmanager
+def _library_bars(show: bool) -> Iterator[None]:
+    """With `show=False` (`--no-progress`) also hide transformers' bars (Loading weights), restored after."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _shown(location: Path | str) -> str:
     """A local path made absolute; a URL (run directory on object storage) as it is."""
     return str(location.resolve()) if isinstance(location, Path) else location
 
 
-@app.command()
+@app.command(epilog=EXECUTOR_EPILOG)
 def run(
     config: ConfigArg,
     set_: SetOpt = None,
@@ -253,7 +279,7 @@ def _stage_command(name: str, doc: str) -> Callable[..., None]:
 
 for _spec in STAGES:  # one command per stage kind of the registry that has one
     if _spec.command:
-        app.command(name=_spec.name)(_stage_command(_spec.name, _spec.summary))
+        app.command(name=_spec.name, epilog=EXECUTOR_EPILOG)(_stage_command(_spec.name, _spec.summary))
 
 
 @app.command()
@@ -264,14 +290,23 @@ def report(
             help="A run directory written by `aligned-probing run`.", exists=True, file_okay=False
         ),
     ],
-    out: Annotated[Path | None, typer.Option(help="HTML path (default: RUN_DIR/report.html).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="HTML path, or a directory for OUT/report.html; the figures (PNG, SVG) go to figures/ next "
+            "to it, and RUN_DIR is left as it is (default: RUN_DIR/report.html and RUN_DIR/figures/)."
+        ),
+    ] = None,
 ) -> None:
     """Write the self-contained HTML report of RUN_DIR (figures embedded; opens with no server)."""
     from aligned_probing.pipeline.results import build_report
 
     _setup_logging()
+    if out is not None and (out.is_dir() or not out.suffix):
+        out = out / "report.html"
     try:
-        path = build_report(run_dir, out_path=out)
+        figures = None if out is None else out.parent / "figures"  # beside the HTML, not in RUN_DIR
+        path = build_report(run_dir, out_path=out, figure_dir=figures)
     except (FileNotFoundError, ValueError) as err:  # not a run directory: a usage error
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(int(ExitCode.CONFIG)) from None

@@ -59,6 +59,7 @@ def generate_and_score(
     gen: GenerationSettings,
     *,
     intervention: Intervention | None = None,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Sample continuations (optionally under an intervention) and score them.
 
@@ -68,6 +69,7 @@ def generate_and_score(
         scorer: Any object with `.score(texts) -> DataFrame` of attribute columns.
         gen: Sampling settings.
         intervention: Active during generation only (scoring is unaffected).
+        show_progress: Show the tqdm bar of `generate_continuations` ("generate", one step per batch).
 
     Returns:
         The continuations table plus one column per scored attribute.
@@ -82,6 +84,7 @@ def generate_and_score(
         top_p=gen.top_p,
         template=gen.template,
         batch_size=gen.batch_size,
+        show_progress=show_progress,
     )
     if intervention is None:
         conts = generate_continuations(model, prompts, **kwargs)

@@ -322,15 +322,21 @@ def _check_args(
 
 
 def clean_pair_continuations(
-    model: Any, pairs: pd.DataFrame, scorer: Any, generation: GenerationSettings | None = None
+    model: Any,
+    pairs: pd.DataFrame,
+    scorer: Any,
+    generation: GenerationSettings | None = None,
+    *,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Scored continuations of every pair's toxic and non-toxic prompt, unpatched, in one batch.
 
     Per-row seeds make each prompt's continuations independent of the batch, so these equal the
     clean runs one prompt at a time; pass them to several `activation_patching` calls to share them.
+    `show_progress` shows the generation's tqdm bar ("generate", one step per batch).
     """
     gen = generation or GenerationSettings()
-    return generate_and_score(model, _pair_prompts(pairs), scorer, gen)
+    return generate_and_score(model, _pair_prompts(pairs), scorer, gen, show_progress=show_progress)
 
 
 def _pair_prompts(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -363,6 +369,7 @@ def activation_patching(
     stats: StatSettings | None = None,
     clean_continuations: pd.DataFrame | None = None,
     batch_size: int = 16,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Patch source -> target residuals per layer; measure probe read-out and continuation toxicity.
 
@@ -389,6 +396,8 @@ def activation_patching(
             `generation` settings (`clean_pair_continuations`), to share them between calls (e.g.
             one call per block of layers); generated here, all pairs in one batch, when None.
         batch_size: Prompts per read-out forward pass.
+        show_progress: Show a tqdm bar ("causal patching") over the patched generations: one step
+            per (direction, generated layer).
 
     Returns:
         Tidy rows with `PATCHING_COLUMNS`: `measure` = "readout" (with `readout_layer`) or a
@@ -436,6 +445,7 @@ def activation_patching(
                 stat,
                 clean_continuations,
                 fluency,
+                show_progress,
             )
         )
     out = pd.concat([p for p in parts if len(p)], ignore_index=True)
@@ -531,6 +541,7 @@ def _behaviour(
     stat: StatSettings,
     clean: pd.DataFrame | None,
     fluency: bool,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Behaviour rows through `paired_sweep`: one condition per (direction, layer), all pairs batched."""
     if clean is None:
@@ -546,7 +557,16 @@ def _behaviour(
             patch = _prompt_patch(grp, rendered, spans, layer, positions)
             conditions.append(Condition({"direction": direction, "layer": layer}, patch, targets, sources))
     out = paired_sweep(
-        model, frame, scorer, conditions, generation=gen, stats=stat, baseline=clean, fluency=fluency
+        model,
+        frame,
+        scorer,
+        conditions,
+        generation=gen,
+        stats=stat,
+        baseline=clean,
+        fluency=fluency,
+        show_progress=show_progress,
+        progress_desc="causal patching",
     )
     out = out.rename(columns={"metric": "measure", "n_prompts": "n_pairs"})
     return out.sort_values(["direction", "layer", "measure"], kind="stable").assign(readout_layer=pd.NA)

@@ -37,6 +37,7 @@ def layer_skipping(
     stats: StatSettings | None = None,
     baseline: pd.DataFrame | None = None,
     fluency: bool = True,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Change in behaviour per skipped block, against the unmodified model on the same prompts and seeds.
 
@@ -52,6 +53,7 @@ def layer_skipping(
         fluency: Also report `log_perplexity`, the mean token NLL of the skipped model's
             continuations under the unmodified model (one teacher-forced pass per block): a drop in
             toxicity that comes with much less likely text is breakage, not detoxification.
+        show_progress: Show a tqdm bar ("causal skipping") with one step per skipped block.
 
     Returns:
         Tidy rows, one per (block, metric), metric in {emt, toxicity_probability, mean_score,
@@ -72,7 +74,16 @@ def layer_skipping(
         Condition({"block": b, "relative_depth": (b + 1) / model.n_layers}, LayerSkip(b)) for b in blocks
     ]
     out = paired_sweep(
-        model, prompts, scorer, conditions, generation=gen, stats=stat, baseline=baseline, fluency=fluency
+        model,
+        prompts,
+        scorer,
+        conditions,
+        generation=gen,
+        stats=stat,
+        baseline=baseline,
+        fluency=fluency,
+        show_progress=show_progress,
+        progress_desc="causal skipping",
     )
     out.insert(0, "attribute", stat.attribute)
     out.insert(0, "template", gen.template)

@@ -43,6 +43,7 @@ import pandas as pd
 
 from aligned_probing.pipeline import fs as _fs
 from aligned_probing.pipeline.config import CausalConfig
+from aligned_probing.pipeline.executors import LocalExecutor, per_task
 from aligned_probing.pipeline.runner import StageContext
 from aligned_probing.pipeline.settings import CausalSettings, settings_of
 from aligned_probing.pipeline.stages import build_scorer, input_dir, read_prompts, read_table, write_table
@@ -155,6 +156,7 @@ class _Task:
         self.settings: CausalSettings = settings_of(task["settings"], CausalSettings)
         self.c: CausalConfig = self.settings.causal
         self.out: _fs.Resolved = task["out_dir"]
+        self.progress: bool = bool(task.get("show_progress", False))
 
     def path(self, *parts: str) -> _fs.Resolved:
         return _fs.child(self.out, *parts)
@@ -287,10 +289,12 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
         model, prompts = t.model(), t.prompts()
         if need_base:
             scorer = build_scorer(t.settings.scoring)
-            t.write(generate_and_score(model, t.subset(prompts), scorer, t.generation()), BASELINE_FILE)
+            subset, gen = t.subset(prompts), t.generation()
+            t.write(generate_and_score(model, subset, scorer, gen, show_progress=t.progress), BASELINE_FILE)
         if need_steer_base:
             scorer = build_scorer(t.settings.scoring)
-            t.write(generate_and_score(model, t.steering_subset(prompts), scorer, t.generation()), steer_base)
+            subset, gen = t.steering_subset(prompts), t.generation()
+            t.write(generate_and_score(model, subset, scorer, gen, show_progress=t.progress), steer_base)
         if need_pairs:
             pairs = match_pairs(
                 prompts,
@@ -304,8 +308,9 @@ def setup_task(task: dict[str, Any]) -> dict[str, Any]:
             t.write(pairs, PAIRS_FILE)
         if need_clean:  # the pairs' unpatched continuations, shared by every patching block
             pairs = t.pairs()
-            t.write(clean_pair_continuations(model, pairs, build_scorer(t.settings.scoring), t.generation()),
-                    PAIRS_CLEAN_FILE)
+            scorer = build_scorer(t.settings.scoring)
+            clean = clean_pair_continuations(model, pairs, scorer, t.generation(), show_progress=t.progress)
+            t.write(clean, PAIRS_CLEAN_FILE)
     return {"n_pairs": len(_fs.read_parquet(t.path(PAIRS_FILE), t.so))} if t.c.patching else {}
 
 
@@ -349,6 +354,7 @@ def block_task(task: dict[str, Any]) -> list[str]:
                 generation=gen,
                 stats=stat,
                 baseline=t.continuations(BASELINE_FILE),
+                show_progress=t.progress,
             )
             skip.insert(skip.columns.get_loc("block") + 1, "layer", skip["block"] + 1)
             t.write(skip, "blocks", part)
@@ -367,6 +373,7 @@ def block_task(task: dict[str, Any]) -> list[str]:
                 generation=gen,
                 stats=stat,
                 clean_continuations=t.continuations(PAIRS_CLEAN_FILE),
+                show_progress=t.progress,
             )
             t.write(patch, "blocks", part)
     return todo
@@ -394,6 +401,7 @@ def steering_task(task: dict[str, Any]) -> bool:
         generation=t.generation(),
         stats=t.stats(),
         baseline=t.continuations(t.steering_baseline_file()),
+        show_progress=t.progress,
     )
     t.write(steer, "blocks", "steering.parquet")
     return True
@@ -429,18 +437,20 @@ def run_causal(ctx: StageContext) -> dict[str, Any]:
         "load_model": ctx.load_model,
         "storage_options": so,
         "all_layers": layers,
+        "show_progress": ctx.progress,
     }
     resources = ctx.runtime.get("causal_resources")
     summary: dict[str, Any] = {"layers": layers, "steering_layer": steer_layer}
-    [setup] = ctx.executor.map(setup_task, [base], resources=resources)
-    summary.update(setup)
     _fs.makedirs(_fs.child(ctx.out_dir, "blocks"), so)
     blocks = [b for b in causal_blocks(layers, ctx.runtime.get("causal_layer_block")) if block_parts(c, b)]
     tasks: list[tuple[Any, dict[str, Any]]] = [(block_task, {**base, "layers": b}) for b in blocks]
     if c.steering:
         tasks.append((steering_task, {**base, "steering_layer": steer_layer}))
     logger.info("causal: %d block task(s) of layers %s, steering %s", len(blocks), blocks, c.steering)
-    ctx.executor.map(_dispatch, tasks, resources=resources)
+    with _task_bar(ctx, 1 + len(tasks)) as bar:  # the setup task, then the blocks and steering
+        [setup] = _map_tasks(ctx, setup_task, [base], resources, bar)
+        summary.update(setup)
+        _map_tasks(ctx, _dispatch, tasks, resources, bar)
     parts: dict[str, list[pd.DataFrame]] = {kind: [] for kind in OUTPUT_FILES}
     for b in blocks:
         for name in block_parts(c, b):
@@ -455,6 +465,31 @@ def run_causal(ctx: StageContext) -> dict[str, Any]:
             table = _sort_patching(table)
         write_table(table, ctx.out_dir, OUTPUT_FILES[kind], so)
     return summary
+
+
+def _task_bar(ctx: StageContext, total: int) -> Any:
+    """The stage's "causal" bar over its tasks (tqdm; disabled without `ctx.progress`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="causal", unit="task", disable=not ctx.progress)
+
+
+def _map_tasks(ctx: StageContext, fn: Any, tasks: list[Any], resources: Any, bar: Any) -> list[Any]:
+    """`ctx.executor.map(fn, tasks)`, advancing `bar` per task.
+
+    The local executor runs tasks one after another anyway, so handing it one task at a time
+    changes nothing but the bar, which then moves as each task ends; another executor gets all
+    tasks at once (its stages run without bars).
+    """
+    if not isinstance(ctx.executor, LocalExecutor):
+        out = ctx.executor.map(fn, tasks, resources=resources)
+        bar.update(len(tasks))
+        return out
+    out = []
+    for task, need in zip(tasks, per_task(resources, len(tasks)), strict=True):
+        out.extend(ctx.executor.map(fn, [task], resources=need))
+        bar.update()
+    return out
 
 
 def _dispatch(item: tuple[Any, dict[str, Any]]) -> Any:

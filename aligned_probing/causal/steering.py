@@ -73,6 +73,7 @@ def steering_sweep(
     stats: StatSettings | None = None,
     baseline: pd.DataFrame | None = None,
     fluency: bool = True,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Toxicity and fluency of continuations steered along `direction` at `layer`, per alpha.
 
@@ -95,6 +96,7 @@ def steering_sweep(
         stats: Attribute, threshold and bootstrap settings.
         baseline: Scored unsteered continuations with the same settings (reused if given).
         fluency: Also report `log_perplexity` (one teacher-forced pass per condition).
+        show_progress: Show a tqdm bar ("causal steering") with one step per (direction, alpha).
 
     Returns:
         Tidy rows with `STEERING_COLUMNS`, one per (direction, alpha, metric): `direction` is
@@ -145,6 +147,8 @@ def steering_sweep(
         baseline=baseline,
         fluency=fluency,
         contrasts=contrasts,
+        show_progress=show_progress,
+        progress_desc="causal steering",
     )
     out["alpha_norm_units"] = out["alpha"] if units == "norm" else out["alpha"] / norm
     out = out.assign(

@@ -88,6 +88,8 @@ def paired_sweep(
     baseline: pd.DataFrame | None = None,
     fluency: bool = True,
     contrasts: Sequence[Contrast] = (),
+    show_progress: bool = False,
+    progress_desc: str = "causal",
 ) -> pd.DataFrame:
     """Generate under every condition and return its paired effects against the baseline.
 
@@ -103,6 +105,9 @@ def paired_sweep(
         fluency: Add a `log_perplexity` row per condition (mean token NLL, nats, of the
             condition's continuations under the unmodified model, per prompt).
         contrasts: Paired condition-vs-condition comparisons appended after the conditions.
+        show_progress: Show a tqdm bar over the sweep's generations: one step per condition (an
+            identity condition steps at once), plus one for the baseline when it is generated here.
+        progress_desc: The bar's label (the runners name themselves, e.g. "causal skipping").
 
     Returns:
         One row per (condition or contrast, metric): the label columns, then `SWEEP_COLUMNS`
@@ -112,32 +117,38 @@ def paired_sweep(
         >>> conds = [Condition({"block": b}, LayerSkip(b)) for b in (0, 3)]  # doctest: +SKIP
         >>> paired_sweep(model, prompts, scorer, conds, generation=gen)  # doctest: +SKIP
     """
+    from tqdm.auto import tqdm
+
     gen = generation or GenerationSettings()
     stat = stats or StatSettings()
     keys = [tuple(c.labels) for c in conditions] + [tuple(c.labels) for c in contrasts]
     if len(set(keys)) > 1:
         raise ValueError(f"every condition and contrast needs the same label keys, got {sorted(set(keys))}.")
     metrics = [*METRICS, "log_perplexity"] if fluency else list(METRICS)
-    base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
-    base_units = _units(model, base, gen, stat, fluency)
-    frames, units = [], []
-    for cond in conditions:
-        wanted = (prompts if cond.prompts is None else cond.prompts)["prompt_id"].astype(str)
-        if cond.intervention is None:
-            table = base_units.loc[base_units.index.intersection(wanted)]
-        else:
-            conts = generate_and_score(
-                model,
-                prompts if cond.prompts is None else cond.prompts,
-                scorer,
-                gen,
-                intervention=cond.intervention,
+    total = len(conditions) + (baseline is None)
+    with tqdm(total=total, desc=progress_desc, unit="condition", disable=not show_progress) as bar:
+        base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
+        bar.update(int(baseline is None))
+        base_units = _units(model, base, gen, stat, fluency)
+        frames, units = [], []
+        for cond in conditions:
+            wanted = (prompts if cond.prompts is None else cond.prompts)["prompt_id"].astype(str)
+            if cond.intervention is None:
+                table = base_units.loc[base_units.index.intersection(wanted)]
+            else:
+                conts = generate_and_score(
+                    model,
+                    prompts if cond.prompts is None else cond.prompts,
+                    scorer,
+                    gen,
+                    intervention=cond.intervention,
+                )
+                table = _units(model, conts, gen, stat, fluency)
+            units.append(table)
+            frames.append(
+                _labelled(compare_units(table, base_units, stat, metrics, sources=cond.sources), cond.labels)
             )
-            table = _units(model, conts, gen, stat, fluency)
-        units.append(table)
-        frames.append(
-            _labelled(compare_units(table, base_units, stat, metrics, sources=cond.sources), cond.labels)
-        )
+            bar.update()
     for con in contrasts:
         frames.append(_labelled(compare_units(units[con.a], units[con.b], stat, metrics), con.labels))
     return pd.concat(frames, ignore_index=True)

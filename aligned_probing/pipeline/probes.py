@@ -43,6 +43,8 @@ def fit_final_probes(
     targets: pd.DataFrame,
     probing: ProbingConfig,
     layers: list[int],
+    *,
+    show_progress: bool = False,
 ) -> dict[tuple[int, str, str], RidgeProbe]:
     """One probe per (layer, scenario, attribute) on every row of the scenario's design.
 
@@ -51,10 +53,13 @@ def fit_final_probes(
         targets: The probe stage's targets (`probe_targets`), one row per continuation.
         probing: The probing section: scenarios, attributes (None: all the targets have), pooling, alphas.
         layers: Residual layers to fit.
+        show_progress: Show a tqdm bar ("probe final fits") with one step per (layer, position design).
 
     Returns:
         Fitted 1-target probes by (layer, scenario, attribute).
     """
+    from tqdm.auto import tqdm
+
     from aligned_probing.probing import RidgeProbe
     from aligned_probing.probing.scenarios import build_designs, check_targets, infer_attributes
 
@@ -62,12 +67,15 @@ def fit_final_probes(
     checked = check_targets(targets, probing.scenarios, attributes)
     designs = build_designs(store.index, checked, scenarios=probing.scenarios, attributes=attributes)
     out: dict[tuple[int, str, str], RidgeProbe] = {}
-    for layer in layers:
-        for design in designs:
-            X = store.layer(layer, design.position, probing.pooling)[design.rows]  # (n_rows, d_model)
-            for j, (scenario, attribute) in enumerate(design.columns):
-                y = pd.Series(design.targets[:, j], name=attribute)
-                out[(layer, scenario, attribute)] = RidgeProbe(alphas=probing.alphas).fit(X, y)
+    total = len(layers) * len(designs)
+    with tqdm(total=total, desc="probe final fits", unit="layer", disable=not show_progress) as bar:
+        for layer in layers:
+            for design in designs:
+                X = store.layer(layer, design.position, probing.pooling)[design.rows]  # (n_rows, d_model)
+                for j, (scenario, attribute) in enumerate(design.columns):
+                    y = pd.Series(design.targets[:, j], name=attribute)
+                    out[(layer, scenario, attribute)] = RidgeProbe(alphas=probing.alphas).fit(X, y)
+                bar.update()
     return out
 
 

@@ -271,7 +271,8 @@ def score_stage(ctx: StageContext) -> dict[str, Any]:
     s = settings_of(ctx.settings, ScoreSettings).scoring
     conts = read_continuations(input_dir(ctx, "generate"), ctx.storage_options)
     scorer = stage_scorer(ctx, s)
-    scores = score_or_raise(scorer, conts["text"].tolist(), batch_size=s.batch_size, what="continuations")
+    texts, show = conts["text"].tolist(), ctx.progress
+    scores = score_or_raise(scorer, texts, batch_size=s.batch_size, what="continuations", show_progress=show)
     keys = conts[["model", "template", "prompt_id", "continuation_idx"]].reset_index(drop=True)
     table = pd.concat([keys, scores[list(scorer.attributes)].reset_index(drop=True)], axis=1)
     write_table(table, ctx.out_dir, "scores.parquet", ctx.storage_options)
@@ -341,6 +342,7 @@ def probe_block(task: dict[str, Any]) -> int:
     p: ProbingConfig = task["probing"]
     store = ActivationStore.open(task["store"], storage_options=options)
     targets = _fs.read_parquet(task["targets"], options)
+    show = bool(task.get("show_progress", False))  # bars over the layers' fits (the local executor)
     table = run_probing(
         store,
         targets,
@@ -353,10 +355,11 @@ def probe_block(task: dict[str, Any]) -> int:
         pooling=p.pooling,
         alphas=p.alphas,
         layers=task["layers"],
+        show_progress=show,
     )
     # The block's probes fitted on every row (notebooks, the causal stage), saved before its table,
     # whose presence marks the block complete.
-    probes = fit_final_probes(store, targets, p, task["layers"])
+    probes = fit_final_probes(store, targets, p, task["layers"], show_progress=show)
     save_final_probes(probes, store, p.pooling, task["stage_dir"], options)
     _fs.write_parquet_atomic(table, out, options)
     return len(table)
@@ -391,6 +394,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
             "out": str(_fs.child(ctx.out_dir, "blocks", f"layers-{block[0]:03d}-{block[-1]:03d}.parquet")),
             "stage_dir": ctx.out_dir,
             "storage_options": so,
+            "show_progress": ctx.progress,
         }
         for block in layer_blocks(n_layers, ctx.runtime.get("probe_layer_block"))
     ]

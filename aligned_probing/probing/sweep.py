@@ -107,6 +107,7 @@ def run_probing(
     backend: str = "numpy",
     layer_batch: int = 8,
     device: str | None = None,
+    show_progress: bool = False,
 ) -> pd.DataFrame:
     """Probe every layer for every scenario and attribute with prompt-grouped K-fold CV over seeds.
 
@@ -144,6 +145,8 @@ def run_probing(
         backend: "numpy" or "torch" (same table to rounding; torch fits `layer_batch` layers at once).
         layer_batch: Layers per batched fit with `backend="torch"` (memory: layer_batch x n x d floats).
         device: torch device; None = "cuda" when available, else "cpu".
+        show_progress: Show a tqdm bar ("probe") with one step per (position design, layer batch):
+            every fold, seed and control fit of those layers.
 
     Returns:
         Tidy DataFrame, one row per (scenario, attribute, layer, fold, seed), columns `RESULT_COLUMNS`
@@ -205,7 +208,11 @@ def run_probing(
     if not isinstance(layer_batch, int | np.integer) or layer_batch < 1:
         raise ValueError(f"layer_batch must be an int >= 1, got {layer_batch!r}.")
     batch = int(layer_batch) if backend == "torch" else 1
+    from tqdm.auto import tqdm
+
     keyed: list[tuple[tuple[int, int, int, int], list[dict[str, Any]]]] = []
+    n_steps, unit = len(designs) * len(list(_chunks(layers, batch))), "layer" if batch == 1 else "batch"
+    bar = tqdm(total=n_steps, desc="probe", unit=unit, disable=not show_progress)
     for di, (d, code, ctrl) in enumerate(zip(designs, codes, controls, strict=True)):
         for chunk in _chunks(layers, batch):
             Xc = np.stack([_read_layer(store, layer, d, pooling, len(index)) for layer in chunk])  # (B, n, p)
@@ -228,6 +235,8 @@ def run_probing(
                     device,
                 )
             )
+            bar.update()
+    bar.close()
     keyed.sort(key=lambda item: item[0])  # the table's order: layer, position, seed, fold
     records = [row for _, rows in keyed for row in rows]
     df = pd.DataFrame.from_records(records)

@@ -149,7 +149,9 @@ class ScoringFailedError(RuntimeError):
     """
 
 
-def score_or_raise(scorer: Scorer, texts: Sequence[str], *, batch_size: int, what: str = "texts") -> pd.DataFrame:
+def score_or_raise(
+    scorer: Scorer, texts: Sequence[str], *, batch_size: int, what: str = "texts", show_progress: bool = False
+) -> pd.DataFrame:
     """Score `texts` in batches; raise `ScoringFailedError` if any text got no score.
 
     A failed text (NaN, with its reason in the batch's `attrs["errors"]`) never passes as a
@@ -161,17 +163,22 @@ def score_or_raise(scorer: Scorer, texts: Sequence[str], *, batch_size: int, wha
         texts: Texts to score.
         batch_size: Texts per `scorer.score` call.
         what: What the texts are, for the message ("continuations", "prompts").
+        show_progress: Show a tqdm bar ("score {what}") over the texts, one update per batch.
 
     Returns:
         One row per text, one column per attribute, no NaN.
     """
+    from tqdm.auto import tqdm
+
     cols = list(scorer.attributes)
     parts: list[pd.DataFrame] = []
     errors: dict[int, str] = {}
-    for start in range(0, len(texts), batch_size):
-        frame = scorer.score(list(texts[start : start + batch_size]))
-        parts.append(frame[cols].reset_index(drop=True))
-        errors.update({start + int(i): str(msg) for i, msg in frame.attrs.get("errors", {}).items()})
+    with tqdm(total=len(texts), desc=f"score {what}", unit="text", disable=not show_progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            frame = scorer.score(list(texts[start : start + batch_size]))
+            parts.append(frame[cols].reset_index(drop=True))
+            errors.update({start + int(i): str(msg) for i, msg in frame.attrs.get("errors", {}).items()})
+            bar.update(len(texts[start : start + batch_size]))
     scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols, dtype=float)
     for i in np.flatnonzero(scores[cols].isna().any(axis=1).to_numpy()):
         errors.setdefault(int(i), "the scorer returned NaN without a reason")
