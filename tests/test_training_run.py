@@ -96,6 +96,14 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     # The classifier baseline ranked by the scorer; probe-DPO by the probe.
     assert (pd.read_parquet(out / "classifier_dpo" / "pairs.parquet")["ranking"] == "toxicity").all()
     assert (pd.read_parquet(out / "probe_dpo" / "pairs.parquet")["ranking"] == "probe_score").all()
+    # DPO pairs carry exactly the generated ids (and prompt ids) of the chosen and rejected rows.
+    samples = pd.read_parquet(out / "base" / "train_samples.parquet").set_index(["prompt_id", "continuation_idx"])
+    for pair in pd.read_parquet(out / "classifier_dpo" / "pairs.parquet").itertuples():
+        for side in ("chosen", "rejected"):
+            row = samples.loc[(pair.prompt_id, getattr(pair, f"{side}_idx"))]
+            assert list(getattr(pair, f"{side}_token_ids")) == list(row["token_ids"])
+            assert getattr(pair, f"{side}_stopped_at_eos") == row["stopped_at_eos"]
+        assert list(pair.prompt_token_ids) == list(row["prompt_token_ids"])
     # Fine-tuned models and intermediate adapters, loadable, never pickled.
     for arm in ("probe_dpo", "probe_sft"):
         for seed in (0, 1):

@@ -164,7 +164,7 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
         bf16=cfg.model.device != "cpu" and cfg.model.dtype == "bfloat16",
         fp16=cfg.model.device != "cpu" and cfg.model.dtype == "float16",
     )
-    table = train.table
+    table = train.table.assign(prompt_token_ids=[list(map(int, p)) for p in train.prompt_ids])
     if arm == "probe_sft":
         texts = sft_texts(train, t.sft_continuations_per_prompt)
         args = ProbeSFTConfig(probe_lambda=t.probe_lambda, **common)
