@@ -50,9 +50,14 @@ def tiny_config(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow  # end to end: four generations, three trainings, ~1-2 min on a free CPU
-def test_run_finetune_all_arms(tiny_config, monkeypatch):
+def test_run_finetune_all_arms(tiny_config, monkeypatch, capsys):
     monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
-    results = run_module.run_finetune(tiny_config)
+    capsys.readouterr()
+    results = run_module.run_finetune(tiny_config, progress=True)
+    # Bars with totals: the base model and 3 arms x 2 seeds; generation; each arm's optimizer step.
+    err = capsys.readouterr().err
+    assert "finetune" in err and "7/7" in err and "generate" in err and "perplexity" in err
+    assert "1/1" in err  # a Trainer's bar over max_steps = 1
     out = run_module.Path(tiny_config["output_dir"])
     assert set(results["arm"]) == {"base", "probe_dpo", "classifier_dpo", "probe_sft"}
     assert set(results.loc[results["arm"] != "base", "seed"]) == {0, 1}
@@ -97,7 +102,8 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     assert (pd.read_parquet(out / "classifier_dpo" / "pairs.parquet")["ranking"] == "toxicity").all()
     assert (pd.read_parquet(out / "probe_dpo" / "pairs.parquet")["ranking"] == "probe_score").all()
     # DPO pairs carry exactly the generated ids (and prompt ids) of the chosen and rejected rows.
-    samples = pd.read_parquet(out / "base" / "train_samples.parquet").set_index(["prompt_id", "continuation_idx"])
+    samples = pd.read_parquet(out / "base" / "train_samples.parquet")
+    samples = samples.set_index(["prompt_id", "continuation_idx"])
     for pair in pd.read_parquet(out / "classifier_dpo" / "pairs.parquet").itertuples():
         for side in ("chosen", "rejected"):
             row = samples.loc[(pair.prompt_id, getattr(pair, f"{side}_idx"))]

@@ -84,6 +84,7 @@ def label_continuations(
     threshold: float = 0.5,
     batch_size: int = 16,
     max_new_tokens: int = 20,
+    progress: bool = False,
 ) -> LabelledSamples:
     """Score continuations, label them and pool their activations at `layer` in `model`.
 
@@ -97,6 +98,7 @@ def label_continuations(
         threshold: Toxicity at or above which a continuation is labelled toxic (the paper: 0.5).
         batch_size: Sequences per forward pass.
         max_new_tokens: The generation budget, so prompts are rendered as they were for generation.
+        progress: Show a tqdm bar over the activation batches.
 
     Returns:
         The labelled samples.
@@ -121,7 +123,7 @@ def label_continuations(
     )
     acts = pooled_response_activations(
         model.hf_model, prompt_ids, [list(t) for t in table["token_ids"]], layer,
-        pad_token_id=model.pad_token_id, batch_size=batch_size,
+        pad_token_id=model.pad_token_id, batch_size=batch_size, progress=progress,
     )
     return LabelledSamples(table, acts, layer, prompt_ids)
 

@@ -130,7 +130,7 @@ class TokenDPOTrainer(DPOTrainer):
     a prompt that fills `max_length` alone leaves no completion token, so the example is dropped).
     """
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: D102
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:  # noqa: D102
         if not set(_TOKEN_KEYS) <= set(dataset.column_names or []):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if args.max_length is not None and args.truncation_mode == "keep_start":
@@ -164,7 +164,7 @@ def dpo_trainer(
     if len(pairs) == 0:
         raise ValueError("pairs is empty: every prompt's continuations tied; sample more continuations.")
     if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no EOS token; DPO needs one for continuations that stopped at EOS.")
+        raise ValueError("The tokenizer has no EOS token; DPO needs it for continuations that stopped.")
     dataset = Dataset.from_list(preference_examples(pairs, eos_token_id=int(tokenizer.eos_token_id)))
     return TokenDPOTrainer(
         model=model,
