@@ -138,15 +138,61 @@ def test_rejected_configs_write_nothing(tiny_config, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_offline_hub_name_fails_fast_and_writes_nothing(tiny_config, monkeypatch):
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "unreachable"])
+def test_uncached_hub_name_fails_at_once_and_writes_nothing(tiny_config, monkeypatch, tmp_path, env):
+    """A hub name absent from the cache, with no hub: one actionable error before anything is written."""
+    import time
+
     from aligned_probing.models.hub import HubUnavailableError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
     cfg = {**tiny_config, "model": {"spec": "some-org/not-cached-model"}}
-    with pytest.raises(HubUnavailableError, match="Pass a local path instead"):
+    start = time.perf_counter()
+    with pytest.raises(HubUnavailableError) as info:
         run_module.run_finetune(cfg)
-    assert not run_module.Path(tiny_config["output_dir"]).exists()
+    assert time.perf_counter() - start < 20, "it must not retry the hub for minutes"
+    message = " ".join(str(info.value).split())
+    assert "'some-org/not-cached-model'" in message  # names the model
+    assert "not in the local Hugging Face cache" in message  # says why
+    assert "hf download some-org/not-cached-model" in message  # and both fixes
+    assert "Pass a local path instead (a Hugging Face directory with config.json" in message
+    assert ("HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "unreachable") in message
+    out = run_module.Path(tiny_config["output_dir"])
+    assert not out.exists() and not (out / "config.json").exists()
+
+
+def test_cached_hub_name_is_trained_from_the_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """A hub name in the local cache: load_model and the trainer both read it there, with the hub off."""
+    import shutil
+    import time
+
+    from aligned_probing.training.finetuned import load_trainable
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someorg--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    # An unreachable hub: any request (e.g. for a PEFT adapter_config.json) would retry for ~23 s.
+    monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    cfg = run_module.load_finetune_config({"model": {"spec": "someorg/tiny-llama"}, "probes": {"layer": 1}})
+    start = time.perf_counter()
+    base = load_model(cfg.model.spec)
+    source = run_module._trainable_source(base, cfg, tmp_path / "run")
+    assert str(source) == "someorg/tiny-llama" and run_module._hub_offline()
+    model, _ = load_trainable(source, local_files_only=True)
+    assert model.config.num_hidden_layers == 3
+    assert time.perf_counter() - start < 15, "a cached model must load without asking the hub"
+    assert not (tmp_path / "run").exists()
 
 
 def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
