@@ -117,6 +117,9 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch, capsys):
             assert (checkpoint / "adapter_model.safetensors").exists()
         assert load_model(out / arm / "seed1" / "merged").n_layers == 3
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
+    # A notebook reloads this finished run instead of re-training.
+    reloaded = run_module.completed_results(tiny_config)
+    assert reloaded is not None and len(reloaded) == len(results)
 
 
 def test_rejected_configs_write_nothing(tiny_config, tmp_path, monkeypatch):
@@ -205,3 +208,22 @@ def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
     with pytest.raises(OSError, match="cached files"):
         load_trainable("some-org/not-cached-model", local_files_only=True)
     assert time.perf_counter() - start < 10
+
+
+def test_completed_results_reuses_only_runs_of_this_config_and_code_version(tmp_path):
+    """A finished run is reused only for the same config and FINETUNE_VERSION (older DPO runs recompute)."""
+    cfg = run_module.load_finetune_config({"output_dir": str(tmp_path / "run"), "probes": {"layer": 1}})
+    out = tmp_path / "run"
+    out.mkdir()
+    results = pd.DataFrame({"arm": ["base"], "seed": [-1], "metric": ["emt"], "value": [0.5]})
+    results.to_parquet(out / "results.parquet", index=False)
+    (out / "results_wide.csv").write_text("arm\n")
+    (out / "config.json").write_text(json.dumps(cfg.model_dump()))
+    assert run_module.completed_results(cfg) is None  # no resolved.json: a run from before versions
+    (out / "resolved.json").write_text(json.dumps({"layer": 1, "finetune_version": 1}))
+    assert run_module.completed_results(cfg) is None  # text-based DPO pairs
+    version = run_module.FINETUNE_VERSION
+    (out / "resolved.json").write_text(json.dumps({"layer": 1, "finetune_version": version}))
+    pd.testing.assert_frame_equal(run_module.completed_results(cfg), results)
+    other = run_module.load_finetune_config({"output_dir": str(out), "probes": {"layer": 2}})
+    assert run_module.completed_results(other) is None

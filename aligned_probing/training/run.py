@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("frozen", "ensemble", "heldout", "retrained")
+# Bumped when what a run computes changes, so `completed_results` does not reuse older runs.
+# 2: DPO trains on the generated token ids (EOS only where generation stopped), not re-tokenized text.
+FINETUNE_VERSION = 2
 
 
 def get_training_scorer(scorer: Any) -> Scorer:
@@ -333,12 +336,16 @@ def results_wide(results: pd.DataFrame) -> pd.DataFrame:
 def completed_results(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame | None:
     """The tidy results of a finished run of exactly this config in its `output_dir`, else None.
 
-    A run counts as finished when `results_wide.csv` exists (written last) and the saved
-    `config.json` equals this config, so a notebook can load instead of re-training.
+    A run counts as finished when `results_wide.csv` exists (written last), the saved
+    `config.json` equals this config and `resolved.json` records this code's `FINETUNE_VERSION`,
+    so a notebook can load instead of re-training.
     """
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config)
     out = Path(cfg.output_dir)
-    if not (out / "results_wide.csv").exists() or not (out / "config.json").exists():
+    needed = ("results_wide.csv", "config.json", "resolved.json")
+    if not all((out / name).exists() for name in needed):
+        return None
+    if json.loads((out / "resolved.json").read_text()).get("finetune_version") != FINETUNE_VERSION:
         return None
     saved = json.loads((out / "config.json").read_text())
     if saved != json.loads(json.dumps(cfg.model_dump())):
@@ -396,8 +403,9 @@ def run_finetune(config: str | Path | dict | FinetuneConfig, *, progress: bool =
     out = Path(cfg.output_dir)
     (out / "base").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    (out / "resolved.json").write_text(json.dumps({"layer": layer, "n_layers": base.n_layers,
-                                                   "model": base.name, "revision": base.revision}, indent=2))
+    resolved = {"layer": layer, "n_layers": base.n_layers, "model": base.name, "revision": base.revision,
+                "finetune_version": FINETUNE_VERSION}
+    (out / "resolved.json").write_text(json.dumps(resolved, indent=2))
     n_models = 1 + len(cfg.training.arms) * len(cfg.training.seeds)
     bar = tqdm(total=n_models, desc="finetune", unit="model", disable=not progress)
     bar.set_postfix_str("base: sample training pairs")
