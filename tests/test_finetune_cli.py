@@ -25,7 +25,9 @@ def calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--progress"], True), (["--no-progress"], False)])
+@pytest.mark.parametrize(
+    ("flags", "expected"), [([], True), (["--progress"], True), (["--no-progress"], False)]
+)
 def test_progress_flag_reaches_run_finetune(calls, tmp_path, flags, expected):
     config = tmp_path / "ft.toml"
     config.write_text("[probes]\nlayer = 1\n")

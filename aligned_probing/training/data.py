@@ -43,6 +43,10 @@ class LabelledSamples:
     layer: int
     prompt_ids: list[list[int]]
 
+    def table_with_prompt_ids(self) -> pd.DataFrame:
+        """`table` plus `prompt_token_ids` (each row's rendered prompt ids), what the trainers read."""
+        return self.table.assign(prompt_token_ids=[list(map(int, p)) for p in self.prompt_ids])
+
     def subset(self, mask: np.ndarray) -> LabelledSamples:
         """Rows where boolean `mask` is True."""
         mask = np.asarray(mask, dtype=bool)

@@ -122,7 +122,7 @@ def fit_run_probes(train: LabelledSamples, cfg: FinetuneConfig, meta: dict[str, 
 
 def sft_texts(train: LabelledSamples, per_prompt: int) -> pd.DataFrame:
     """The SFT training rows: prompt ids and generated ids of the first `per_prompt` continuations."""
-    table = train.table.assign(prompt_token_ids=[list(map(int, p)) for p in train.prompt_ids])
+    table = train.table_with_prompt_ids()
     keep = table["continuation_idx"] < per_prompt
     return table.loc[keep, ["prompt_id", "prompt_token_ids", "token_ids"]].reset_index(drop=True)
 
@@ -180,7 +180,7 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
     callbacks = [log] + ([AdapterCheckpointCallback(seed_dir / "checkpoints", t.checkpoint_every, tokenizer)]
                          if t.checkpoint_every else [])
     common = training_arguments(cfg, seed_dir, seed, progress=progress)
-    table = train.table.assign(prompt_token_ids=[list(map(int, p)) for p in train.prompt_ids])
+    table = train.table_with_prompt_ids()
     if arm == "probe_sft":
         texts = sft_texts(train, t.sft_continuations_per_prompt)
         args = ProbeSFTConfig(probe_lambda=t.probe_lambda, **common)
