@@ -74,3 +74,25 @@ def test_activation_and_perplexity_bars_count_batches(tiny_llama_dir, capsys):
     assert shown_ppl == perplexity(model, tok, texts, batch_size=4)
     err = capsys.readouterr().err
     assert "perplexity" in err and "2/2" in err
+
+
+def test_uncached_hub_name_is_one_actionable_line_and_exit_code_3(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from aligned_probing.training import run as run_module
+
+    class _Scorer:
+        def score(self, texts):
+            return pd.DataFrame({"toxicity": [0.5] * len(texts)})
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _Scorer())
+    config = tmp_path / "ft.toml"
+    config.write_text(f'output_dir = "{tmp_path / "out"}"\n[model]\nspec = "some-org/not-cached"\n'
+                      "[probes]\nlayer = 1\n")
+    assert main(["finetune", str(config), "--no-progress"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'some-org/not-cached'" in err and "not in the local Hugging Face cache" in err
+    assert "hf download some-org/not-cached" in err and "Pass a local path instead" in err
+    assert not (tmp_path / "out").exists()

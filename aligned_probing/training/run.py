@@ -8,7 +8,7 @@ Layout of `output_dir`:
     {arm}/seed{s}/eval_samples.parquet, base/{train,eval}_samples.parquet
                         continuations with scores, labels and token ids (prompt and response), so
                         activations can be re-read later through any checkpoint (`trajectory.py`)
-    {arm}/pairs.parquet DPO pairs (DPO arms; the same for every seed)
+    {arm}/pairs.parquet DPO pairs with their token ids (DPO arms; the same for every seed)
     results.parquet     tidy rows: arm, seed, metric, value, ci_low, ci_high, n
     comparisons.parquet paired differences between arms (same eval prompts and seeds), with CIs
     results_wide.csv    the paper-style table (one row per arm, means over seeds)
