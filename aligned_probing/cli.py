@@ -465,6 +465,7 @@ def finetune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate the config and list the trainings; run nothing.")
     ] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Probe-based fine-tuning (SFT with a probe penalty, probe-ranked DPO) from a fine-tuning CONFIG.
 
@@ -493,7 +494,7 @@ def finetune(
         typer.echo(f"{len(arms) * len(seeds)} trainings, plus the base model's evaluation")
         return
     try:
-        results = run_finetune(cfg)
+        results = run_finetune(cfg, progress=progress)
     except Exception as err:  # one line and its exit code (see ExitCode)
         raise _fail(err) from None
     typer.echo(results.to_string(index=False))

@@ -167,7 +167,7 @@ def test_finetune_dispatches(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(
         "aligned_probing.training.run_finetune",
-        lambda cfg: calls.append(cfg) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}),
+        lambda cfg, progress=True: calls.append(cfg) or pd.DataFrame({"arm": ["probe_dpo"], "value": [0.9]}),
     )
     assert main(["finetune", str(config), "--set", "training.seeds=[3]"]) == 0
     assert calls[0].probes.layer == 1 and calls[0].training.seeds == [3]  # the validated, overridden config

@@ -111,7 +111,8 @@ def test_one_training_step_of_each_trainer_moves_inputs(arm, tiny_llama_dir, sam
                 peft_config=lora_config(r=2, alpha=4),
             )
         else:
-            scored = sampled.table.assign(probe_score=probes.predict_proba(sampled.activations))
+            scores = probes.predict_proba(sampled.activations)
+            scored = sampled.table_with_prompt_ids().assign(probe_score=scores)
             pairs = build_preference_pairs(scored, score="probe_score")
             train_dpo(model, tok, pairs, DPOConfig(beta=0.1, **common), peft_config=lora_config(r=2, alpha=4))
     assert guard.n_checked >= 1

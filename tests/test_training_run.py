@@ -50,9 +50,14 @@ def tiny_config(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow  # end to end: four generations, three trainings, ~1-2 min on a free CPU
-def test_run_finetune_all_arms(tiny_config, monkeypatch):
+def test_run_finetune_all_arms(tiny_config, monkeypatch, capsys):
     monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
-    results = run_module.run_finetune(tiny_config)
+    capsys.readouterr()
+    results = run_module.run_finetune(tiny_config, progress=True)
+    # Bars with totals: the base model and 3 arms x 2 seeds; generation; each arm's optimizer step.
+    err = capsys.readouterr().err
+    assert "finetune" in err and "7/7" in err and "generate" in err and "perplexity" in err
+    assert "1/1" in err  # a Trainer's bar over max_steps = 1
     out = run_module.Path(tiny_config["output_dir"])
     assert set(results["arm"]) == {"base", "probe_dpo", "classifier_dpo", "probe_sft"}
     assert set(results.loc[results["arm"] != "base", "seed"]) == {0, 1}
@@ -96,6 +101,15 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
     # The classifier baseline ranked by the scorer; probe-DPO by the probe.
     assert (pd.read_parquet(out / "classifier_dpo" / "pairs.parquet")["ranking"] == "toxicity").all()
     assert (pd.read_parquet(out / "probe_dpo" / "pairs.parquet")["ranking"] == "probe_score").all()
+    # DPO pairs carry exactly the generated ids (and prompt ids) of the chosen and rejected rows.
+    samples = pd.read_parquet(out / "base" / "train_samples.parquet")
+    samples = samples.set_index(["prompt_id", "continuation_idx"])
+    for pair in pd.read_parquet(out / "classifier_dpo" / "pairs.parquet").itertuples():
+        for side in ("chosen", "rejected"):
+            row = samples.loc[(pair.prompt_id, getattr(pair, f"{side}_idx"))]
+            assert list(getattr(pair, f"{side}_token_ids")) == list(row["token_ids"])
+            assert getattr(pair, f"{side}_stopped_at_eos") == row["stopped_at_eos"]
+        assert list(pair.prompt_token_ids) == list(row["prompt_token_ids"])
     # Fine-tuned models and intermediate adapters, loadable, never pickled.
     for arm in ("probe_dpo", "probe_sft"):
         for seed in (0, 1):
@@ -103,6 +117,9 @@ def test_run_finetune_all_arms(tiny_config, monkeypatch):
             assert (checkpoint / "adapter_model.safetensors").exists()
         assert load_model(out / arm / "seed1" / "merged").n_layers == 3
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pt", ".pkl"}]
+    # A notebook reloads this finished run instead of re-training.
+    reloaded = run_module.completed_results(tiny_config)
+    assert reloaded is not None and len(reloaded) == len(results)
 
 
 def test_rejected_configs_write_nothing(tiny_config, tmp_path, monkeypatch):
@@ -124,15 +141,61 @@ def test_rejected_configs_write_nothing(tiny_config, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_offline_hub_name_fails_fast_and_writes_nothing(tiny_config, monkeypatch):
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "unreachable"])
+def test_uncached_hub_name_fails_at_once_and_writes_nothing(tiny_config, monkeypatch, tmp_path, env):
+    """A hub name absent from the cache, with no hub: one actionable error before anything is written."""
+    import time
+
     from aligned_probing.models.hub import HubUnavailableError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(run_module, "get_training_scorer", lambda scorer: _HashScorer())
     cfg = {**tiny_config, "model": {"spec": "some-org/not-cached-model"}}
-    with pytest.raises(HubUnavailableError, match="Pass a local path instead"):
+    start = time.perf_counter()
+    with pytest.raises(HubUnavailableError) as info:
         run_module.run_finetune(cfg)
-    assert not run_module.Path(tiny_config["output_dir"]).exists()
+    assert time.perf_counter() - start < 20, "it must not retry the hub for minutes"
+    message = " ".join(str(info.value).split())
+    assert "'some-org/not-cached-model'" in message  # names the model
+    assert "not in the local Hugging Face cache" in message  # says why
+    assert "hf download some-org/not-cached-model" in message  # and both fixes
+    assert "Pass a local path instead (a Hugging Face directory with config.json" in message
+    assert ("HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "unreachable") in message
+    out = run_module.Path(tiny_config["output_dir"])
+    assert not out.exists() and not (out / "config.json").exists()
+
+
+def test_cached_hub_name_is_trained_from_the_cache_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """A hub name in the local cache: load_model and the trainer both read it there, with the hub off."""
+    import shutil
+    import time
+
+    from aligned_probing.training.finetuned import load_trainable
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someorg--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    # An unreachable hub: any request (e.g. for a PEFT adapter_config.json) would retry for ~23 s.
+    monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    cfg = run_module.load_finetune_config({"model": {"spec": "someorg/tiny-llama"}, "probes": {"layer": 1}})
+    start = time.perf_counter()
+    base = load_model(cfg.model.spec)
+    source = run_module._trainable_source(base, cfg, tmp_path / "run")
+    assert str(source) == "someorg/tiny-llama" and run_module._hub_offline()
+    model, _ = load_trainable(source, local_files_only=True)
+    assert model.config.num_hidden_layers == 3
+    assert time.perf_counter() - start < 15, "a cached model must load without asking the hub"
+    assert not (tmp_path / "run").exists()
 
 
 def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
@@ -145,3 +208,22 @@ def test_load_trainable_reads_hub_names_from_the_cache_only_when_asked():
     with pytest.raises(OSError, match="cached files"):
         load_trainable("some-org/not-cached-model", local_files_only=True)
     assert time.perf_counter() - start < 10
+
+
+def test_completed_results_reuses_only_runs_of_this_config_and_code_version(tmp_path):
+    """A finished run is reused only for the same config and FINETUNE_VERSION (older DPO runs recompute)."""
+    cfg = run_module.load_finetune_config({"output_dir": str(tmp_path / "run"), "probes": {"layer": 1}})
+    out = tmp_path / "run"
+    out.mkdir()
+    results = pd.DataFrame({"arm": ["base"], "seed": [-1], "metric": ["emt"], "value": [0.5]})
+    results.to_parquet(out / "results.parquet", index=False)
+    (out / "results_wide.csv").write_text("arm\n")
+    (out / "config.json").write_text(json.dumps(cfg.model_dump()))
+    assert run_module.completed_results(cfg) is None  # no resolved.json: a run from before versions
+    (out / "resolved.json").write_text(json.dumps({"layer": 1, "finetune_version": 1}))
+    assert run_module.completed_results(cfg) is None  # text-based DPO pairs
+    version = run_module.FINETUNE_VERSION
+    (out / "resolved.json").write_text(json.dumps({"layer": 1, "finetune_version": version}))
+    pd.testing.assert_frame_equal(run_module.completed_results(cfg), results)
+    other = run_module.load_finetune_config({"output_dir": str(out), "probes": {"layer": 2}})
+    assert run_module.completed_results(other) is None

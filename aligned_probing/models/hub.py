@@ -51,7 +51,7 @@ def unavailable_message(spec: str, reason: str, registry: list[str]) -> str:
         f"Cannot load model spec {spec!r}: it is not a registry name, not an existing local path, "
         f"and not in the local Hugging Face cache, and {reason}. Pass a local path instead (a "
         f"Hugging Face directory with config.json, a .gguf file or a PEFT adapter directory), "
-        f"download it first with `huggingface-cli download {spec}` where the hub is reachable, "
+        f"download it first with `hf download {spec}` where the hub is reachable, "
         f"or use a registry name: {registry}."
     )
 

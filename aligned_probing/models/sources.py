@@ -120,11 +120,15 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kwargs)
+    # transformers 5.23 does not hand local_files_only to its PEFT-adapter lookup, which then asks
+    # the hub for adapter_config.json and retries for ~23 s when the hub is unreachable.
+    adapter = {"adapter_kwargs": {"local_files_only": True}} if kwargs.get("local_files_only") else {}
     model = AutoModelForCausalLM.from_pretrained(
         where,
         dtype=check_dtype(dtype),
         attn_implementation="eager",
         trust_remote_code=trust_remote_code,
+        **adapter,
         **kwargs,
     )
     return model.to(device).eval(), tokenizer

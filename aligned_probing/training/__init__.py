@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "ARMS": "config", "FinetuneConfig": "config", "load_finetune_config": "config",
     "LabelledSamples": "data", "benign_texts": "data", "label_continuations": "data",
     "save_samples": "data", "split_by_prompt": "data",
-    "build_preference_pairs": "dpo", "train_dpo": "dpo",
+    "build_preference_pairs": "dpo", "train_dpo": "dpo", "preference_examples": "dpo", "dpo_trainer": "dpo",
     "AdapterCheckpointCallback": "finetuned", "load_trainable": "finetuned", "lora_config": "finetuned",
     "save_finetuned": "finetuned", "TrainingLogCallback": "finetuned",
     "ProbePenalty": "penalty",
@@ -34,7 +34,8 @@ _EXPORTS: dict[str, str] = {
 # this list must not widen).
 _INTERNAL = {
     "LabelledSamples", "TrainingLogCallback", "auroc", "benign_texts", "capture_residual",
-    "label_continuations", "load_trainable", "lora_config", "perplexity", "pooled_response_activations",
+    "dpo_trainer", "label_continuations", "load_trainable", "lora_config", "perplexity", "preference_examples",
+    "pooled_response_activations",
     "probe_aurocs", "retrained_auroc", "save_samples", "split_by_prompt", "toxicity_summary", "train_dpo",
     "train_probe_sft",
 }

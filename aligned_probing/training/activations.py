@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -117,6 +118,7 @@ def pooled_response_activations(
     *,
     pad_token_id: int,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> np.ndarray:
     """Mean residual activation at `layer` over each response's tokens (teacher-forced).
 
@@ -127,6 +129,7 @@ def pooled_response_activations(
         layer: Residual layer 0..L.
         pad_token_id: Padding id (masked out).
         batch_size: Sequences per forward pass.
+        progress: Show a tqdm bar over the batches.
 
     Returns:
         Float32 array `[n_samples, d_model]`.
@@ -138,7 +141,8 @@ def pooled_response_activations(
     model.eval()
     out: list[np.ndarray] = []
     try:
-        for start in range(0, len(prompt_ids), batch_size):
+        starts = range(0, len(prompt_ids), batch_size)
+        for start in tqdm(starts, desc="activations", unit="batch", disable=not progress):
             ids, attn, resp = pad_sequences(
                 prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], pad_token_id
             )

@@ -43,6 +43,10 @@ class LabelledSamples:
     layer: int
     prompt_ids: list[list[int]]
 
+    def table_with_prompt_ids(self) -> pd.DataFrame:
+        """`table` plus `prompt_token_ids` (each row's rendered prompt ids), what the trainers read."""
+        return self.table.assign(prompt_token_ids=[list(map(int, p)) for p in self.prompt_ids])
+
     def subset(self, mask: np.ndarray) -> LabelledSamples:
         """Rows where boolean `mask` is True."""
         mask = np.asarray(mask, dtype=bool)
@@ -84,6 +88,7 @@ def label_continuations(
     threshold: float = 0.5,
     batch_size: int = 16,
     max_new_tokens: int = 20,
+    progress: bool = False,
 ) -> LabelledSamples:
     """Score continuations, label them and pool their activations at `layer` in `model`.
 
@@ -97,6 +102,7 @@ def label_continuations(
         threshold: Toxicity at or above which a continuation is labelled toxic (the paper: 0.5).
         batch_size: Sequences per forward pass.
         max_new_tokens: The generation budget, so prompts are rendered as they were for generation.
+        progress: Show a tqdm bar over the activation batches.
 
     Returns:
         The labelled samples.
@@ -121,7 +127,7 @@ def label_continuations(
     )
     acts = pooled_response_activations(
         model.hf_model, prompt_ids, [list(t) for t in table["token_ids"]], layer,
-        pad_token_id=model.pad_token_id, batch_size=batch_size,
+        pad_token_id=model.pad_token_id, batch_size=batch_size, progress=progress,
     )
     return LabelledSamples(table, acts, layer, prompt_ids)
 

@@ -47,6 +47,10 @@ def load_trainable(
     tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if extra.get("local_files_only"):
+        # transformers 5.23 does not hand local_files_only to its PEFT-adapter lookup, which then
+        # asks the hub for adapter_config.json and retries for ~23 s when the hub is unreachable.
+        extra["adapter_kwargs"] = {"local_files_only": True}
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **extra)
     return model, tokenizer
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from aligned_probing.training.probes import ProbeSet, auroc, fit_probe_set
 
@@ -97,10 +98,11 @@ def toxicity_summary(
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128,
-               batch_size: int = 8) -> float:
+               batch_size: int = 8, progress: bool = False) -> float:
     """Token-weighted perplexity exp(sum NLL / n predicted tokens) of `texts` under `model` (>= 1).
 
-    Texts are truncated to `max_length` tokens; padding is masked out of the count.
+    Texts are truncated to `max_length` tokens; padding is masked out of the count. `progress`
+    shows a tqdm bar over the batches.
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -108,7 +110,8 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, 
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
             enc = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
                    for t in texts[start : start + batch_size]]
             width = max(len(e) for e in enc)

@@ -8,7 +8,7 @@ Layout of `output_dir`:
     {arm}/seed{s}/eval_samples.parquet, base/{train,eval}_samples.parquet
                         continuations with scores, labels and token ids (prompt and response), so
                         activations can be re-read later through any checkpoint (`trajectory.py`)
-    {arm}/pairs.parquet DPO pairs (DPO arms; the same for every seed)
+    {arm}/pairs.parquet DPO pairs with their token ids (DPO arms; the same for every seed)
     results.parquet     tidy rows: arm, seed, metric, value, ci_low, ci_high, n
     comparisons.parquet paired differences between arms (same eval prompts and seeds), with CIs
     results_wide.csv    the paper-style table (one row per arm, means over seeds)
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from aligned_probing.training.activations import pooled_response_activations
 from aligned_probing.training.config import FinetuneConfig, load_finetune_config
@@ -55,6 +56,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("frozen", "ensemble", "heldout", "retrained")
+# Bumped when what a run computes changes, so `completed_results` does not reuse older runs.
+# 2: DPO trains on the generated token ids (EOS only where generation stopped), not re-tokenized text.
+FINETUNE_VERSION = 2
 
 
 def get_training_scorer(scorer: Any) -> Scorer:
@@ -65,17 +69,18 @@ def get_training_scorer(scorer: Any) -> Scorer:
 
 
 def _sample(
-    model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer, layer: int
+    model: LoadedModel, prompts: pd.DataFrame, cfg: FinetuneConfig, scorer: Scorer, layer: int,
+    progress: bool = False,
 ) -> LabelledSamples:
     from aligned_probing.generation import generate_continuations
 
     g = cfg.generation
     conts = generate_continuations(
         model, prompts, k=g.k, seed=g.seed, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-        top_p=g.top_p, template=g.template, batch_size=g.batch_size,
+        top_p=g.top_p, template=g.template, batch_size=g.batch_size, show_progress=progress,
     )
-    return label_continuations(model, conts, scorer=scorer, layer=layer,
-                               threshold=cfg.probes.threshold, max_new_tokens=g.max_new_tokens)
+    return label_continuations(model, conts, scorer=scorer, layer=layer, threshold=cfg.probes.threshold,
+                               max_new_tokens=g.max_new_tokens, progress=progress)
 
 
 def probe_halves(train: LabelledSamples, cfg: FinetuneConfig) -> tuple[LabelledSamples, LabelledSamples]:
@@ -117,13 +122,38 @@ def fit_run_probes(train: LabelledSamples, cfg: FinetuneConfig, meta: dict[str, 
 
 def sft_texts(train: LabelledSamples, per_prompt: int) -> pd.DataFrame:
     """The SFT training rows: prompt ids and generated ids of the first `per_prompt` continuations."""
-    table = train.table.assign(prompt_token_ids=[list(map(int, p)) for p in train.prompt_ids])
+    table = train.table_with_prompt_ids()
     keep = table["continuation_idx"] < per_prompt
     return table.loc[keep, ["prompt_id", "prompt_token_ids", "token_ids"]].reset_index(drop=True)
 
 
+def training_arguments(
+    cfg: FinetuneConfig, seed_dir: Path, seed: int, *, progress: bool = False
+) -> dict[str, Any]:
+    """The Trainer arguments every arm shares (`DPOConfig`/`ProbeSFTConfig` keywords).
+
+    `progress` turns the Trainer's own tqdm bar (optimizer steps out of the total) on.
+    """
+    t = cfg.training
+    # No Trainer checkpoints (they pickle optimizer state and training_args.bin); see finetuned.py.
+    return dict(
+        output_dir=str(seed_dir / "trainer"), learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=seed,
+        report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
+        gradient_checkpointing=False, use_cpu=cfg.model.device == "cpu", disable_tqdm=not progress,
+        # Master weights stay float32; on a GPU the forward is autocast to the model's dtype (mixed
+        # precision), so `dtype = "float32"` trains in full precision. TRL defaults to bf16 autocast,
+        # which on CPU is slow and stays patched into the returned model's forward (logits then
+        # differ ~1e-2 from the saved merged weights): never on CPU.
+        bf16=cfg.model.device != "cpu" and cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.device != "cpu" and cfg.model.dtype == "float16",
+    )
+
+
 def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dict[str, ProbeSet],
-               cfg: FinetuneConfig, arm_dir: Path, seed: int) -> Path:
+               cfg: FinetuneConfig, arm_dir: Path, seed: int, progress: bool = False) -> Path:
     """Train one arm with one seed and return its merged model directory."""
     from trl import DPOConfig
 
@@ -149,22 +179,8 @@ def _train_arm(arm: str, source: str | Path, train: LabelledSamples, probes: dic
     log = TrainingLogCallback()
     callbacks = [log] + ([AdapterCheckpointCallback(seed_dir / "checkpoints", t.checkpoint_every, tokenizer)]
                          if t.checkpoint_every else [])
-    # No Trainer checkpoints (they pickle optimizer state and training_args.bin); see finetuned.py.
-    common = dict(
-        output_dir=str(seed_dir / "trainer"), learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, max_length=t.max_length, seed=seed,
-        report_to="none", save_strategy="no", save_only_model=True, logging_steps=1,
-        gradient_checkpointing=False, use_cpu=cfg.model.device == "cpu", disable_tqdm=True,
-        # Master weights stay float32; on a GPU the forward is autocast to the model's dtype (mixed
-        # precision), so `dtype = "float32"` trains in full precision. TRL defaults to bf16 autocast,
-        # which on CPU is slow and stays patched into the returned model's forward (logits then
-        # differ ~1e-2 from the saved merged weights): never on CPU.
-        bf16=cfg.model.device != "cpu" and cfg.model.dtype == "bfloat16",
-        fp16=cfg.model.device != "cpu" and cfg.model.dtype == "float16",
-    )
-    table = train.table
+    common = training_arguments(cfg, seed_dir, seed, progress=progress)
+    table = train.table_with_prompt_ids()
     if arm == "probe_sft":
         texts = sft_texts(train, t.sft_continuations_per_prompt)
         args = ProbeSFTConfig(probe_lambda=t.probe_lambda, **common)
@@ -204,6 +220,7 @@ class _Context:
     probe_half: LabelledSamples
     scorer: Scorer
     texts: list[str]
+    progress: bool = False
 
 
 def _evaluate(
@@ -219,12 +236,12 @@ def _evaluate(
         The tidy metric rows and the per-continuation probe scores (for paired comparisons).
     """
     cfg, ev = ctx.cfg, ctx.cfg.evaluation
-    samples = _sample(model, ctx.eval_prompts, cfg, ctx.scorer, ctx.layer)
+    samples = _sample(model, ctx.eval_prompts, cfg, ctx.scorer, ctx.layer, ctx.progress)
     save_samples(samples, out_dir / "eval_samples.parquet")
     half = ctx.probe_half
     refit_X = pooled_response_activations(
         model.hf_model, half.prompt_ids, [list(t) for t in half.table["token_ids"]], ctx.layer,
-        pad_token_id=model.pad_token_id,
+        pad_token_id=model.pad_token_id, progress=ctx.progress,
     )
     retrained = fit_probe_set(refit_X, half.table["label"].to_numpy(), n_probes=1, C=cfg.probes.C,
                               seed=cfg.probes.seed)
@@ -245,7 +262,7 @@ def _evaluate(
     rows += [{"metric": r.metric, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
               "n": r.n_continuations} for r in tox.itertuples()]
     rows.append({"metric": "perplexity", "n": len(ctx.texts), "value": perplexity(
-        model.hf_model, model.tokenizer, ctx.texts, max_length=ev.ppl_max_length)})
+        model.hf_model, model.tokenizer, ctx.texts, max_length=ev.ppl_max_length, progress=ctx.progress)})
     # The per-prompt max toxicity, for paired EMT differences, as probe kind "scorer_max".
     emt = samples.table.groupby("prompt_id", sort=False)["toxicity"].max()
     score_frames.append(pd.DataFrame({"probe": "scorer_max", "prompt_id": emt.index, "score": emt.to_numpy(),
@@ -319,12 +336,16 @@ def results_wide(results: pd.DataFrame) -> pd.DataFrame:
 def completed_results(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame | None:
     """The tidy results of a finished run of exactly this config in its `output_dir`, else None.
 
-    A run counts as finished when `results_wide.csv` exists (written last) and the saved
-    `config.json` equals this config, so a notebook can load instead of re-training.
+    A run counts as finished when `results_wide.csv` exists (written last), the saved
+    `config.json` equals this config and `resolved.json` records this code's `FINETUNE_VERSION`,
+    so a notebook can load instead of re-training.
     """
     cfg = config if isinstance(config, FinetuneConfig) else load_finetune_config(config)
     out = Path(cfg.output_dir)
-    if not (out / "results_wide.csv").exists() or not (out / "config.json").exists():
+    needed = ("results_wide.csv", "config.json", "resolved.json")
+    if not all((out / name).exists() for name in needed):
+        return None
+    if json.loads((out / "resolved.json").read_text()).get("finetune_version") != FINETUNE_VERSION:
         return None
     saved = json.loads((out / "config.json").read_text())
     if saved != json.loads(json.dumps(cfg.model_dump())):
@@ -347,11 +368,15 @@ def _trainable_source(base: Any, cfg: FinetuneConfig, out: Path) -> str | Path:
     return base.path if base.path is not None else cfg.model.spec
 
 
-def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
+def run_finetune(config: str | Path | dict | FinetuneConfig, *, progress: bool = False) -> pd.DataFrame:
     """Run every configured arm with every training seed and return the tidy results.
 
     Args:
         config: A TOML path, a dict, or a `FinetuneConfig`.
+        progress: Show tqdm bars: one over the models to evaluate (the base model, then each arm
+            and seed, trained then evaluated), and per step the generation batches, the
+            activation batches, each arm's optimizer steps (the Trainer's own bar) and the
+            perplexity batches.
 
     Returns:
         Tidy rows `arm` (`base` for the model before fine-tuning), `seed` (-1 for base), `metric`,
@@ -378,17 +403,23 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
     out = Path(cfg.output_dir)
     (out / "base").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    (out / "resolved.json").write_text(json.dumps({"layer": layer, "n_layers": base.n_layers,
-                                                   "model": base.name, "revision": base.revision}, indent=2))
-    train = _sample(base, train_prompts, cfg, scorer, layer)
+    resolved = {"layer": layer, "n_layers": base.n_layers, "model": base.name, "revision": base.revision,
+                "finetune_version": FINETUNE_VERSION}
+    (out / "resolved.json").write_text(json.dumps(resolved, indent=2))
+    n_models = 1 + len(cfg.training.arms) * len(cfg.training.seeds)
+    bar = tqdm(total=n_models, desc="finetune", unit="model", disable=not progress)
+    bar.set_postfix_str("base: sample training pairs")
+    train = _sample(base, train_prompts, cfg, scorer, layer, progress)
     save_samples(train, out / "base" / "train_samples.parquet")
     meta = {"model": base.name, "revision": base.revision, "hook_name": base.hook_names[layer],
             "layer": layer, "pooling": "mean_response", "d_model": base.d_model}
     probes = fit_run_probes(train, cfg, meta)
     for name, ps in probes.items():
         ps.save(out / "base" / "probes" / name)
-    ctx = _Context(cfg, layer, eval_prompts, probes, probe_halves(train, cfg)[0], scorer, texts)
+    ctx = _Context(cfg, layer, eval_prompts, probes, probe_halves(train, cfg)[0], scorer, texts, progress)
+    bar.set_postfix_str("base: evaluate")
     frame, scores = _evaluate(base, ctx, "base", -1, out / "base")
+    bar.update()
     frames, score_frames = [frame], [scores]
     frames[0].to_parquet(out / "results.parquet", index=False)  # partial results survive an interruption
     source = _trainable_source(base, cfg, out)
@@ -398,13 +429,17 @@ def run_finetune(config: str | Path | dict | FinetuneConfig) -> pd.DataFrame:
             arm_dir = out / arm
             (arm_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             logger.info("training arm %s, seed %d", arm, seed)
-            merged_dir = _train_arm(arm, source, train, probes, cfg, arm_dir, seed)
+            bar.set_postfix_str(f"{arm} seed {seed}: train")
+            merged_dir = _train_arm(arm, source, train, probes, cfg, arm_dir, seed, progress)
             tuned = load_model(merged_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+            bar.set_postfix_str(f"{arm} seed {seed}: evaluate")
             frame, scores = _evaluate(tuned, ctx, arm, seed, arm_dir / f"seed{seed}")
+            bar.update()
             frames.append(frame)
             score_frames.append(scores)
             del tuned
             pd.concat(frames, ignore_index=True).to_parquet(out / "results.parquet", index=False)
+    bar.close()
     columns = ["arm", "seed", "metric", "value", "ci_low", "ci_high", "n"]
     results = pd.concat(frames, ignore_index=True)[columns]
     ev = cfg.evaluation
