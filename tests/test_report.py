@@ -471,6 +471,59 @@ def test_causal_effects_in_words_with_controls_marked():
     assert best["delta"] == pytest.approx(0.30) and "layer 4" in best["description"] and n == 9
 
 
+def _steering_with_paired_control(probe_vs_random: float) -> pd.DataFrame:
+    """Steering rows as `steering_sweep` writes them: probe, random and their paired difference at -0.25 x norm."""
+    keys = {"alpha": [-0.25], "alpha_norm_units": [-0.25], "layer": 8}
+    return pd.concat(
+        [
+            _effects({**keys, "direction": "probe"}, [-0.20]),
+            _effects({**keys, "direction": "random"}, [-0.20 - probe_vs_random]),
+            _effects({**keys, "direction": "probe_vs_random"}, [probe_vs_random]),
+            _effects({**keys, "direction": "probe"}, [0.4], metric="log_perplexity"),
+        ],
+        ignore_index=True,
+    )
+
+
+@pytest.mark.parametrize(("difference", "beyond"), [(-0.12, True), (-0.03, False), (0.12, False)])
+def test_steering_is_credited_only_beyond_the_random_direction(difference, beyond):
+    # The probe's effect (-0.20 +- 0.05) excludes zero every time; it goes beyond its control only when the
+    # paired probe-minus-random difference excludes zero with the same sign.
+    eff = findings.causal_effects(None, _steering_with_paired_control(difference), None)
+    probe = eff[~eff["control"]].iloc[0]
+    assert probe["excludes_zero"] and probe["beyond_control"] is beyond
+    assert probe["control_delta"] == pytest.approx(difference)
+    best, _ = findings.strongest_effect(eff, "model-a", beyond_control=True)
+    assert (best is not None) is beyond
+
+
+def test_patching_is_credited_only_when_disjoint_from_its_same_class_control():
+    patch = pd.concat(
+        [
+            _effects({"layer": [4], "direction": "nontoxic_to_toxic", "measure": "emt"}, [-0.30]),
+            _effects({"layer": [4], "direction": "toxic_to_toxic", "measure": "emt"}, [-0.22]),  # overlaps
+            _effects({"layer": [8], "direction": "nontoxic_to_toxic", "measure": "emt"}, [-0.30]),
+            _effects({"layer": [8], "direction": "toxic_to_toxic", "measure": "emt"}, [0.0]),  # disjoint
+        ],
+        ignore_index=True,
+    ).drop(columns="metric")
+    eff = findings.causal_effects(None, None, patch)
+    effect = eff[~eff["control"]].set_index("layer")
+    assert effect.loc[4, "beyond_control"] is False and effect.loc[8, "beyond_control"] is True
+    assert effect.loc[8, "control_delta"] == pytest.approx(0.0)
+
+
+def test_headline_says_whether_the_effect_is_beyond_its_control(results, tmp_path):
+    results.layer_skipping = results.patching = None
+    results.steering = _steering_with_paired_control(-0.03)
+    html = render_report(results, tmp_path / "r.html").read_text()
+    assert "NOT beyond its control (paired difference from a random direction" in _section(html, "overview")
+    results.steering = _steering_with_paired_control(-0.12)
+    html = render_report(results, tmp_path / "r2.html").read_text()
+    overview = _section(html, "overview")
+    assert "beyond its control (paired difference" in overview and "NOT beyond" not in overview
+
+
 # ------------------------------------------------------------------------------------------ case studies
 def _finetuned_dir(root, arm: str, base_spec: str, step: int):
     merged = root / arm / "merged"
