@@ -10,7 +10,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from aligned_probing.probing import RidgeProbe
+from aligned_probing.probing import DEFAULT_ALPHAS, RidgeProbe
 from aligned_probing.probing._gcv import ridge_gcv
 
 
@@ -217,3 +217,76 @@ def test_torch_batched_over_layers_equals_per_layer_fits(rng):
 def test_bad_backend_error(rng):
     with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch'\), got 'jax'"):
         RidgeProbe(backend="jax").fit(rng.normal(size=(10, 2)), rng.normal(size=10))
+
+
+def _frozen_ridge_gcv(Xs, Y, alphas, groups=None):
+    """The solver before the standardisation was folded into the Gram matrix (commit 1c12f52), frozen here
+    as the parity reference: standardised design, `np.linalg.eigh`, `U = (Xs V) / s`."""
+    from aligned_probing.probing._gcv import _select, check_groups, group_buckets
+
+    n, p = Xs.shape
+    y_mean = Y.mean(axis=0)
+    Yc = Y - y_mean
+    Xs = Xs - Xs.mean(axis=0)
+    if n >= p:
+        evals, V = np.linalg.eigh(Xs.T @ Xs)
+    else:
+        evals, U = np.linalg.eigh(Xs @ Xs.T)
+    evals = np.clip(evals, 0.0, None)
+    keep = evals > (max(n, p) * np.finfo(np.float64).eps * evals.max())
+    s = np.sqrt(evals)[keep]
+    if n >= p:
+        V = V[:, keep]
+        U = (Xs @ V) / s
+    else:
+        U = U[:, keep]
+        V = (Xs.T @ U) / s
+    UtY = U.T @ Yc
+    s2 = s**2
+    shrink = s2[:, None] / (s2[:, None] + alphas[None, :])
+    fitted = (U @ (shrink[:, :, None] * UtY[:, None, :]).reshape(len(s), -1)).reshape(n, len(alphas), -1)
+    groups = check_groups(groups, n)
+    if groups is None:
+        h = 1.0 / n + (U**2) @ shrink
+        mse = np.mean(((Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]) ** 2, axis=0)
+    else:
+        resid = Yc[:, None, :] - fitted
+        sse = np.zeros((len(alphas), Y.shape[1]))
+        for rows in group_buckets(groups):
+            UG = U[rows]
+            H = 1.0 / n + np.einsum("msr,ra,mtr->mast", UG, shrink, UG, optimize=True)
+            e = np.linalg.solve(np.eye(rows.shape[1]) - H, resid[rows].transpose(0, 2, 1, 3))
+            sse += (e**2).sum(axis=(0, 2))
+        mse = sse / n
+    best = _select(mse)
+    alpha = alphas[best]
+    coef = (V @ ((s[:, None] / (s2[:, None] + alpha[None, :])) * UtY)).T
+    return coef, alpha, mse[best, np.arange(mse.shape[1])], y_mean
+
+
+@pytest.mark.parametrize("shape", [(400, 60), (40, 90)])  # primal (syrk + eigh) and dual forms
+@pytest.mark.parametrize("grouped", [False, True])
+def test_folded_standardisation_matches_the_frozen_solver(rng, shape, grouped):
+    # Residual-stream-like features: offsets, anisotropic scales, a few "massive" dimensions and a constant
+    # one; the probe (standardisation folded into the Gram matrix and the projection) must reproduce the
+    # frozen standardise-then-solve path to 1e-8.
+    n, p = shape
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + rng.normal(size=p) * 20
+    X[:, :3] *= 300
+    X[:, 5] = 4.0
+    Y = X[:, :8] @ rng.normal(size=(8, 3)) / X[:, :8].std(axis=0).sum() + rng.normal(size=(n, 3))
+    groups = np.repeat(np.arange(n), 2)[:n] if grouped else None
+    alphas = np.asarray(DEFAULT_ALPHAS)
+    probe = RidgeProbe().fit(X, Y, groups=groups)
+    scaler = StandardScaler().fit(X)
+    coef, alpha, mse, y_mean = _frozen_ridge_gcv(scaler.transform(X), Y, alphas, groups)
+    coef = coef / scaler.scale_
+    np.testing.assert_array_equal(probe.alpha_, alpha)
+    np.testing.assert_allclose(probe.coef_, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    np.testing.assert_allclose(probe.intercept_, y_mean - coef @ scaler.mean_, rtol=1e-8)
+    np.testing.assert_allclose(probe.loo_mse_, mse, rtol=1e-8)
+    fit = ridge_gcv(X - scaler.mean_, Y, alphas, groups=groups, scale=scaler.scale_, centred=True)
+    np.testing.assert_allclose(fit.coef / scaler.scale_, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    # not centred: ridge_gcv centres the design itself (a shift of X changes nothing)
+    shifted = ridge_gcv(X + 5.0, Y, alphas, groups=groups, scale=scaler.scale_)
+    np.testing.assert_allclose(shifted.loo_mse, mse, rtol=1e-8)

@@ -124,7 +124,8 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
             self.x_mean_, self.x_scale_ = tf.x_mean[0], tf.x_scale[0]
         else:
             scaler = StandardScaler().fit(X)
-            fit = ridge_gcv(scaler.transform(X), y2, alphas, groups=groups)
+            Xc = X - scaler.mean_  # the standardisation X_s = Xc / scale is folded into the solver
+            fit = ridge_gcv(Xc, y2, alphas, groups=groups, scale=scaler.scale_, centred=True)
             coef = fit.coef / scaler.scale_  # back to the original feature space
             intercept = fit.y_mean - coef @ scaler.mean_
             alpha, mse = fit.alpha, fit.loo_mse
