@@ -290,3 +290,73 @@ def test_folded_standardisation_matches_the_frozen_solver(rng, shape, grouped):
     # not centred: ridge_gcv centres the design itself (a shift of X changes nothing)
     shifted = ridge_gcv(X + 5.0, Y, alphas, groups=groups, scale=scaler.scale_)
     np.testing.assert_allclose(shifted.loo_mse, mse, rtol=1e-8)
+
+
+def _fold_data(rng, n=240, p=30):
+    """Residual-stream-like design: offsets, anisotropic and massive dimensions, a constant column, and a
+    column nearly constant on the first 180 rows only (the training rows of the direct-Gram fold below)."""
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + rng.normal(size=p) * 50
+    X[:, :2] *= 500
+    X[:, 4] = 3.0
+    X[:, 6] = 2.0 + 1e-6 * rng.normal(size=n)
+    X[180:, 6] += rng.normal(size=n - 180)
+    Y = X[:, 7:12] @ rng.normal(size=(5, 3)) / X[:, 7:12].std(axis=0).sum() + rng.normal(size=(n, 3))
+    Y[:180, 0] += (X[:180, 6] - 2.0) * 1e6  # the nearly constant feature carries signal on those rows
+    return X, Y
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fold_gram_equals_a_probe_fitted_on_the_training_rows(rng, grouped):
+    # The Gram matrix of all rows downdated to each fold's training rows: the same probe to 1e-8.
+    from aligned_probing.probing._foldgram import FoldGram
+
+    X, Y = _fold_data(rng)
+    X[:, 6] = rng.normal(size=len(X))  # no near-constant column: every fold is downdated
+    groups = np.repeat(np.arange(len(X) // 2), 2) if grouped else None
+    shared = FoldGram(X)
+    folds = np.arange(len(X)) % 4
+    alphas = np.asarray(DEFAULT_ALPHAS)
+    for fold in range(4):
+        train = folds != fold
+        g = None if groups is None else groups[train]
+        ref = RidgeProbe().fit(X[train], Y[train], groups=g)
+        coef, intercept, alpha, mse = shared.fit(train, Y[train], alphas, groups=g)
+        np.testing.assert_array_equal(alpha, ref.alpha_)
+        np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-8 * np.abs(ref.coef_).max())
+        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-8)
+        np.testing.assert_allclose(mse, ref.loo_mse_, rtol=1e-8)
+        _, mean, scale, _ = shared.standardise(train)
+        np.testing.assert_allclose(mean, ref.x_mean_, rtol=1e-12)
+        np.testing.assert_allclose(scale, ref.x_scale_, rtol=1e-10)
+        assert scale[4] == 1.0  # constant feature: StandardScaler's rule
+
+
+def test_fold_gram_falls_back_to_a_direct_gram_for_a_feature_nearly_constant_on_the_training_rows(rng):
+    # Column 6 varies by 1e-6 on rows 0..179 and by 1 on 180..239: downdating would lose ~1e12 of precision.
+    from aligned_probing.probing._foldgram import FoldGram
+
+    X, Y = _fold_data(rng)
+    train = np.arange(len(X)) < 180
+    shared = FoldGram(X)
+    _, _, scale, G = shared.standardise(train)
+    Xs = StandardScaler().fit_transform(X[train])
+    np.testing.assert_allclose(G, Xs.T @ Xs, rtol=1e-9, atol=1e-9 * np.abs(G).max())
+    ref = RidgeProbe().fit(X[train], Y[train])
+    coef, intercept, alpha, _ = shared.fit(train, Y[train], np.asarray(DEFAULT_ALPHAS))
+    np.testing.assert_array_equal(alpha, ref.alpha_)
+    np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-8 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-8)
+
+
+def test_fold_gram_recovers_a_planted_direction(rng):
+    from aligned_probing.probing._foldgram import FoldGram
+
+    n, p = 800, 40
+    w = rng.normal(size=p)
+    X = rng.normal(size=(n, p)) + 100.0  # large offset: the downdate is centred on the all-rows mean
+    y = (X - 100.0) @ w + 0.1 * rng.normal(size=n)
+    train = np.arange(n) % 4 != 0
+    coef, intercept, _, _ = FoldGram(X).fit(train, y[train], np.asarray(DEFAULT_ALPHAS))
+    assert coef[0] @ w / np.linalg.norm(coef[0]) / np.linalg.norm(w) > 0.999
+    pred = X[~train] @ coef[0] + intercept[0]
+    assert np.corrcoef(pred, y[~train])[0, 1] > 0.99

@@ -40,14 +40,18 @@ class _RidgeGCVResult:
     y_mean: np.ndarray  # (k,)
 
 
-def _thin_svd(Xc: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _thin_svd(
+    Xc: np.ndarray, scale: np.ndarray | None = None, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`U (n x r), s (r,), V (p x r)` of `Xs = Xc / scale`, from the smaller Gram matrix; near-null dropped.
 
     `Xc` is the centred design and `scale` its column scales (None = 1): the standardised design is never
     formed; its Gram matrix is `(Xc^T Xc) / (scale scale^T)` and `U = Xc (V / scale / s)` (one BLAS `syrk`,
     one `eigh` and one `gemm`; the scalings cost O(p^2) instead of O(n p)). The eigendecomposition is
     LAPACK's divide-and-conquer `dsyevd` in float64 (`scipy.linalg.eigh(driver="evd")`, on a matrix owned
-    here, so it may be overwritten and is not re-checked for NaN).
+    here, so it may be overwritten and is not re-checked for NaN). `gram`, when given (n >= p only), is
+    that scaled `p x p` Gram matrix computed elsewhere (e.g. downdated from all rows of a design by
+    `_foldgram.FoldGram`); it is overwritten.
 
     Directions whose Gram eigenvalue is below `max(n, p) * eps * lambda_max` are dropped: that is the
     rounding level of the Gram matrix, so such an eigenvalue (and its vector) is noise, and with a
@@ -58,7 +62,11 @@ def _thin_svd(Xc: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarr
     n, p = Xc.shape
     inv_scale = None if scale is None else 1.0 / scale
     primal = n >= p
-    if primal:
+    if primal and gram is not None:
+        if gram.shape != (p, p):
+            raise ValueError(f"gram must have shape ({p}, {p}), got {gram.shape}.")
+        G = gram
+    elif primal:
         G = Xc.T @ Xc  # (p, p): numpy runs A.T @ A as one syrk
         if inv_scale is not None:
             G *= inv_scale[:, None]
@@ -133,6 +141,7 @@ def ridge_gcv(
     *,
     scale: np.ndarray | None = None,
     centred: bool = False,
+    gram: np.ndarray | None = None,
 ) -> _RidgeGCVResult:
     """Fit ridge for every target and every alpha at once; pick alpha per target by exact LOO error.
 
@@ -148,6 +157,8 @@ def ridge_gcv(
         groups: Optional group label per row `[n]` (e.g. prompt id) for leave-one-group-out selection.
         scale: Optional column scales `[p]` (> 0) of `Xs`; None = `Xs` is already standardised.
         centred: Whether the columns of `Xs` already have mean zero (skips a copy of `Xs`).
+        gram: Optional Gram matrix `[p, p]` of the centred standardised design, computed elsewhere
+            (used when n >= p; overwritten).
 
     Returns:
         Coefficients `[k, p]` in the standardised space (`Xs / scale`), the selected alpha per target,
@@ -156,7 +167,7 @@ def ridge_gcv(
     n = Xs.shape[0]
     y_mean = Y.mean(axis=0)
     Yc = Y - y_mean
-    U, s, V = _thin_svd(Xs if centred else Xs - Xs.mean(axis=0), scale)
+    U, s, V = _thin_svd(Xs if centred else Xs - Xs.mean(axis=0), scale, gram)
     UtY = U.T @ Yc  # (r, k)
     s2 = s**2
     shrink = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, a)
