@@ -2,8 +2,10 @@
 
 Per layer, each position's activations are read once; per (seed, fold) one `RidgeProbe` fit (one
 eigendecomposition) serves every scenario that reads that position, every attribute, every alpha, and the
-control targets, which are appended as extra target columns. With `backend="torch"`, `layer_batch`
-layers are read together and fitted as one batched float64 fit (on a GPU when there is one).
+control targets, which are appended as extra target columns. With the numpy backend, the Gram matrix of
+a layer's rows is computed once and downdated to each fold's training rows (`_foldgram.FoldGram`). With
+`backend="torch"`, `layer_batch` layers are read together and fitted as one batched float64 fit (on a GPU
+when there is one).
 """
 
 from __future__ import annotations
