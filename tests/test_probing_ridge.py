@@ -360,3 +360,23 @@ def test_fold_gram_recovers_a_planted_direction(rng):
     assert coef[0] @ w / np.linalg.norm(coef[0]) / np.linalg.norm(w) > 0.999
     pred = X[~train] @ coef[0] + intercept[0]
     assert np.corrcoef(pred, y[~train])[0, 1] > 0.99
+
+
+def test_fold_gram_accumulated_in_row_blocks_and_masked_rows(rng, monkeypatch):
+    # The all-rows Gram matrix is summed over blocks of rows and only over the usable rows: blocks of 37
+    # rows and a mask give the Gram matrix of those rows, and a training mask outside them is an error.
+    from aligned_probing.probing import _foldgram
+
+    X, _ = _fold_data(rng)
+    rows = np.ones(len(X), dtype=bool)
+    rows[[5, 77, 200]] = False
+    X[~rows] = np.nan
+    whole = _foldgram.FoldGram(X, rows=rows)
+    monkeypatch.setattr(_foldgram, "BLOCK_ROWS", 37)
+    blocked = _foldgram.FoldGram(X, rows=rows)
+    Xg = X[rows] - X[rows].mean(axis=0)
+    np.testing.assert_allclose(blocked.offset, whole.offset, rtol=1e-13)
+    np.testing.assert_allclose(blocked.gram, Xg.T @ Xg, rtol=1e-10, atol=1e-10 * np.abs(whole.gram).max())
+    np.testing.assert_allclose(whole.gram, Xg.T @ Xg, rtol=1e-10, atol=1e-10 * np.abs(whole.gram).max())
+    with pytest.raises(ValueError, match="within the usable rows"):
+        whole.standardise(np.ones(len(X), dtype=bool))

@@ -366,10 +366,10 @@ def test_sweep_fold_fits_from_the_shared_gram_equal_probes_on_the_training_rows(
     finite = np.isfinite(X).all(axis=1)
     groups = np.repeat(np.arange(n // 4), 4) if grouped else None
     columns = [("input", "toxicity"), ("input", "noise")]
-    shared = FoldGram(X[finite])
+    shared = FoldGram(X, rows=finite)
     for fold in range(4):
         train, test = finite & (np.arange(n) % 4 != fold), finite & (np.arange(n) % 4 == fold)
-        got = _fit_fold_gram(shared, X, Y, columns, finite, train, test, DEFAULT_ALPHAS, True, groups)
+        got = _fit_fold_gram(shared, X, Y, columns, train, test, DEFAULT_ALPHAS, True, groups)
         ref = _fit_fold(RidgeProbe(), X, Y, columns, train, test, True, groups)
         for g, r in zip(got, ref, strict=True):
             assert g.keys() == r.keys() and g["alpha"] == r["alpha"]

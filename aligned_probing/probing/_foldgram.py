@@ -7,7 +7,9 @@ from its training rows, two O(n p) passes, exactly as `StandardScaler`). The row
 the mean of all rows, so that the downdate's rank-one centring correction is small (a fold mean differs
 from the full mean by O(sd / sqrt(n))) and loses no precision to cancellation, even for features with
 large offsets. A feature that is (nearly) constant on the training rows but not on the held-out ones
-would lose precision in the downdate; such folds get their Gram matrix computed directly.
+would lose precision in the downdate; such folds get their Gram matrix computed directly. Memory: `X`
+is referenced, not copied (the all-rows Gram is accumulated over blocks of rows); a fold copies its
+training rows once (centred in place) and its held-out rows once.
 """
 
 from __future__ import annotations
@@ -19,26 +21,36 @@ from aligned_probing.probing._gcv import ridge_gcv
 #: Largest (all-rows sum of squares) / (training sum of squares) of a feature for which the fold's Gram
 #: matrix is downdated; beyond it (relative error above about 1e6 * eps) it is computed directly.
 AMPLIFICATION_LIMIT: float = 1e6
+#: Rows per block when the all-rows Gram matrix is accumulated (bounds the temporary copy).
+BLOCK_ROWS: int = 4096
 
 
 class FoldGram:
-    """The rows of a design `X` `[n, p]` centred on their mean, and their Gram matrix, for fold fits.
+    """The Gram matrix of the usable rows of a design `X` `[n, p]`, centred on their mean, for fold fits.
 
     Args:
-        X: All rows of one design (float64, finite).
+        X: One design (float64); referenced, not copied.
+        rows: Boolean mask `[n]` of the usable (finite) rows; None = all. Every training mask passed
+            later must lie within it; the held-out rows of a fold are `rows & ~train`.
 
     Example:
-        >>> fg = FoldGram(X)
+        >>> fg = FoldGram(X, rows=np.isfinite(X).all(axis=1))
         >>> coef, intercept, alpha, loo_mse = fg.fit(train_mask, Y[train_mask], alphas)
     """
 
-    def __init__(self, X: np.ndarray):
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2:
-            raise ValueError(f"X must have shape (n, p), got {X.shape}.")
-        self.offset = X.mean(axis=0)
-        self.Xg = X - self.offset
-        self.gram = self.Xg.T @ self.Xg  # one syrk over all rows
+    def __init__(self, X: np.ndarray, rows: np.ndarray | None = None):
+        if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype != np.float64:
+            raise ValueError(f"X must be a float64 array of shape (n, p), got {getattr(X, 'shape', X)!r}.")
+        self.X = X
+        self.rows = np.ones(len(X), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        if self.rows.shape != (len(X),) or not self.rows.any():
+            raise ValueError(f"rows must be a non-empty boolean mask of length {len(X)}.")
+        index = np.flatnonzero(self.rows)
+        self.offset = X[index].mean(axis=0) if len(index) <= BLOCK_ROWS else _blocked_mean(X, index)
+        self.gram = np.zeros((X.shape[1], X.shape[1]))
+        for start in range(0, len(index), BLOCK_ROWS):
+            block = X[index[start : start + BLOCK_ROWS]] - self.offset
+            self.gram += block.T @ block  # syrk per block
 
     def standardise(self, train: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Centred training rows, their mean and scale, and the Gram matrix of `Xc / scale`.
@@ -53,12 +65,16 @@ class FoldGram:
             `Xc [n_train, p]`, `mean [p]`, `scale [p]`, `gram [p, p]`.
         """
         train = np.asarray(train, dtype=bool)
-        if train.shape != (self.Xg.shape[0],):
-            raise ValueError(f"train must be a boolean mask of length {self.Xg.shape[0]}, got {train.shape}.")
+        if train.shape != self.rows.shape or np.any(train & ~self.rows):
+            raise ValueError(
+                f"train must be a boolean mask of length {len(self.rows)} within the usable rows, "
+                f"got shape {train.shape}."
+            )
         n = int(train.sum())
         if n < 2:
             raise ValueError(f"train must select at least 2 rows, got {n}.")
-        Xc = self.Xg[train]
+        Xc = self.X[train]
+        Xc -= self.offset
         m = Xc.mean(axis=0)  # training mean relative to the offset
         Xc -= m
         var = np.einsum("ij,ij->j", Xc, Xc) / n  # two-pass variance, as StandardScaler's
@@ -73,7 +89,8 @@ class FoldGram:
         if np.any(diag[~constant] > AMPLIFICATION_LIMIT * n * var[~constant]):
             G = Xc.T @ Xc
         else:
-            held = self.Xg[~train]
+            held = self.X[self.rows & ~train]
+            held -= self.offset
             G = self.gram - held.T @ held
             G -= n * np.outer(m, m)
             G[constant, :] = 0.0  # pure cancellation noise: these columns of Xc are (near) zero
@@ -93,7 +110,7 @@ class FoldGram:
         """`RidgeProbe().fit(X[train], Y, groups)` from the shared Gram matrix (same numbers to rounding).
 
         Args:
-            train: Boolean mask `[n]` of the training rows.
+            train: Boolean mask `[n]` of the training rows (within `rows`).
             Y: Targets of the training rows `[n_train, k]`.
             alphas: Penalties `[a]`, all > 0.
             groups: Optional group label per training row, for leave-one-group-out selection.
@@ -109,3 +126,11 @@ class FoldGram:
         )
         coef = fit.coef / scale
         return coef, fit.y_mean - coef @ mean, fit.alpha, fit.loo_mse
+
+
+def _blocked_mean(X: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Column means of `X[index]` without copying all of those rows at once."""
+    total = np.zeros(X.shape[1])
+    for start in range(0, len(index), BLOCK_ROWS):
+        total += X[index[start : start + BLOCK_ROWS]].sum(axis=0)
+    return total / len(index)

@@ -301,10 +301,8 @@ def _probe_chunk(
     def fit_one(b: int, train: np.ndarray, test: np.ndarray, Y: np.ndarray) -> list[dict[str, Any]]:
         if backend == "numpy" and train.sum() >= Xc.shape[2]:
             if b not in grams:
-                grams[b] = FoldGram(Xc[b][finite_all[b]])
-            return _fit_fold_gram(
-                grams[b], Xc[b], Y, d.columns, finite_all[b], train, test, alphas, control, groups
-            )
+                grams[b] = FoldGram(Xc[b], rows=finite_all[b])
+            return _fit_fold_gram(grams[b], Xc[b], Y, d.columns, train, test, alphas, control, groups)
         probe = RidgeProbe(alphas=alphas, backend=backend, device=device)
         return _fit_fold(probe, Xc[b], Y, d.columns, train, test, control, groups)
 
@@ -396,16 +394,15 @@ def _fit_fold_gram(
     X: np.ndarray,
     Y: np.ndarray,
     columns: list[tuple[str, str]],
-    finite: np.ndarray,
     train: np.ndarray,
     test: np.ndarray,
     alphas: Sequence[float],
     control: bool,
     groups: np.ndarray | None,
 ) -> list[dict[str, Any]]:
-    """`_fit_fold` with the fold's Gram matrix downdated from `gram` (built on the rows `finite` of `X`)."""
+    """`_fit_fold` with the fold's Gram matrix downdated from `gram` (built on the finite rows of `X`)."""
     coef, intercept, alpha, _ = gram.fit(
-        train[finite],
+        train,
         Y[train],
         np.asarray(alphas, dtype=np.float64),
         groups=None if groups is None else groups[train],
