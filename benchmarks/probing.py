@@ -11,7 +11,13 @@ Activations shaped like the embedded SmolLM2's (31 residual layers x 2000 sample
 3. `--backend torch` runs both with the torch backend (float64; batched over layers in the sweep; on a GPU
    when one is visible), to compare with the numpy default.
 
+Speed ratios are measured in one run: after a warm-up, `--repeats` repetitions alternate the two probes
+(order swapped every repetition); the headline is the median ratio with its min-max spread, and the
+1-minute load average is recorded (the machine may be shared). `fit_breakdown` times the steps of one fit
+(Gram, eigendecomposition, projection): their sum is the floor of the closed-form leave-one-out fit.
+
 Usage: .venv/bin/python -m benchmarks.probing [--layers 31] [--seeds 5] [--threads N] [--backend torch]
+       [--repeats 7]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
@@ -127,38 +134,109 @@ def compare_reference(
     seed: int = 0,
     standardised_reference=False,
     backend: str = "numpy",
+    repeats: int = 1,
 ) -> dict:
+    """Time `RidgeProbe` and the reference probe on the same folds, alternating, `repeats` times.
+
+    One warm-up pass (both probes, every fold) is run and discarded; then each repetition times all folds
+    of ours and all folds of the reference, the order of the two contenders swapped every repetition, so
+    that both see the same background load. `ours_s` / `reference_s` are the medians over repetitions
+    of the summed fold times; `ratio_per_repeat` holds reference / ours per repetition.
+    """
     X = store.layer(layer, "input").astype(np.float64)
     y = targets[f"prompt_{attribute}"].to_numpy()
     folds = prompt_folds(len(y), n_folds, seed)  # one row per prompt here
+    splits = [(folds != fold, folds == fold) for fold in range(n_folds)]
+
+    def ours() -> tuple[float, float, list[float]]:
+        wall, cpu, r = 0.0, 0.0, []
+        for tr, te in splits:
+            cpu0 = time.process_time()
+            with Timer() as t:
+                pred = RidgeProbe(backend=backend).fit(X[tr], y[tr]).predict(X[te])
+            wall, cpu = wall + t.seconds, cpu + time.process_time() - cpu0
+            r.append(np.corrcoef(pred, y[te])[0, 1])
+        return wall, cpu, r
+
+    def reference() -> tuple[float, float, list[float], list[int]]:
+        wall, cpu, r, ep = 0.0, 0.0, [], []
+        for fold, (tr, te) in enumerate(splits):
+            cpu0 = time.process_time()
+            with Timer() as t:
+                pred, epochs = reference_probe(X[tr], y[tr], X[te], seed=fold)
+            wall, cpu = wall + t.seconds, cpu + time.process_time() - cpu0
+            r.append(np.corrcoef(pred, y[te])[0, 1])
+            ep.append(epochs)
+        return wall, cpu, r, ep
+
+    ours(), reference()  # warm-up, discarded
+    runs: dict[str, list[float]] = {k: [] for k in ("ours_s", "ours_cpu_s", "reference_s", "reference_cpu_s")}
+    for rep in range(repeats):
+        if rep % 2 == 0:
+            o, ref = ours(), reference()
+        else:
+            ref, o = reference(), ours()
+        runs["ours_s"].append(o[0])
+        runs["ours_cpu_s"].append(o[1])
+        runs["reference_s"].append(ref[0])
+        runs["reference_cpu_s"].append(ref[1])
+    ratio = np.array(runs["reference_s"]) / np.array(runs["ours_s"])
+    ratio_cpu = np.array(runs["reference_cpu_s"]) / np.array(runs["ours_cpu_s"])
     out = {
-        "ours_s": 0.0,
-        "reference_s": 0.0,
-        "ours_cpu_s": 0.0,
-        "reference_cpu_s": 0.0,
-        "ours_pearson": [],
-        "reference_pearson": [],
-        "reference_epochs": [],
+        **{k: float(np.median(v)) for k, v in runs.items()},
+        "repeats": repeats,
+        **{f"{k}_per_repeat": v for k, v in runs.items()},
+        "ratio_per_repeat": ratio.tolist(),
+        "ratio_median": float(np.median(ratio)),
+        "ratio_min": float(ratio.min()),
+        "ratio_max": float(ratio.max()),
+        "ratio_cpu_median": float(np.median(ratio_cpu)),
+        "ratio_cpu_min": float(ratio_cpu.min()),
+        "ratio_cpu_max": float(ratio_cpu.max()),
+        "ours_pearson": o[2],
+        "reference_pearson": ref[2],
+        "reference_epochs": ref[3],
     }
-    for fold in range(n_folds):
-        tr, te = folds != fold, folds == fold
-        cpu0 = time.process_time()
-        with Timer() as t:
-            pred = RidgeProbe(backend=backend).fit(X[tr], y[tr]).predict(X[te])
-        out["ours_s"] += t.seconds
-        out["ours_cpu_s"] += time.process_time() - cpu0
-        out["ours_pearson"].append(np.corrcoef(pred, y[te])[0, 1])
-        cpu0 = time.process_time()
-        with Timer() as t:
-            pred, epochs = reference_probe(X[tr], y[tr], X[te], seed=fold)
-        out["reference_s"] += t.seconds
-        out["reference_cpu_s"] += time.process_time() - cpu0
-        out["reference_pearson"].append(np.corrcoef(pred, y[te])[0, 1])
-        out["reference_epochs"].append(epochs)
-        if standardised_reference:  # the reference probe on features standardised on the training part
+    if standardised_reference:  # the reference probe on features standardised on the training part
+        for fold, (tr, te) in enumerate(splits):
             mu, sd = X[tr].mean(axis=0), X[tr].std(axis=0) + 1e-12
             pred, _ = reference_probe((X[tr] - mu) / sd, y[tr], (X[te] - mu) / sd, seed=fold)
             out.setdefault("reference_standardised_pearson", []).append(np.corrcoef(pred, y[te])[0, 1])
+    return out
+
+
+def fit_breakdown(X: np.ndarray, y: np.ndarray, repeats: int = 7) -> dict:
+    """Median seconds of the steps of one numpy `RidgeProbe` fit on `X` (the training rows of one fold).
+
+    The steps are the ones `_gcv._thin_svd` runs (Gram `syrk`, `dsyevd`, projection `X W`), timed
+    separately; `rest_s` is the full fit minus them (validation, standardisation, LOO errors for all
+    alphas, coefficients). Gram + eigh + projection is the floor of this algorithm: exact leave-one-out
+    errors need every row's projection on every eigenvector (the hat-matrix diagonal for every alpha).
+    """
+    Xc = X - X.mean(axis=0)
+    inv = 1.0 / X.std(axis=0)
+    steps: dict[str, list[float]] = {k: [] for k in ("fit_s", "gram_s", "eigh_s", "projection_s")}
+    RidgeProbe().fit(X, y)  # warm-up
+    for _ in range(repeats):
+        with Timer() as t:
+            RidgeProbe().fit(X, y)
+        steps["fit_s"].append(t.seconds)
+        with Timer() as t:
+            G = Xc.T @ Xc
+        steps["gram_s"].append(t.seconds)
+        G *= inv[:, None] * inv[None, :]
+        with Timer() as t:
+            evals, V = scipy.linalg.eigh(G, driver="evd", overwrite_a=True, check_finite=False)
+        steps["eigh_s"].append(t.seconds)
+        W = V * inv[:, None] / np.sqrt(np.clip(evals, 1e-300, None))
+        with Timer() as t:
+            Xc @ W
+        steps["projection_s"].append(t.seconds)
+    out = {k: float(np.median(v)) for k, v in steps.items()}
+    out["floor_s"] = out["gram_s"] + out["eigh_s"] + out["projection_s"]
+    out["rest_s"] = out["fit_s"] - out["floor_s"]
+    out["shape"] = list(X.shape)
+    out["repeats"] = repeats
     return out
 
 
@@ -180,6 +258,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: library default)")
     parser.add_argument("--backend", choices=("numpy", "torch"), default="numpy", help="RidgeProbe backend")
     parser.add_argument("--name", default=None, help="result file name (default: probing[_BACKEND])")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="timed repetitions of the single-probe comparison (after one warm-up; ratio = median)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the reference probe gets the same threads as our BLAS
@@ -203,6 +287,7 @@ def main() -> None:
                 "toxicity",
                 standardised_reference=True,
                 backend=args.backend,
+                repeats=args.repeats,
             )
         headline = {
             "layer": args.compare_only,
@@ -211,17 +296,20 @@ def main() -> None:
             "ours_cpu_s_per_probe": ref["ours_cpu_s"] / 4,
             "reference_wall_s_per_probe": ref["reference_s"] / 4,
             "ours_wall_s_per_probe": ref["ours_s"] / 4,
-            "speed_ratio_single_probe_wall": ref["reference_s"] / ref["ours_s"],
-            "speed_ratio_single_probe_cpu": ref["reference_cpu_s"] / ref["ours_cpu_s"],
+            "speed_ratio_single_probe_wall": ref["ratio_median"],
+            "speed_ratio_single_probe_wall_min_max": [ref["ratio_min"], ref["ratio_max"]],
+            "speed_ratio_single_probe_cpu": ref["ratio_cpu_median"],
             "speed_ratio_target": 50,
             "backend": args.backend,
         }
         name = "probing_reference" if args.backend == "numpy" else f"probing_reference_{args.backend}"
-        save_results(name, headline, {"reference": ref, "threads": args.threads})
+        detail = {"reference": ref, "threads": args.threads, "load_average_at_end": os.getloadavg()}
+        save_results(name, headline, detail)
         return
     layers = list(range(store.n_layers + 1 if args.layers is None else args.layers))
     seeds = tuple(range(args.seeds))
 
+    load_at_start = os.getloadavg()
     cpu0 = time.process_time()
     with threadpool_limits(limits=args.threads), Timer() as sweep_t:
         df = run_probing(
@@ -242,7 +330,12 @@ def main() -> None:
 
     peak_layer = int(peaks.query("scenario == 'input' and attribute == 'toxicity'").layer.iloc[0])
     with threadpool_limits(limits=args.threads):
-        ref = compare_reference(store, targets, peak_layer, "toxicity", backend=args.backend)
+        ref = compare_reference(
+            store, targets, peak_layer, "toxicity", backend=args.backend, repeats=args.repeats
+        )
+        X = store.layer(peak_layer, "input").astype(np.float64)
+        train = prompt_folds(len(X), 4, 0) != 0
+        breakdown = fit_breakdown(X[train], targets["prompt_toxicity"].to_numpy()[train])
     ref_per_probe = ref["reference_s"] / 4
     ours_per_probe = ref["ours_s"] / 4
     amortised = sweep_t.seconds / (2 * n_probes)  # real + control probes delivered by the sweep
@@ -259,10 +352,16 @@ def main() -> None:
         "amortised_s_per_probe": amortised,
         "reference_s_per_probe": ref_per_probe,
         "speed_ratio_sweep": ref_per_probe / amortised,
-        "speed_ratio_single_probe": ref_per_probe / ours_per_probe,
+        "speed_ratio_single_probe": ref["ratio_median"],  # median over repetitions of reference / ours
+        "speed_ratio_single_probe_min_max": [ref["ratio_min"], ref["ratio_max"]],
+        "single_probe_repeats": ref["repeats"],
+        "ours_s_per_probe": ours_per_probe,
         "speed_ratio_sweep_cpu": (ref["reference_cpu_s"] / 4) / (sweep_cpu / (2 * n_probes)),
-        "speed_ratio_single_probe_cpu": ref["reference_cpu_s"] / ref["ours_cpu_s"],
+        "speed_ratio_single_probe_cpu": ref["ratio_cpu_median"],
         "speed_ratio_target": 50,
+        "fit_floor_s": breakdown["floor_s"],  # Gram + eigh + projection of one fit (see fit_breakdown)
+        "speed_ratio_ceiling_at_floor": ref_per_probe / breakdown["floor_s"],
+        "speed_ratio_ceiling_eigh_only": ref_per_probe / breakdown["eigh_s"],
         "reference_full_sweep_estimate_s": ref_per_probe * 2 * n_probes,
         "comparison_layer": peak_layer,
         "ours_test_pearson": float(np.mean(ref["ours_pearson"])),
@@ -273,7 +372,9 @@ def main() -> None:
     }
     detail = {
         "reference": {k: v for k, v in ref.items()},
+        "fit_breakdown": breakdown,
         "threads": args.threads,
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),  # the 2 cores are shared: high load inflates all timings
         "peak_layers_input": peaks.query("scenario == 'input'")[["attribute", "layer", "mean"]].to_dict(
             "records"

@@ -10,7 +10,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from aligned_probing.probing import RidgeProbe
+from aligned_probing.probing import DEFAULT_ALPHAS, RidgeProbe
 from aligned_probing.probing._gcv import ridge_gcv
 
 
@@ -217,3 +217,166 @@ def test_torch_batched_over_layers_equals_per_layer_fits(rng):
 def test_bad_backend_error(rng):
     with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch'\), got 'jax'"):
         RidgeProbe(backend="jax").fit(rng.normal(size=(10, 2)), rng.normal(size=10))
+
+
+def _frozen_ridge_gcv(Xs, Y, alphas, groups=None):
+    """The solver before the standardisation was folded into the Gram matrix (commit 1c12f52), frozen here
+    as the parity reference: standardised design, `np.linalg.eigh`, `U = (Xs V) / s`."""
+    from aligned_probing.probing._gcv import _select, check_groups, group_buckets
+
+    n, p = Xs.shape
+    y_mean = Y.mean(axis=0)
+    Yc = Y - y_mean
+    Xs = Xs - Xs.mean(axis=0)
+    if n >= p:
+        evals, V = np.linalg.eigh(Xs.T @ Xs)
+    else:
+        evals, U = np.linalg.eigh(Xs @ Xs.T)
+    evals = np.clip(evals, 0.0, None)
+    keep = evals > (max(n, p) * np.finfo(np.float64).eps * evals.max())
+    s = np.sqrt(evals)[keep]
+    if n >= p:
+        V = V[:, keep]
+        U = (Xs @ V) / s
+    else:
+        U = U[:, keep]
+        V = (Xs.T @ U) / s
+    UtY = U.T @ Yc
+    s2 = s**2
+    shrink = s2[:, None] / (s2[:, None] + alphas[None, :])
+    fitted = (U @ (shrink[:, :, None] * UtY[:, None, :]).reshape(len(s), -1)).reshape(n, len(alphas), -1)
+    groups = check_groups(groups, n)
+    if groups is None:
+        h = 1.0 / n + (U**2) @ shrink
+        mse = np.mean(((Yc[:, None, :] - fitted) / (1.0 - h)[:, :, None]) ** 2, axis=0)
+    else:
+        resid = Yc[:, None, :] - fitted
+        sse = np.zeros((len(alphas), Y.shape[1]))
+        for rows in group_buckets(groups):
+            UG = U[rows]
+            H = 1.0 / n + np.einsum("msr,ra,mtr->mast", UG, shrink, UG, optimize=True)
+            e = np.linalg.solve(np.eye(rows.shape[1]) - H, resid[rows].transpose(0, 2, 1, 3))
+            sse += (e**2).sum(axis=(0, 2))
+        mse = sse / n
+    best = _select(mse)
+    alpha = alphas[best]
+    coef = (V @ ((s[:, None] / (s2[:, None] + alpha[None, :])) * UtY)).T
+    return coef, alpha, mse[best, np.arange(mse.shape[1])], y_mean
+
+
+@pytest.mark.parametrize("shape", [(400, 60), (40, 90)])  # primal (syrk + eigh) and dual forms
+@pytest.mark.parametrize("grouped", [False, True])
+def test_folded_standardisation_matches_the_frozen_solver(rng, shape, grouped):
+    # Residual-stream-like features: offsets, anisotropic scales, a few "massive" dimensions and a constant
+    # one; the probe (standardisation folded into the Gram matrix and the projection) must reproduce the
+    # frozen standardise-then-solve path to 1e-8.
+    n, p = shape
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + rng.normal(size=p) * 20
+    X[:, :3] *= 300
+    X[:, 5] = 4.0
+    Y = X[:, :8] @ rng.normal(size=(8, 3)) / X[:, :8].std(axis=0).sum() + rng.normal(size=(n, 3))
+    groups = np.repeat(np.arange(n), 2)[:n] if grouped else None
+    alphas = np.asarray(DEFAULT_ALPHAS)
+    probe = RidgeProbe().fit(X, Y, groups=groups)
+    scaler = StandardScaler().fit(X)
+    coef, alpha, mse, y_mean = _frozen_ridge_gcv(scaler.transform(X), Y, alphas, groups)
+    coef = coef / scaler.scale_
+    np.testing.assert_array_equal(probe.alpha_, alpha)
+    np.testing.assert_allclose(probe.coef_, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    np.testing.assert_allclose(probe.intercept_, y_mean - coef @ scaler.mean_, rtol=1e-8)
+    np.testing.assert_allclose(probe.loo_mse_, mse, rtol=1e-8)
+    fit = ridge_gcv(X - scaler.mean_, Y, alphas, groups=groups, scale=scaler.scale_, centred=True)
+    np.testing.assert_allclose(fit.coef / scaler.scale_, coef, rtol=1e-8, atol=1e-8 * np.abs(coef).max())
+    # not centred: ridge_gcv centres the design itself (a shift of X changes nothing)
+    shifted = ridge_gcv(X + 5.0, Y, alphas, groups=groups, scale=scaler.scale_)
+    np.testing.assert_allclose(shifted.loo_mse, mse, rtol=1e-8)
+
+
+def _fold_data(rng, n=240, p=30):
+    """Residual-stream-like design: offsets, anisotropic and massive dimensions, a constant column, and a
+    column nearly constant on the first 180 rows only (the training rows of the direct-Gram fold below)."""
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + rng.normal(size=p) * 50
+    X[:, :2] *= 500
+    X[:, 4] = 3.0
+    X[:, 6] = 2.0 + 1e-6 * rng.normal(size=n)
+    X[180:, 6] += rng.normal(size=n - 180)
+    Y = X[:, 7:12] @ rng.normal(size=(5, 3)) / X[:, 7:12].std(axis=0).sum() + rng.normal(size=(n, 3))
+    Y[:180, 0] += (X[:180, 6] - 2.0) * 1e6  # the nearly constant feature carries signal on those rows
+    return X, Y
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fold_gram_equals_a_probe_fitted_on_the_training_rows(rng, grouped):
+    # The Gram matrix of all rows downdated to each fold's training rows: the same probe to 1e-8.
+    from aligned_probing.probing._foldgram import FoldGram
+
+    X, Y = _fold_data(rng)
+    X[:, 6] = rng.normal(size=len(X))  # no near-constant column: every fold is downdated
+    groups = np.repeat(np.arange(len(X) // 2), 2) if grouped else None
+    shared = FoldGram(X)
+    folds = np.arange(len(X)) % 4
+    alphas = np.asarray(DEFAULT_ALPHAS)
+    for fold in range(4):
+        train = folds != fold
+        g = None if groups is None else groups[train]
+        ref = RidgeProbe().fit(X[train], Y[train], groups=g)
+        coef, intercept, alpha, mse = shared.fit(train, Y[train], alphas, groups=g)
+        np.testing.assert_array_equal(alpha, ref.alpha_)
+        np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-8 * np.abs(ref.coef_).max())
+        np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-8)
+        np.testing.assert_allclose(mse, ref.loo_mse_, rtol=1e-8)
+        _, mean, scale, _ = shared.standardise(train)
+        np.testing.assert_allclose(mean, ref.x_mean_, rtol=1e-12)
+        np.testing.assert_allclose(scale, ref.x_scale_, rtol=1e-10)
+        assert scale[4] == 1.0  # constant feature: StandardScaler's rule
+
+
+def test_fold_gram_falls_back_to_a_direct_gram_for_a_feature_nearly_constant_on_the_training_rows(rng):
+    # Column 6 varies by 1e-6 on rows 0..179 and by 1 on 180..239: downdating would lose ~1e12 of precision.
+    from aligned_probing.probing._foldgram import FoldGram
+
+    X, Y = _fold_data(rng)
+    train = np.arange(len(X)) < 180
+    shared = FoldGram(X)
+    _, _, scale, G = shared.standardise(train)
+    Xs = StandardScaler().fit_transform(X[train])
+    np.testing.assert_allclose(G, Xs.T @ Xs, rtol=1e-9, atol=1e-9 * np.abs(G).max())
+    ref = RidgeProbe().fit(X[train], Y[train])
+    coef, intercept, alpha, _ = shared.fit(train, Y[train], np.asarray(DEFAULT_ALPHAS))
+    np.testing.assert_array_equal(alpha, ref.alpha_)
+    np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-8 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(intercept, ref.intercept_, rtol=1e-8)
+
+
+def test_fold_gram_recovers_a_planted_direction(rng):
+    from aligned_probing.probing._foldgram import FoldGram
+
+    n, p = 800, 40
+    w = rng.normal(size=p)
+    X = rng.normal(size=(n, p)) + 100.0  # large offset: the downdate is centred on the all-rows mean
+    y = (X - 100.0) @ w + 0.1 * rng.normal(size=n)
+    train = np.arange(n) % 4 != 0
+    coef, intercept, _, _ = FoldGram(X).fit(train, y[train], np.asarray(DEFAULT_ALPHAS))
+    assert coef[0] @ w / np.linalg.norm(coef[0]) / np.linalg.norm(w) > 0.999
+    pred = X[~train] @ coef[0] + intercept[0]
+    assert np.corrcoef(pred, y[~train])[0, 1] > 0.99
+
+
+def test_fold_gram_accumulated_in_row_blocks_and_masked_rows(rng, monkeypatch):
+    # The all-rows Gram matrix is summed over blocks of rows and only over the usable rows: blocks of 37
+    # rows and a mask give the Gram matrix of those rows, and a training mask outside them is an error.
+    from aligned_probing.probing import _foldgram
+
+    X, _ = _fold_data(rng)
+    rows = np.ones(len(X), dtype=bool)
+    rows[[5, 77, 200]] = False
+    X[~rows] = np.nan
+    whole = _foldgram.FoldGram(X, rows=rows)
+    monkeypatch.setattr(_foldgram, "BLOCK_ROWS", 37)
+    blocked = _foldgram.FoldGram(X, rows=rows)
+    Xg = X[rows] - X[rows].mean(axis=0)
+    np.testing.assert_allclose(blocked.offset, whole.offset, rtol=1e-13)
+    np.testing.assert_allclose(blocked.gram, Xg.T @ Xg, rtol=1e-10, atol=1e-10 * np.abs(whole.gram).max())
+    np.testing.assert_allclose(whole.gram, Xg.T @ Xg, rtol=1e-10, atol=1e-10 * np.abs(whole.gram).max())
+    with pytest.raises(ValueError, match="within the usable rows"):
+        whole.standardise(np.ones(len(X), dtype=bool))

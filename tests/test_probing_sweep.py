@@ -10,7 +10,7 @@ import pytest
 from scipy.special import expit
 from sklearn.model_selection import KFold
 
-from aligned_probing.probing import MDL_COLUMNS, RESULT_COLUMNS, RidgeProbe, run_probing
+from aligned_probing.probing import DEFAULT_ALPHAS, MDL_COLUMNS, RESULT_COLUMNS, RidgeProbe, run_probing
 
 
 class FakeStore:
@@ -349,3 +349,36 @@ def test_summary_of_a_sweep_finds_the_planted_peak(planted):
     peaks = peak_layers(summarize(df)).set_index("scenario")
     assert (peaks.layer == 1).all()  # the layer with the strongest planted encoding
     assert (peaks.ci_low > 0.7).all()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sweep_fold_fits_from_the_shared_gram_equal_probes_on_the_training_rows(rng, grouped):
+    # The sweep downdates one Gram matrix per layer to each fold (numpy backend); the records must equal
+    # those of a RidgeProbe fitted on the fold's finite training rows, NaN rows and groups included.
+    from aligned_probing.probing._foldgram import FoldGram
+    from aligned_probing.probing.sweep import _fit_fold, _fit_fold_gram
+
+    n, p = 200, 12
+    X = rng.normal(size=(n, p)) * np.exp(rng.normal(size=p)) + 30.0
+    Y = np.column_stack([X[:, 0] + rng.normal(size=n), rng.normal(size=n)])
+    Y = np.hstack([Y, Y[rng.permutation(n)]])  # real targets, then control targets
+    X[[3, 50, 51]] = np.nan
+    finite = np.isfinite(X).all(axis=1)
+    groups = np.repeat(np.arange(n // 4), 4) if grouped else None
+    columns = [("input", "toxicity"), ("input", "noise")]
+    shared = FoldGram(X, rows=finite)
+    for fold in range(4):
+        train, test = finite & (np.arange(n) % 4 != fold), finite & (np.arange(n) % 4 == fold)
+        got = _fit_fold_gram(shared, X, Y, columns, train, test, DEFAULT_ALPHAS, True, groups)
+        ref = _fit_fold(RidgeProbe(), X, Y, columns, train, test, True, groups)
+        for g, r in zip(got, ref, strict=True):
+            assert g.keys() == r.keys() and g["alpha"] == r["alpha"]
+            for key in ("pearson", "r2", "rmse", "control_pearson", "selectivity"):
+                np.testing.assert_allclose(g[key], r[key], rtol=1e-8, atol=1e-12)
+        assert got[0]["pearson"] > 0.5 and abs(got[1]["pearson"]) < 0.4  # planted signal vs noise
+
+
+def test_bad_alphas_rejected_by_the_sweep(planted):
+    store, targets = planted
+    with pytest.raises(ValueError, match="alphas must be a non-empty sequence of finite values > 0"):
+        run_probing(store, targets, alphas=(0.0, 1.0), layers=[1], seeds=(0,))

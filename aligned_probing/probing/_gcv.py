@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,18 @@ class _RidgeGCVResult:
     y_mean: np.ndarray  # (k,)
 
 
-def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`U (n x r), s (r,), V (p x r)` of `Xs`, from the smaller Gram matrix; near-null directions dropped.
+def _thin_svd(
+    Xc: np.ndarray, scale: np.ndarray | None = None, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`U (n x r), s (r,), V (p x r)` of `Xs = Xc / scale`, from the smaller Gram matrix; near-null dropped.
+
+    `Xc` is the centred design and `scale` its column scales (None = 1): the standardised design is never
+    formed; its Gram matrix is `(Xc^T Xc) / (scale scale^T)` and `U = Xc (V / scale / s)` (one BLAS `syrk`,
+    one `eigh` and one `gemm`; the scalings cost O(p^2) instead of O(n p)). The eigendecomposition is
+    LAPACK's divide-and-conquer `dsyevd` in float64 (`scipy.linalg.eigh(driver="evd")`, on a matrix owned
+    here, so it may be overwritten and is not re-checked for NaN). `gram`, when given (n >= p only), is
+    that scaled `p x p` Gram matrix computed elsewhere (e.g. downdated from all rows of a design by
+    `_foldgram.FoldGram`); it is overwritten.
 
     Directions whose Gram eigenvalue is below `max(n, p) * eps * lambda_max` are dropped: that is the
     rounding level of the Gram matrix, so such an eigenvalue (and its vector) is noise, and with a
@@ -48,20 +59,31 @@ def _thin_svd(Xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s itself at `eps * s_max` would keep rounding-noise directions, whose arbitrary vectors then differ
     between BLAS builds and backends.)
     """
-    n, p = Xs.shape
-    if n >= p:
-        evals, V = np.linalg.eigh(Xs.T @ Xs)  # (p,), (p, p)
+    n, p = Xc.shape
+    inv_scale = None if scale is None else 1.0 / scale
+    primal = n >= p
+    if primal and gram is not None:
+        if gram.shape != (p, p):
+            raise ValueError(f"gram must have shape ({p}, {p}), got {gram.shape}.")
+        G = gram
+    elif primal:
+        G = Xc.T @ Xc  # (p, p): numpy runs A.T @ A as one syrk
+        if inv_scale is not None:
+            G *= inv_scale[:, None]
+            G *= inv_scale[None, :]
     else:
-        evals, U = np.linalg.eigh(Xs @ Xs.T)  # (n,), (n, n)
+        Xs = Xc if inv_scale is None else Xc * inv_scale
+        G = Xs @ Xs.T  # (n, n)
+    evals, vecs = scipy.linalg.eigh(G, driver="evd", overwrite_a=True, check_finite=False)
     evals = np.clip(evals, 0.0, None)
-    s = np.sqrt(evals)
     keep = evals > (max(n, p) * np.finfo(np.float64).eps * (evals.max() if evals.size else 0.0))
-    s = s[keep]
-    if n >= p:
-        V = V[:, keep]
-        U = (Xs @ V) / s  # (n, r)
+    s = np.sqrt(evals[keep])
+    if primal:
+        V = vecs[:, keep]
+        W = V / s if inv_scale is None else V * inv_scale[:, None] / s  # (p, r): Xs V / s = Xc W
+        U = Xc @ W  # (n, r)
     else:
-        U = U[:, keep]
+        U = vecs[:, keep]
         V = (Xs.T @ U) / s  # (p, r)
     return U, s, V
 
@@ -112,7 +134,14 @@ def check_groups(groups: np.ndarray | None, n: int) -> np.ndarray | None:
 
 
 def ridge_gcv(
-    Xs: np.ndarray, Y: np.ndarray, alphas: np.ndarray, groups: np.ndarray | None = None
+    Xs: np.ndarray,
+    Y: np.ndarray,
+    alphas: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    scale: np.ndarray | None = None,
+    centred: bool = False,
+    gram: np.ndarray | None = None,
 ) -> _RidgeGCVResult:
     """Fit ridge for every target and every alpha at once; pick alpha per target by exact LOO error.
 
@@ -120,20 +149,25 @@ def ridge_gcv(
     docstring); groups of one row reduce to LOO.
 
     Args:
-        Xs: Standardised design `[n, p]` (float64). It is centred here again (a no-op after
-            standardisation on the same rows).
+        Xs: Standardised design `[n, p]` (float64), or, with `scale`, a design whose standardised form
+            is `Xs / scale` (e.g. the centred raw features; the division is folded into the Gram matrix
+            and the projection, so it costs O(p^2)). It is centred here unless `centred`.
         Y: Targets `[n, k]` (float64).
         alphas: Penalties `[a]`, all > 0.
         groups: Optional group label per row `[n]` (e.g. prompt id) for leave-one-group-out selection.
+        scale: Optional column scales `[p]` (> 0) of `Xs`; None = `Xs` is already standardised.
+        centred: Whether the columns of `Xs` already have mean zero (skips a copy of `Xs`).
+        gram: Optional Gram matrix `[p, p]` of the centred standardised design, computed elsewhere
+            (used when n >= p; overwritten).
 
     Returns:
-        Coefficients `[k, p]` in the space of `Xs`, the selected alpha per target, its LOO MSE and the
-        target means (the intercept in the centred space).
+        Coefficients `[k, p]` in the standardised space (`Xs / scale`), the selected alpha per target,
+        its LOO MSE and the target means (the intercept in the centred space).
     """
     n = Xs.shape[0]
     y_mean = Y.mean(axis=0)
     Yc = Y - y_mean
-    U, s, V = _thin_svd(Xs - Xs.mean(axis=0))
+    U, s, V = _thin_svd(Xs if centred else Xs - Xs.mean(axis=0), scale, gram)
     UtY = U.T @ Yc  # (r, k)
     s2 = s**2
     shrink = s2[:, None] / (s2[:, None] + alphas[None, :])  # (r, a)

@@ -40,7 +40,8 @@ def _target_names(y: Any) -> list[str] | None:
     return None
 
 
-def _check_alphas(alphas: Any) -> np.ndarray:
+def check_alphas(alphas: Any) -> np.ndarray:
+    """`alphas` as a float64 array; a ValueError unless it is a non-empty sequence of finite values > 0."""
     values = np.asarray(alphas, dtype=np.float64).reshape(-1)
     if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"alphas must be a non-empty sequence of finite values > 0, got {alphas!r}.")
@@ -110,7 +111,7 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
             self.
         """
         names = _target_names(y)
-        alphas = _check_alphas(self.alphas)
+        alphas = check_alphas(self.alphas)
         backend = check_backend(self.backend)
         X, y = validate_data(
             self, X, y, multi_output=True, y_numeric=True, dtype=np.float64, ensure_min_samples=2
@@ -124,7 +125,8 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
             self.x_mean_, self.x_scale_ = tf.x_mean[0], tf.x_scale[0]
         else:
             scaler = StandardScaler().fit(X)
-            fit = ridge_gcv(scaler.transform(X), y2, alphas, groups=groups)
+            Xc = X - scaler.mean_  # the standardisation X_s = Xc / scale is folded into the solver
+            fit = ridge_gcv(Xc, y2, alphas, groups=groups, scale=scaler.scale_, centred=True)
             coef = fit.coef / scaler.scale_  # back to the original feature space
             intercept = fit.y_mean - coef @ scaler.mean_
             alpha, mse = fit.alpha, fit.loo_mse

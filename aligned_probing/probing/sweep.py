@@ -2,8 +2,10 @@
 
 Per layer, each position's activations are read once; per (seed, fold) one `RidgeProbe` fit (one
 eigendecomposition) serves every scenario that reads that position, every attribute, every alpha, and the
-control targets, which are appended as extra target columns. With `backend="torch"`, `layer_batch`
-layers are read together and fitted as one batched float64 fit (on a GPU when there is one).
+control targets, which are appended as extra target columns. With the numpy backend, the Gram matrix of
+a layer's rows is computed once and downdated to each fold's training rows (`_foldgram.FoldGram`). With
+`backend="torch"`, `layer_batch` layers are read together and fitted as one batched float64 fit (on a GPU
+when there is one).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from aligned_probing.probing._foldgram import FoldGram
 from aligned_probing.probing._metrics import regression_metrics
 from aligned_probing.probing.mdl import MDL_FRACTIONS, online_codelength
-from aligned_probing.probing.ridge import DEFAULT_ALPHAS, RidgeProbe, check_backend
+from aligned_probing.probing.ridge import DEFAULT_ALPHAS, RidgeProbe, check_alphas, check_backend
 from aligned_probing.probing.scenarios import (
     SCENARIOS,
     ProbingDesign,
@@ -205,6 +208,7 @@ def run_probing(
         raise ValueError("mdl=True needs targets in [0, 1] (scores); got values outside that range.")
 
     backend = check_backend(backend)
+    alphas = tuple(float(a) for a in check_alphas(alphas))
     if not isinstance(layer_batch, int | np.integer) or layer_batch < 1:
         raise ValueError(f"layer_batch must be an int >= 1, got {layer_batch!r}.")
     batch = int(layer_batch) if backend == "torch" else 1
@@ -294,11 +298,23 @@ def _probe_chunk(
 
     Rows with non-finite activations (empty continuations) are left out and counted in `n_rows_lost`.
     With several rows per prompt, alpha is selected leaving whole prompts out (grouped CV). The B layers
-    are fitted in one batched torch call when they share the same finite rows, else one by one.
+    are fitted in one batched torch call when they share the same finite rows, else one by one. With the
+    numpy backend, each layer's Gram matrix is computed once over its finite rows (`FoldGram`) and
+    downdated to every fold's training rows (when they are at least as many as the features).
     """
     groups = code if len(np.unique(code)) < len(code) else None
     finite_all = np.isfinite(Xc).all(axis=2)  # (B, n): empty continuations are stored as NaN
     shared = len(chunk) > 1 and bool((finite_all == finite_all[0]).all())
+    grams: dict[int, FoldGram] = {}  # per layer of the chunk, built on first use
+
+    def fit_one(b: int, train: np.ndarray, test: np.ndarray, Y: np.ndarray) -> list[dict[str, Any]]:
+        if backend == "numpy" and train.sum() >= Xc.shape[2]:
+            if b not in grams:
+                grams[b] = FoldGram(Xc[b], rows=finite_all[b])
+            return _fit_fold_gram(grams[b], Xc[b], Y, d.columns, train, test, alphas, control, groups)
+        probe = RidgeProbe(alphas=alphas, backend=backend, device=device)
+        return _fit_fold(probe, Xc[b], Y, d.columns, train, test, control, groups)
+
     out = []
     for seed in seeds:
         fold_of_row = folds[seed][code]
@@ -308,18 +324,7 @@ def _probe_chunk(
             if shared:
                 per_layer = _fit_fold_batched(Xc, Y, d.columns, *splits[0], alphas, control, groups, device)
             else:
-                per_layer = [
-                    _fit_fold(
-                        RidgeProbe(alphas=alphas, backend=backend, device=device),
-                        Xc[b],
-                        Y,
-                        d.columns,
-                        *splits[b],
-                        control,
-                        groups,
-                    )
-                    for b in range(len(chunk))
-                ]
+                per_layer = [fit_one(b, *splits[b], Y) for b in range(len(chunk))]
             for b, (layer, rows) in enumerate(zip(chunk, per_layer, strict=True)):
                 if mdl:
                     ctrl_y = d.targets[ctrl[seed]] if control else None
@@ -391,6 +396,28 @@ def _fit_fold(
     probe.fit(X[train], Y[train], groups=None if groups is None else groups[train])
     m = regression_metrics(Y[test], probe.predict(X[test]))
     return _records(columns, m, probe.alpha_, int(train.sum()), int(test.sum()), control)
+
+
+def _fit_fold_gram(
+    gram: FoldGram,
+    X: np.ndarray,
+    Y: np.ndarray,
+    columns: list[tuple[str, str]],
+    train: np.ndarray,
+    test: np.ndarray,
+    alphas: Sequence[float],
+    control: bool,
+    groups: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """`_fit_fold` with the fold's Gram matrix downdated from `gram` (built on the finite rows of `X`)."""
+    coef, intercept, alpha, _ = gram.fit(
+        train,
+        Y[train],
+        np.asarray(alphas, dtype=np.float64),
+        groups=None if groups is None else groups[train],
+    )
+    m = regression_metrics(Y[test], X[test] @ coef.T + intercept)
+    return _records(columns, m, alpha, int(train.sum()), int(test.sum()), control)
 
 
 def _fit_fold_batched(
