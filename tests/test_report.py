@@ -661,7 +661,10 @@ def test_strongest_steering_effect_is_shown_with_its_control(results, tmp_path):
     html = render_report(results, tmp_path / "r.html").read_text()
     box = _section(html, "overview").split('data-model="model-a"')[1]
     # Planted: probe direction +-0.1 at |alpha| = 1; the random direction at the same alpha moves EMT 0.9.
-    assert "steering at layer 2 with alpha -1 residual norms: EMT -0.100 [-0.150, -0.050]" in box
+    assert (
+        "steering along the probe direction at layer 2 with alpha -1 residual norms: EMT -0.100 [-0.150, -0.050]"
+        in box
+    )
     assert "its control: EMT -0.900 [-0.950, -0.850]" in box
 
 

@@ -36,6 +36,14 @@ EFFECT_COLUMNS: tuple[str, ...] = (
 )
 
 
+#: Steering rows' `direction` in words.
+STEERING_WORDS: dict[str, str] = {
+    "probe": "steering along the probe direction",
+    "random": "steering along a random direction of the same norm (control)",
+    "probe_vs_random": "probe direction minus random direction (paired control difference)",
+}
+
+
 def direction_words(direction: str) -> str:
     """A patching direction in words (`a_to_b`: a's activations patched into b)."""
     if direction in DIRECTION_WORDS:
@@ -174,9 +182,11 @@ def causal_effects(
         unit = " residual norms" if strength == "alpha_norm_units" else " (absolute)"
         eff = eff[eff[strength] != 0]
         eff["strength"] = eff[strength]
+        kind_col = next((c for c in ("direction", "condition") if c in eff.columns), None)
+        kinds = eff[kind_col] if kind_col else pd.Series("probe", index=eff.index)
         eff["description"] = [
-            f"steering at layer {int(layer)} with alpha {a:+.2g}{unit}"
-            for layer, a in zip(eff["layer"], eff[strength], strict=True)
+            f"{STEERING_WORDS.get(str(kind), f'steering along {kind}')} at layer {int(layer)} with alpha {a:+.2g}{unit}"
+            for kind, layer, a in zip(kinds, eff["layer"], eff[strength], strict=True)
         ]
         keys = [
             c for c in ("model", "template", "layer", "alpha", "condition", "direction", "control") if c in t
