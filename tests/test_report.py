@@ -497,6 +497,17 @@ def test_steering_is_credited_only_beyond_the_random_direction(difference, beyon
     assert (best is not None) is beyond
 
 
+def test_steering_is_judged_by_its_paired_contrast_even_when_the_push_itself_also_moves_the_text():
+    # Measured pattern (quickstart, +0.35 x norm): any push of that norm lowers EMT, so the probe's change
+    # against the unmodified model (+0.05 +- 0.1) includes zero while probe minus random (+0.15) does not.
+    steer = _steering_with_paired_control(0.15)
+    steer.loc[steer["direction"] == "probe", ["delta", "ci_low", "ci_high"]] = [0.05, -0.04, 0.15]
+    eff = findings.causal_effects(None, steer, None)
+    best, n = findings.strongest_effect(eff, "model-a", beyond_control=True)
+    assert best is not None and best["control_delta"] == pytest.approx(0.15) and n == 1
+    assert findings.strongest_effect(eff, "model-a")[0] is None  # against zero alone: nothing
+
+
 def test_patching_is_credited_only_when_disjoint_from_its_same_class_control():
     patch = pd.concat(
         [

@@ -296,7 +296,12 @@ def matching_control(effects: pd.DataFrame, effect: pd.Series) -> pd.Series | No
 def strongest_effect(
     effects: pd.DataFrame, model: str, *, beyond_control: bool = False
 ) -> tuple[pd.Series | None, int]:
-    """The largest |delta| of `model`'s non-control effects whose CI excludes zero, and the number searched.
+    """The largest of `model`'s non-control effects whose CI excludes zero, and the number searched.
+
+    With `beyond_control`, only effects that go beyond their control count, and steering is judged by
+    its paired contrast with the random direction (the proper test of "the probe direction is used":
+    any push of that norm also moves the text, so the probe-vs-unmodified change mixes the two); its
+    size is that contrast's. Patching must also exclude zero on its own.
 
     Args:
         effects: `causal_effects` output.
@@ -304,12 +309,17 @@ def strongest_effect(
         beyond_control: Only effects that also go beyond their control (`beyond_control` True).
 
     Returns:
-        (the row, or None when no CI excludes zero; the number of non-control effects it was picked from).
+        (the row, or None when none qualifies; the number of non-control effects it was picked from).
     """
     mine = effects[(effects["model"] == model) & ~effects["control"]]
-    hits = mine[mine["excludes_zero"]]
-    if beyond_control and "beyond_control" in hits.columns:
-        hits = hits[hits["beyond_control"].map(lambda v: v is True)]
+    size = mine["delta"].abs()
+    if beyond_control and "beyond_control" in mine.columns:
+        credited = mine["beyond_control"].map(lambda v: v is True)
+        paired = mine["experiment"] == "steering"
+        hits = mine[credited & (paired | mine["excludes_zero"])]
+        size = size.where(~paired, mine["control_delta"].abs())
+    else:
+        hits = mine[mine["excludes_zero"]]
     if hits.empty:
         return None, len(mine)
-    return hits.loc[hits["delta"].abs().idxmax()], len(mine)
+    return hits.loc[size.loc[hits.index].idxmax()], len(mine)

@@ -408,9 +408,7 @@ def _causal_headline(effects: pd.DataFrame, model: str) -> HeadlineRow:
         return HeadlineRow(
             "causal", "Strongest causal effect on EMT", f"none distinguishable from zero (of {n} effects measured)"
         )
-    text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])}"
-    if pd.notna(best["fluency_delta"]):
-        text += f"; log perplexity {float(best['fluency_delta']):+.2f}"
+    text = f"{best['description']}: EMT {fmt_ci(best['delta'], best['ci_low'], best['ci_high'])} vs the unmodified model"
     if pd.notna(best.get("control_delta")):
         ci = fmt_ci(best["control_delta"], best["control_ci_low"], best["control_ci_high"])
         verdict = "beyond its control" if controlled else "NOT beyond its control"
@@ -421,11 +419,17 @@ def _causal_headline(effects: pd.DataFrame, model: str) -> HeadlineRow:
             text += f"; its control: EMT {fmt_ci(control['delta'], control['ci_low'], control['ci_high'])}"
         elif not controlled:
             text += "; no control condition (none of the controlled effects went beyond its control)"
+    if pd.notna(best["fluency_delta"]):
+        text += f"; log perplexity {float(best['fluency_delta']):+.2f} nats"
     note = (
         f"p_FWER = {fmt_p(best['p_fwer'])}"
         if pd.notna(best["p_fwer"])
         else f"picked as the largest of {n} effects whose CI excludes zero"
-        + (" and that go beyond their control" if controlled else "")
+        + (
+            " and that go beyond their control (steering: its paired difference from the random direction)"
+            if controlled
+            else ""
+        )
         + "; the CI is not adjusted for that pick"
     )
     return HeadlineRow("causal", "Strongest causal effect on EMT", text, fmt(best["delta"]), note)
