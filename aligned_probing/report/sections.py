@@ -424,15 +424,24 @@ def _causal_headline(effects: pd.DataFrame, model: str) -> HeadlineRow:
     note = (
         f"p_FWER = {fmt_p(best['p_fwer'])}"
         if pd.notna(best["p_fwer"])
-        else f"picked as the largest of {n} effects whose CI excludes zero"
-        + (
-            " and that go beyond their control (steering: its paired difference from the random direction)"
+        else (
+            f"picked as the largest of {n} effects that go beyond their control (steering judged by its "
+            "paired difference from the random direction, patching by a CI that excludes zero and is disjoint "
+            "from its same-class control's)"
             if controlled
-            else ""
+            else f"picked as the largest of {n} effects whose CI excludes zero"
         )
         + "; the CI is not adjusted for that pick"
     )
     return HeadlineRow("causal", "Strongest causal effect on EMT", text, fmt(best["delta"]), note)
+
+
+#: Steering table `direction` values as the figure's legend shows them.
+STEERING_LABELS: dict[str, str] = {
+    "probe": "probe",
+    "random": "random (control)",
+    "probe_vs_random": "probe - random (paired)",
+}
 
 
 def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Section:
@@ -465,7 +474,8 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
             )
         )
     if steer is not None and "direction" in steer.columns:
-        steer = steer[steer["direction"] != "probe_vs_random"]  # paired differences, not a curve of their own
+        # The paired difference is the test of the probe direction: drawn as its own line, named in words.
+        steer = steer.assign(direction=steer["direction"].map(lambda d: STEERING_LABELS.get(str(d), d)))
     if steer is not None and len(steer):
         x = "alpha_norm_units" if "alpha_norm_units" in steer.columns else "alpha"
         hue = next(
@@ -487,9 +497,10 @@ def causal_section(r: RunResults, add: AddFigure, effects: pd.DataFrame) -> Sect
                 f"Steering along the probe direction (layer {layer})",
                 "Change in EMT (lines, 95% bands) and in log perplexity (dotted, right axis) against alpha.",
                 ax.figure,
-                guide="A rising line = adding the probe direction makes "
-                "continuations more toxic; compare with "
-                "the random-direction control where shown, and with the fluency cost on the right axis.",
+                guide="A rising line = adding the probe direction makes continuations more toxic. The "
+                "'probe - random (paired)' line is the test: where its band excludes zero, the probe direction "
+                "moves EMT beyond a random push of the same norm (any push also disturbs the text; the dotted "
+                "lines on the right axis show that fluency cost).",
             )
         )
     if patch is not None and len(patch) and "fraction_of_gap" in patch.columns:
