@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,7 @@ def _thin_svd(
     `Xc` is the centred design and `scale` its column scales (None = 1): the standardised design is never
     formed; its Gram matrix is `(Xc^T Xc) / (scale scale^T)` and `U = Xc (V / scale / s)` (one BLAS `syrk`,
     one `eigh` and one `gemm`; the scalings cost O(p^2) instead of O(n p)). The eigendecomposition is
-    LAPACK's divide-and-conquer `dsyevd` in float64 (`scipy.linalg.eigh(driver="evd")`, on a matrix owned
-    here, so it may be overwritten and is not re-checked for NaN). `gram`, when given (n >= p only), is
+    LAPACK's divide-and-conquer `dsyevd` in float64 (`numpy.linalg.eigh`). `gram`, when given (n >= p only), is
     that scaled `p x p` Gram matrix computed elsewhere (e.g. downdated from all rows of a design by
     `_foldgram.FoldGram`); it is overwritten.
 
@@ -74,7 +72,10 @@ def _thin_svd(
     else:
         Xs = Xc if inv_scale is None else Xc * inv_scale
         G = Xs @ Xs.T  # (n, n)
-    evals, vecs = scipy.linalg.eigh(G, driver="evd", overwrite_a=True, check_finite=False)
+    # numpy's eigh (LAPACK dsyevd, as scipy's driver="evd") and not scipy's: scipy ships its own OpenBLAS,
+    # whose thread pool fights numpy's (measured, the quickstart's probe stage, one torch thread, 2-core
+    # machine with one other job: 95 s with scipy.linalg.eigh, 31 s with numpy's).
+    evals, vecs = np.linalg.eigh(G)
     evals = np.clip(evals, 0.0, None)
     keep = evals > (max(n, p) * np.finfo(np.float64).eps * (evals.max() if evals.size else 0.0))
     s = np.sqrt(evals[keep])
