@@ -35,6 +35,11 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _portable(value: object) -> object:
+    """Paths inside this checkout written relative to it, so the shipped tables name no machine's directories."""
+    return value.replace(f"{ROOT}/", "") if isinstance(value, str) else value
+
+
 def family_interplay(probing: pd.DataFrame, behaviour: pd.DataFrame, lineage: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Interplay within each model family (a base and its variants) that has at least three models."""
     family = lineage.assign(family=lineage["base"].fillna(lineage["model"]))
@@ -106,6 +111,8 @@ def main() -> None:
         for col in table.columns:  # Parquet needs one type per column: object columns of mixed types -> str
             if table[col].dtype == object:
                 table[col] = table[col].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v, default=str))
+            if pd.api.types.is_string_dtype(table[col]) and table[col].notna().any():
+                table[col] = table[col].astype("str").str.replace(f"{ROOT}/", "", regex=False)
         table.to_parquet(out / f"{name}.parquet", index=False)
         written[name] = {"rows": len(table), "columns": list(table.columns)}
     if args.figures is not None:
@@ -120,7 +127,7 @@ def main() -> None:
         "stage_seconds": r.timings[["key", "status", "seconds"]].to_dict(orient="records"),
         "tables": written,
     }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
+    (out / "provenance.json").write_text(_portable(json.dumps(provenance, indent=1, default=str)))
     print(json.dumps({k: v["rows"] for k, v in written.items()}, indent=1))
 
 
