@@ -1,9 +1,10 @@
-"""Export a finished run's tidy tables, figures and provenance into a reference folder (e.g. `data/replication/`).
+"""Export a finished run's tidy tables, figures and provenance into a reference folder (`data/replication/`).
 
-What a user compares their own run against: probing summary and peaks (with CIs and control), behaviour, interplay
-(over all models and per model family: precision variants and fine-tunes of one base are not independent models),
-the case-study comparisons (templates, precision, fine-tuned, checkpoints), causal tables, generation self-checks,
-sample continuations and stage timings; plus `provenance.json` (config, commit, date, machine, library versions).
+What a user compares their own run against: probing summary and peaks (with CIs and control), behaviour,
+interplay (over all models and per model family: precision variants and fine-tunes of one base are not
+independent models), the case-study comparisons (templates, precision, fine-tuned, checkpoints), causal
+tables, generation self-checks, sample continuations and stage timings; plus `provenance.json` (config,
+commit, date, machine, library versions).
 
 Usage: .venv/bin/python scripts/export_reference.py RUN_DIR OUT_DIR [--figures DIR]
 """
@@ -24,23 +25,27 @@ sys.path.insert(0, str(ROOT))
 
 from aligned_probing.interplay import interplay, interplay_summary  # noqa: E402
 from aligned_probing.pipeline.results import load_results  # noqa: E402
-from aligned_probing.report import cases, findings  # noqa: E402
 from aligned_probing.probing import summarize  # noqa: E402
-from aligned_probing.report.html import REPORT_METRICS  # noqa: E402
+from aligned_probing.report import cases, findings  # noqa: E402
+from aligned_probing.report.html import REPORT_METRICS, example_continuations  # noqa: E402
 from benchmarks._common import machine_info  # noqa: E402
 
 
 def _commit() -> str:
-    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return out.stdout.strip() or "unknown"
 
 
 def _portable(value: object) -> object:
-    """Paths inside this checkout written relative to it, so the shipped tables name no machine's directories."""
+    """Paths inside this checkout, relative to it: the shipped tables name no machine's directories."""
     return value.replace(f"{ROOT}/", "") if isinstance(value, str) else value
 
 
-def family_interplay(probing: pd.DataFrame, behaviour: pd.DataFrame, lineage: pd.DataFrame, seed: int) -> pd.DataFrame:
+def family_interplay(
+    probing: pd.DataFrame, behaviour: pd.DataFrame, lineage: pd.DataFrame, seed: int
+) -> pd.DataFrame:
     """Interplay within each model family (a base and its variants) that has at least three models."""
     family = lineage.assign(family=lineage["base"].fillna(lineage["model"]))
     frames = []
@@ -58,32 +63,24 @@ def family_interplay(probing: pd.DataFrame, behaviour: pd.DataFrame, lineage: pd
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def sample_continuations(continuations: pd.DataFrame, scores: pd.DataFrame, n: int = 5) -> pd.DataFrame:
-    """Per (model, template): the `n` most and least toxic continuations and `n` seeded random ones."""
-    keys = ["model", "template", "prompt_id", "continuation_idx"]
-    table = continuations[[*keys, "prompt_text", "text"]].merge(scores[[*keys, "toxicity"]], on=keys)
-    parts = []
-    for (model, template), group in table.groupby(["model", "template"]):
-        ranked = group.sort_values("toxicity", kind="stable")
-        parts += [
-            ranked.tail(n).assign(kind="most toxic"),
-            ranked.head(n).assign(kind="least toxic"),
-            group.sample(min(n, len(group)), random_state=0).assign(kind="random"),
-        ]
-    return pd.concat(parts, ignore_index=True)
-
-
 def main() -> None:
+    """Parse the arguments, load the run and write every table, the figures and `provenance.json`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--figures", type=Path, default=None, help="Copy the run's report figures (PNG) here.")
+    parser.add_argument(
+        "--figures", type=Path, default=None, help="Copy the run's report figures (PNG) here."
+    )
     args = parser.parse_args()
     r = load_results(args.run_dir)
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     lineage = cases.model_lineage(r.config)
-    tables: dict[str, pd.DataFrame | None] = {"lineage": lineage, "behaviour": r.behaviour, "timings": r.timings}
+    tables: dict[str, pd.DataFrame | None] = {
+        "lineage": lineage,
+        "behaviour": r.behaviour,
+        "timings": r.timings,
+    }
     if r.probing is not None:
         summary = summarize(r.probing, metrics=[m for m in REPORT_METRICS if m in r.probing.columns])
         peaks = findings.peak_table(summary)
@@ -92,7 +89,10 @@ def main() -> None:
             "probing_summary": summary,
             "peaks": peaks,
             "case_templates": cases.compare_templates(measures),
-            **{f"case_{rel}": cases.compare_to_base(lineage, measures, rel) for rel in ("precision", "finetuned", "checkpoint")},
+            **{
+                f"case_{rel}": cases.compare_to_base(lineage, measures, rel)
+                for rel in ("precision", "finetuned", "checkpoint")
+            },
         }
         if r.behaviour is not None:
             tables["interplay_by_family"] = family_interplay(r.probing, r.behaviour, lineage, seed=0)
@@ -102,7 +102,8 @@ def main() -> None:
     for name in ("layer_skipping", "steering", "patching", "selfchecks"):
         tables[name] = getattr(r, name)
     if r.continuations is not None and r.scores is not None:
-        tables["sample_continuations"] = sample_continuations(r.continuations, r.scores)
+        picks = {"most toxic": 5, "least toxic": 5, "random": 5}
+        tables["sample_continuations"] = example_continuations(r.continuations, r.scores, counts=picks)
     written = {}
     for name, table in tables.items():
         if table is None or len(table) == 0:
@@ -110,7 +111,9 @@ def main() -> None:
         table = table.copy()
         for col in table.columns:  # Parquet needs one type per column: object columns of mixed types -> str
             if table[col].dtype == object:
-                table[col] = table[col].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v, default=str))
+                table[col] = table[col].map(
+                    lambda v: v if v is None or isinstance(v, str) else json.dumps(v, default=str)
+                )
             if pd.api.types.is_string_dtype(table[col]) and table[col].notna().any():
                 table[col] = table[col].astype("str").str.replace(f"{ROOT}/", "", regex=False)
         table.to_parquet(out / f"{name}.parquet", index=False)

@@ -16,6 +16,7 @@ import base64
 import html
 import importlib.metadata
 import io
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,8 +71,17 @@ def _png(fig: Any, stem: str, figure_dir: Path | None, formats: tuple[str, ...])
 N_EXAMPLES = {"most toxic": 3, "least toxic": 2, "random": 3}
 
 
-def _examples(conts: pd.DataFrame, scores: pd.DataFrame | None, seed: int = 0) -> pd.DataFrame:
-    """Rows of the continuations table to show, ranked by toxicity when scores exist."""
+def example_continuations(
+    conts: pd.DataFrame,
+    scores: pd.DataFrame | None,
+    seed: int = 0,
+    counts: Mapping[str, int] = N_EXAMPLES,
+) -> pd.DataFrame:
+    """Per model and template: the most and least toxic continuations and seeded random ones.
+
+    `counts` says how many of each kind; ranked by toxicity when scores exist. The report's "Example
+    continuations" table and the reference exports (`scripts/export_reference.py`) both use it.
+    """
     keys = ["model", "template", "prompt_id", "continuation_idx"]
     table = conts
     if scores is not None and "toxicity" in scores.columns:
@@ -82,10 +92,10 @@ def _examples(conts: pd.DataFrame, scores: pd.DataFrame | None, seed: int = 0) -
         if "toxicity" in group.columns:
             ranked = group.sort_values("toxicity", ascending=False, kind="stable")
             picks += [
-                ("most toxic", ranked.head(N_EXAMPLES["most toxic"])),
-                ("least toxic", ranked.tail(N_EXAMPLES["least toxic"]).iloc[::-1]),
+                ("most toxic", ranked.head(counts["most toxic"])),
+                ("least toxic", ranked.tail(counts["least toxic"]).iloc[::-1]),
             ]
-        picks.append(("random", group.sample(min(N_EXAMPLES["random"], len(group)), random_state=seed)))
+        picks.append(("random", group.sample(min(counts["random"], len(group)), random_state=seed)))
         for kind, sub in picks:
             for r in sub.itertuples(index=False):
                 rows.append(
@@ -137,7 +147,9 @@ def _generation_section(r: RunResults) -> Section:
         section.tables.append(html_table(checks, "Generation self-check", table_id="selfcheck"))
     if r.continuations is not None:
         section.tables.append(
-            html_table(_examples(r.continuations, r.scores), "Example continuations", table_id="examples")
+            html_table(
+                example_continuations(r.continuations, r.scores), "Example continuations", table_id="examples"
+            )
         )
     return section
 
