@@ -68,32 +68,45 @@ def row_seed(seed: int, prompt_id: str, continuation_idx: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def nucleus(logits: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus(
+    logits: torch.Tensor, top_p: float, candidates: int = 256, widen: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-p nucleus of each row: (token ids, probabilities), best first, zero outside.
 
     Same rule as transformers' `TopPLogitsWarper` (keep the most probable tokens until their mass
     reaches `top_p`; the token that crosses it is kept; at least one token). Hand-written because
     that warper sorts the whole vocabulary at every step, which took about half of SmolLM2's step
-    time at batch 32 on CPU; here a `topk` over `candidates` tokens holds the nucleus of nearly
-    every row, and only rows whose candidates carry less than `top_p` fall back to a full sort.
+    time at batch 32 on CPU. Here a `topk` over `candidates` tokens holds the nucleus of most rows;
+    only the rows whose candidates carry less than `top_p` are widened, first to a `topk` over
+    `widen` x `candidates`, then (rows still short) to a full sort. Per row, not per batch: with a
+    small model at temperature 1 some row of a 32-row batch is nearly always flat, and a batch-wide
+    sort then cost 17 % of generation (measured, SmolLM2-135M on CPU, 2 threads).
 
     Args:
         logits: (batch, vocab) float logits (already divided by the temperature).
         top_p: Nucleus mass in (0, 1].
         candidates: Size of the first candidate set.
+        widen: Factor of the second candidate set, for the rows the first does not cover.
 
     Returns:
-        `ids` (batch, m) and `probs` (batch, m), m <= vocab: the candidates sorted by probability
-        with the probabilities of tokens outside the nucleus set to 0 (rows are not renormalised).
-        With `top_p >= 1` every token is returned, in vocabulary order.
+        `ids` (batch, m) and `probs` (batch, m), m <= vocab: each row's candidates sorted by
+        probability with the probabilities of tokens outside the nucleus (and of the padding after
+        a row's candidates, id 0) set to 0; rows are not renormalised. With `top_p >= 1` every
+        token is returned, in vocabulary order.
     """
     probs = torch.softmax(logits.float(), dim=-1)  # (batch, vocab)
+    vocab = probs.shape[-1]
     if top_p >= 1.0:  # no nucleus: every token, unsorted
-        return torch.arange(probs.shape[-1], device=probs.device).expand_as(probs), probs
-    m = min(candidates, probs.shape[-1])
-    top, ids = probs.topk(m, dim=-1)  # (batch, m), descending
-    if m < probs.shape[-1] and not bool((top.sum(-1) >= top_p).all()):
-        top, ids = probs.sort(dim=-1, descending=True)
+        return torch.arange(vocab, device=probs.device).expand_as(probs), probs
+    top, ids = probs.topk(min(candidates, vocab), dim=-1)  # (batch, m), descending
+    for size in (min(candidates * widen, vocab), vocab):
+        short = torch.nonzero(top.sum(-1) < top_p).flatten()  # rows whose candidates miss the nucleus
+        if top.shape[-1] >= vocab or len(short) == 0:
+            break
+        wide_top, wide_ids = probs[short].topk(size, dim=-1)
+        top = torch.cat([top, top.new_zeros(len(top), size - top.shape[-1])], dim=-1)
+        ids = torch.cat([ids, ids.new_zeros(len(ids), size - ids.shape[-1])], dim=-1)
+        top[short], ids[short] = wide_top, wide_ids
     before = top.cumsum(-1) - top  # mass strictly more probable than each token
     keep = before < top_p
     keep[:, 0] = True

@@ -230,14 +230,40 @@ def test_steering_operators(tiny_model, rng, operator):
 
 def test_log_perplexity_batched_equals_single_forward(tiny_model):
     conts = generate_and_score(tiny_model, PROMPTS.head(3), LengthScorer(), SAMPLED)
+    # Ragged continuations (cut to 1..n tokens, one empty) so batches mix lengths and the rows are
+    # sorted and left-padded internally; the output must stay in the rows' order.
+    cuts = [len(t) if i % 3 == 0 else i % 3 for i, t in enumerate(conts["token_ids"])]
+    conts["token_ids"] = [list(t)[:n] for t, n in zip(conts["token_ids"], cuts, strict=True)]
+    conts.loc[1, "token_ids"] = []
     batched = continuation_log_perplexity(tiny_model, conts, batch_size=4)
+    assert np.isnan(batched[1]) and np.isfinite(np.delete(batched, 1)).all()
     for i, row in conts.iterrows():
+        if not row.token_ids:
+            continue
         prompt = render_prompt(tiny_model.tokenizer, row.prompt_text, 0).input_ids
         ids = torch.tensor([prompt + list(row.token_ids)])
         with torch.no_grad():
             logp = torch.log_softmax(tiny_model.hf_model(input_ids=ids).logits[0], -1)
         nll = -np.mean([logp[len(prompt) + j - 1, tok].item() for j, tok in enumerate(row.token_ids)])
         assert batched[i] == pytest.approx(nll, abs=1e-5)
+
+
+def test_log_perplexity_memo_reuses_values_exactly(tiny_model):
+    # A sweep shares one memo: a continuation already scored (same prompt, same tokens) is looked up,
+    # in any row order, so a condition that reproduces the baseline's text has exactly its fluency.
+    conts = generate_and_score(tiny_model, PROMPTS.head(3), LengthScorer(), SAMPLED)
+    memo: dict = {}
+    full = continuation_log_perplexity(tiny_model, conts, batch_size=4, memo=memo)
+    assert len(memo) == len({(r.prompt_text, tuple(r.token_ids)) for r in conts.itertuples()})
+    calls = []
+    handle = tiny_model.hf_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = continuation_log_perplexity(tiny_model, conts.iloc[::-1], batch_size=2, memo=memo)
+    finally:
+        handle.remove()
+    assert calls == [] and np.array_equal(again, full[::-1])
+    fresh = continuation_log_perplexity(tiny_model, conts.iloc[::-1], batch_size=2)
+    assert fresh == pytest.approx(full[::-1], abs=1e-5)
 
 
 # ------------------------------------------------------------------------- patching

@@ -287,6 +287,29 @@ def test_nucleus_keeps_the_same_tokens_as_transformers_top_p(vocab, scale):
     assert (probs.sum(-1) >= 0.9 - 1e-6).all()
 
 
+def test_nucleus_widens_only_the_rows_that_need_it():
+    # One batch with all three tiers: peaky rows (top-256), flatter rows (the 4096 topk) and one
+    # row that needs the full sort. Each row equals the batch-wide full-sort nucleus (the rule
+    # before rows were widened one by one), and a row's result does not depend on its batch mates.
+    g = torch.Generator().manual_seed(3)
+    scales = torch.tensor([8.0, 4.0, 3.5, 3.0, 2.5, 5.0]).view(-1, 1)
+    logits = torch.randn(6, 49152, generator=g) * scales
+    ids, probs = gen.nucleus(logits, 0.9)
+    kept = (probs > 0).sum(-1)
+    assert kept[0] <= 256 and 256 < kept[2] <= 4096 and kept[4] > 4096  # every tier was used
+    full, order = torch.softmax(logits, -1).sort(dim=-1, descending=True)
+    full = full * ((full.cumsum(-1) - full) < 0.9)
+    for row in range(6):
+        n = int(kept[row])
+        assert n == int((full[row] > 0).sum())
+        # equal probabilities may come in another order from topk than from sort: compare as sets
+        assert set(ids[row, :n].tolist()) == set(order[row, :n].tolist())
+        assert torch.equal(probs[row, :n], full[row, :n])
+        assert (probs[row, n:] == 0).all()
+        alone_ids, alone_probs = gen.nucleus(logits[row : row + 1], 0.9)
+        assert torch.equal(alone_ids[0, :n], ids[row, :n]) and torch.equal(alone_probs[0, :n], probs[row, :n])
+
+
 def test_nucleus_without_top_p_is_the_full_softmax():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     ids, probs = gen.nucleus(logits, 1.0)

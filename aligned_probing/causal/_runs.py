@@ -181,7 +181,12 @@ def effect_row(
 
 @torch.no_grad()
 def continuation_log_perplexity(
-    model: Any, continuations: pd.DataFrame, *, template: int = 0, batch_size: int = 16
+    model: Any,
+    continuations: pd.DataFrame,
+    *,
+    template: int = 0,
+    batch_size: int = 16,
+    memo: dict[tuple[str, tuple[int, ...]], float] | None = None,
 ) -> np.ndarray:
     """Mean token NLL (log perplexity, nats) of each continuation given its prompt, unmodified model.
 
@@ -189,47 +194,55 @@ def continuation_log_perplexity(
     [0, inf); NaN for an empty continuation. Call it with no intervention active, so fluency is
     judged by the unmodified model.
 
+    Sequences are batched longest first (ties by content), so a batch holds similar lengths, and
+    right-padded; the unembedding and log-softmax run only from the batch's shortest prompt on, not
+    over every position (on SmolLM2 they were a fifth of the pass, and padding another). Right
+    padding keeps each row's positions where they are. Batch composition still moves a value by
+    ~1e-7, so a sweep passes one `memo`: a continuation already scored (same prompt, same tokens)
+    is not recomputed, and a condition that reproduces the baseline's text (a same-class patching
+    control) has exactly the baseline's fluency, not a float-noise "effect".
+
     Args:
         model: A `LoadedModel`.
         continuations: Rows with `prompt_text` and `token_ids`.
         template: The template the continuations were generated with.
-        batch_size: Sequences per forward pass (right-padded; causal attention keeps padding out).
+        batch_size: Sequences per forward pass.
+        memo: `{(prompt_text, token ids): value}`, read and filled (share it across one sweep).
 
     Returns:
-        `[n_rows]` float64.
+        `[n_rows]` float64, in the rows' order.
     """
     rendered = {
         t: render_prompt(model.tokenizer, t, template).input_ids
         for t in continuations["prompt_text"].unique()
     }
-    seqs = [
-        (rendered[p], list(c))
+    keys = [
+        (str(p), tuple(int(t) for t in c))
         for p, c in zip(continuations["prompt_text"], continuations["token_ids"], strict=True)
     ]
-    out = np.full(len(seqs), np.nan)
+    seqs = [(rendered[p], list(c)) for p, c in keys]
+    memo = {} if memo is None else memo
+    first_of = {k: i for i, k in reversed(list(enumerate(keys)))}  # one forward per distinct sequence
+    todo = [i for k, i in first_of.items() if k not in memo and seqs[i][1]]
     device = torch.device(model.device)
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
+    # Longest first, ties by content: the same sequences in any row order give the same batches.
+    order = sorted(todo, key=lambda i: (-len(seqs[i][0]) - len(seqs[i][1]), seqs[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        chunk = [seqs[i] for i in rows]
         width = max(len(p) + len(c) for p, c in chunk)
+        tail = width - min(len(p) for p, _ in chunk) + 1  # from the first position predicting a continuation
         ids = torch.full((len(chunk), width), model.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
         logits = model.hf_model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).logits
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=tail
+        ).logits[:, -tail:]
         logp = torch.log_softmax(logits.float(), -1).cpu()  # float32 statistics, on the CPU
         for row, (p, c) in enumerate(chunk):
-            if not c:
-                continue
-            pred = logp[row, len(p) - 1 : len(p) + len(c) - 1]  # position t predicts token t + 1
-            nll = -pred.gather(1, torch.tensor(c).view(-1, 1)).mean()
-            out[start + row] = float(nll)
-    return out
-
-
-def prompt_log_perplexity(model: Any, conts: pd.DataFrame, gen: GenerationSettings) -> pd.Series:
-    """Per prompt, the mean over its continuations of the log perplexity under the unmodified model."""
-    lp = continuation_log_perplexity(model, conts, template=gen.template, batch_size=gen.batch_size)
-    return conts.assign(lp=lp).groupby("prompt_id")["lp"].mean()
+            first = len(p) - 1 - (width - tail)  # logit j (position width - tail + j) predicts j + 1
+            pred = logp[row, first : first + len(c)]
+            memo[keys[rows[row]]] = float(-pred.gather(1, torch.tensor(c).view(-1, 1)).mean())
+    return np.array([memo.get(k, np.nan) for k in keys], dtype=np.float64)

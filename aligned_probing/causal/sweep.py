@@ -67,12 +67,22 @@ class Contrast:
 
 
 def _units(
-    model: Any, conts: pd.DataFrame, gen: GenerationSettings, stat: StatSettings, fluency: bool
+    model: Any,
+    conts: pd.DataFrame,
+    gen: GenerationSettings,
+    stat: StatSettings,
+    fluency: bool,
+    memo: dict[tuple[str, tuple[int, ...]], float],
 ) -> pd.DataFrame:
-    """Per-prompt metrics (+ mean `log_perplexity` of its continuations under the unmodified model)."""
+    """Per-prompt metrics (+ mean `log_perplexity` of its continuations under the unmodified model).
+
+    `memo` is shared by the sweep: a continuation the baseline already has is not re-scored.
+    """
     table = unit_metrics(conts, stat)
     if fluency:
-        lp = continuation_log_perplexity(model, conts, template=gen.template, batch_size=gen.batch_size)
+        lp = continuation_log_perplexity(
+            model, conts, template=gen.template, batch_size=gen.batch_size, memo=memo
+        )
         table["log_perplexity"] = conts.assign(lp=lp).groupby("prompt_id")["lp"].mean()
     return table
 
@@ -129,7 +139,8 @@ def paired_sweep(
     with tqdm(total=total, desc=progress_desc, unit="condition", disable=not show_progress) as bar:
         base = baseline if baseline is not None else generate_and_score(model, prompts, scorer, gen)
         bar.update(int(baseline is None))
-        base_units = _units(model, base, gen, stat, fluency)
+        memo: dict[tuple[str, tuple[int, ...]], float] = {}
+        base_units = _units(model, base, gen, stat, fluency, memo)
         frames, units = [], []
         for cond in conditions:
             wanted = (prompts if cond.prompts is None else cond.prompts)["prompt_id"].astype(str)
@@ -143,7 +154,7 @@ def paired_sweep(
                     gen,
                     intervention=cond.intervention,
                 )
-                table = _units(model, conts, gen, stat, fluency)
+                table = _units(model, conts, gen, stat, fluency, memo)
             units.append(table)
             frames.append(
                 _labelled(compare_units(table, base_units, stat, metrics, sources=cond.sources), cond.labels)
