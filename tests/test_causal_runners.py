@@ -407,6 +407,8 @@ def test_same_class_control_is_exactly_null_when_same_class_activations_agree(ti
     assert (control.delta == 0).all() and (control.ci_low == 0).all() and (control.ci_high == 0).all()
     assert (cross[cross.measure == "readout"].delta.abs() > 1e-3).all()
     assert "log_perplexity" in set(out.measure)  # the fluency guard sits beside the effects
+    # fluency has no source end point: its fraction of the gap is undefined, not a noisy ratio
+    assert out[out.measure == "log_perplexity"].fraction_of_gap.isna().all()
     with pytest.raises(ValueError, match="pooling='mean' does not match positions='last'"):
         activation_patching(tiny_model, pairs, layers=[0], probes=probes, pooling="mean")
 

@@ -113,7 +113,9 @@ def compare_units(
     For every unit u in both, d_u = m_u(condition) - m_u(reference); the effect is mean_u d_u with
     a percentile bootstrap CI over units. With `sources` (unit -> the unit whose *reference* value
     is the far end of the gap, as in patching), `source` = mean of those values and
-    `fraction_of_gap` = delta / mean_u(source_u - reference_u) (NaN when the gap is ~0).
+    `fraction_of_gap` = delta / mean_u(source_u - reference_u) (NaN when the gap is ~0, and for
+    `log_perplexity`: the fluency of the source's own continuations is no end point the patch
+    moves toward, and that gap is ~0 between clean runs, so the ratio would be noise).
 
     Returns:
         One row per metric with `EFFECT_COLUMNS`, `source` and `fraction_of_gap`.
@@ -132,7 +134,8 @@ def compare_units(
             src = reference.loc[[sources[u] for u in common], metric].to_numpy(dtype=np.float64)
             gap = float(np.nanmean(src - base))
             row["source"] = float(np.nanmean(src))
-            row["fraction_of_gap"] = row["delta"] / gap if abs(gap) > 1e-12 else math.nan
+            if metric != "log_perplexity" and abs(gap) > 1e-12:
+                row["fraction_of_gap"] = row["delta"] / gap
         rows.append(row)
     return pd.DataFrame(rows, columns=[*EFFECT_COLUMNS, "source", "fraction_of_gap"])
 
