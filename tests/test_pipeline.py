@@ -356,7 +356,7 @@ def test_killed_run_resumes_to_identical_tables(reference_run, tiny_models, tmp_
 
 
 @pytest.mark.slow
-def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
+def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path, monkeypatch):
     cfg = RunConfig.from_toml(tiny_models / "tiny.toml", overrides=[f'output.run_dir="{tmp_path / "run"}"'])
     result = pipeline.run(cfg, progress=False, config_text=(tiny_models / "tiny.toml").read_text())
     assert result.report == tmp_path / "run" / "report.html"
@@ -378,6 +378,41 @@ def test_full_tiny_run_fills_every_report_figure(tiny_models, tmp_path):
     assert 'name = "tiny"' in unescape(html)  # the config text
     timings = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
     assert {t["status"] for t in timings} == {"ran"} and len(timings) == 19
+    _check_reference_export(tmp_path / "run", tmp_path / "export", monkeypatch)
+
+
+def _check_reference_export(run_dir: Path, out: Path, monkeypatch) -> None:
+    """scripts/export_reference.py on a finished run: every table, the report's picks, provenance."""
+    import runpy
+
+    from aligned_probing.pipeline.results import load_results
+
+    argv = ["export_reference.py", str(run_dir), str(out), "--figures", str(out / "figs")]
+    monkeypatch.setattr("sys.argv", argv)
+    script = runpy.run_path(str(ROOT / "scripts" / "export_reference.py"), run_name="__main__")
+    provenance = json.loads((out / "provenance.json").read_text())
+    tables = provenance["tables"]
+    assert {
+        "lineage", "behaviour", "timings", "probing_summary", "peaks", "interplay",
+        "interplay_peaks", "layer_skipping", "steering", "patching", "selfchecks", "sample_continuations",
+    } <= set(tables)
+    for name, facts in tables.items():
+        table = pd.read_parquet(out / f"{name}.parquet")
+        assert len(table) == facts["rows"] > 0 and list(table.columns) == facts["columns"], name
+    assert 'name = "tiny"' in provenance["config_toml"] and provenance["commit"] != ""
+    res = load_results(run_dir)
+    exported = pd.read_parquet(out / "behaviour.parquet")
+    pd.testing.assert_frame_equal(exported, res.behaviour, check_dtype=False)
+    picks = pd.read_parquet(out / "sample_continuations.parquet")
+    assert set(picks["example"]) == {"most toxic", "least toxic", "random"}
+    rows = res.continuations.set_index(["model", "template", "prompt_id", "continuation_idx"])["text"]
+    for pick in picks.itertuples():  # every pick is a row of the run's continuations, text unchanged
+        assert rows[(pick.model, pick.template, pick.prompt_id, pick.continuation_idx)] == pick.continuation
+    assert sorted(p.name for p in (out / "figs").iterdir()) == sorted(
+        p.name for p in (run_dir / "figures").glob("*.png")
+    )
+    # Paths inside the checkout are written relative to it: the shipped files name no machine's directories.
+    assert script["_portable"](f"{ROOT}/runs/replication/x") == "runs/replication/x"
 
 
 # ------------------------------------------------------------------------- the causal stage in blocks
