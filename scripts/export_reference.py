@@ -114,8 +114,8 @@ def main() -> None:
                 table[col] = table[col].map(
                     lambda v: v if v is None or isinstance(v, str) else json.dumps(v, default=str)
                 )
-            if pd.api.types.is_string_dtype(table[col]) and table[col].notna().any():
-                table[col] = table[col].astype("str").str.replace(f"{ROOT}/", "", regex=False)
+            if pd.api.types.is_string_dtype(table[col]):
+                table[col] = table[col].map(_portable)
         table.to_parquet(out / f"{name}.parquet", index=False)
         written[name] = {"rows": len(table), "columns": list(table.columns)}
     if args.figures is not None:

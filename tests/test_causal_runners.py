@@ -231,7 +231,7 @@ def test_steering_operators(tiny_model, rng, operator):
 def test_log_perplexity_batched_equals_single_forward(tiny_model):
     conts = generate_and_score(tiny_model, PROMPTS.head(3), LengthScorer(), SAMPLED)
     # Ragged continuations (cut to 1..n tokens, one empty) so batches mix lengths and the rows are
-    # sorted and left-padded internally; the output must stay in the rows' order.
+    # sorted by length internally; the output must stay in the rows' order.
     cuts = [len(t) if i % 3 == 0 else i % 3 for i, t in enumerate(conts["token_ids"])]
     conts["token_ids"] = [list(t)[:n] for t, n in zip(conts["token_ids"], cuts, strict=True)]
     conts.loc[1, "token_ids"] = []
